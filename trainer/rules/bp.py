@@ -1,0 +1,35 @@
+"""Backprop: the baseline every other rule is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.rules.base import Rule, RuleContext, StepResult
+
+
+@dataclass
+class BackpropOptions:
+    """Plain end-to-end backprop has no options of its own."""
+
+
+class Backprop(Rule):
+    """End-to-end backprop through the (compiled) model."""
+
+    name = "bp"
+    Options = BackpropOptions
+
+    def __init__(self, model: nn.Module, options: BackpropOptions, ctx: RuleContext):
+        super().__init__(model, options, ctx)
+        if ctx.compile:
+            model.compile()  # in place: the state_dict keys stay those of the plain model
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        with self.autocast():
+            logits = self.model(x)
+        loss = self.criterion(logits.float(), y)
+        loss.backward()
+        self.step(optimizer)
+        return StepResult(loss.detach(), logits.detach())
