@@ -1,0 +1,50 @@
+"""Shared fixtures. Triton kernels run under the CPU interpreter in the whole suite, so the
+environment variable is set here, before any test module imports triton."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_pattern_images(n: int, size: int = 12, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A small learnable image set: each class is a bright bar at its own position, plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.integers(0, 60, (n, size, size)).astype(np.int64)
+    width = size // classes
+    for i, label in enumerate(y):
+        x[i, :, label * width : (label + 1) * width] += 150
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path) -> Path:
+    x, y = make_pattern_images(400)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def write_recipe(path: Path, npz: Path, **sections: dict) -> Path:
+    """A fast recipe on ``npz`` (MLP, CPU, no compile); ``sections`` override or add keys."""
+    tree = {
+        "data": {"name": "npz", "path": str(npz), "val_fraction": 0.25, "crop_padding": 0},
+        "model": {"name": "mlp", "hidden": [32]},
+        "rule": {"name": "bp"},
+        "optim": {"name": "sgd", "lr": 0.05, "schedule": "cosine"},
+        "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "compile": False, "log_every": 5},
+    }
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    from trainer.config import dump_toml
+
+    path.write_text(dump_toml(tree))
+    return path
