@@ -123,7 +123,7 @@ def build_session(recipe: Recipe) -> Session:
     data = build_data(recipe.data, device, train_cfg.batch_size, train_cfg.eval_batch_size, train_cfg.seed)
     model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
     ctx = RuleContext(
-        num_classes=data.num_classes, device=device,
+        num_classes=data.num_classes, input_shape=data.input_shape, device=device,
         compile=train_cfg.compile if train_cfg.compile is not None else device.type == "cuda",
         amp=train_cfg.amp if train_cfg.amp is not None else device.type == "cuda",
         label_smoothing=train_cfg.label_smoothing, seed=train_cfg.seed,

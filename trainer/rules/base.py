@@ -37,6 +37,7 @@ class RuleContext:
     """What a rule needs to know beyond its own options."""
 
     num_classes: int
+    input_shape: tuple[int, ...] = ()  # one sample's shape, e.g. (C, H, W); local rules size their matrices by it
     device: torch.device = torch.device("cpu")
     compile: bool = False  # torch.compile the forward passes
     amp: bool = False  # bf16 autocast around forward passes (CUDA)
@@ -96,7 +97,8 @@ class UnitRule(Rule):
     Subclasses implement ``signals(outputs, logits, y)`` returning one gradient per unit output
     (``None`` for a unit that is not trained by this rule's signal), or override ``train_step``.
     ``self.units`` / ``self.unit_names`` are the model's units at ``options.granularity``
-    (or the children of an ``nn.Sequential`` given by a user).
+    (or the children of an ``nn.Sequential`` given by a user); ``self.output_shapes`` holds the
+    per-sample shape of each unit's output.
     """
 
     def __init__(self, model: nn.Module, options: object, ctx: RuleContext):
@@ -104,6 +106,7 @@ class UnitRule(Rule):
         named = model_units(model, getattr(options, "granularity", "layer"))
         self.unit_names = [name for name, _ in named]
         self._units = [unit for _, unit in named]  # a plain list: the model owns the parameters
+        self.output_shapes = self._probe_output_shapes()  # before compiling: no extra eval-mode compile
         if ctx.compile:
             for unit in self._units:
                 unit.compile()
@@ -111,6 +114,25 @@ class UnitRule(Rule):
     @property
     def units(self) -> list[nn.Module]:
         return self._units
+
+    @torch.no_grad()
+    def _probe_output_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shape of each unit's output ``h_l``, from one dry forward in eval mode
+        (so BatchNorm running statistics are not touched)."""
+        if not self.ctx.input_shape:
+            raise ValueError(f"rule {self.name!r} needs RuleContext.input_shape (one sample's shape, e.g. (1, 28, 28))")
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            state: State = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
+            shapes = []
+            for unit in self.units:
+                state = unit(state)
+                shapes.append(tuple(primary(state).shape[1:]))
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+        return shapes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: State = x
