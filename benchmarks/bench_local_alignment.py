@@ -1,0 +1,285 @@
+"""Benchmark: the fused local-alignment update against the unfused PyTorch sequence of the same math.
+
+For each case it reports bytes moved and time for
+  * unfused: the eager PyTorch ops (projection GEMM, scale, phi'(a), products / LRA target, error,
+    sign mix; then g^T z_prev, norm, scale, SGD step). Bytes are counted op by op with a dispatch
+    mode: every aten op reads its tensor inputs and writes its outputs (views count nothing);
+  * fused: ``kernels.local_alignment``. Bytes are modelled from the shapes as the compulsory traffic
+    of its kernels: each input read once and each output written once per pass (the norm-ball case
+    runs two passes; re-reads of tiles within a pass are assumed to hit L2).
+Times use ``triton.testing.do_bench`` on CUDA. On CPU (``--quick``, small sizes) the fused op runs
+its PyTorch path, so the CPU times compare two PyTorch sequences and only the byte model speaks for
+the kernels.
+
+    python benchmarks/bench_local_alignment.py                   # CUDA, MLP and ResNet-18 sizes
+    python benchmarks/bench_local_alignment.py --quick --out bench_out/local_alignment.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels._dispatch import use_triton  # noqa: E402
+from kernels.local_alignment import fuse_signal_default, local_signal, local_weight_update  # noqa: E402
+
+
+@dataclass
+class Case:
+    family: str  # "MLP" or "ResNet-18"
+    name: str
+    op: str  # "signal" or "update"
+    kind: str
+    activation: str
+    n: int  # rows of the signal (batch, or batch*H*W for the channel-map form)
+    c_up: int
+    d: int
+    d_prev: int = 0
+    max_norm: bool = False
+    step: bool = False
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        n, big, img = 64, 1024, 8
+        return [
+            Case("MLP", "DFA 10->1024", "signal", "dfa", "tanh", n, 10, big),
+            Case("MLP", "DRTP 10->1024", "signal", "drtp", "relu", n, 10, big),
+            Case("MLP", "LRA 1024->1024", "signal", "lra", "tanh", n, big, big),
+            Case("ResNet-18", "DFA 10->64x32x32 dense", "signal", "dfa", "relu", img, 10, 64 * 32 * 32),
+            Case("ResNet-18", "LRA 128->64 ch-map 32x32", "signal", "lra", "relu", img * 32 * 32, 128, 64),
+            Case("MLP", "dW DFA 10: 512x256", "update", "dfa", "tanh", n, 10, 512, 256),
+            Case("MLP", "dW LRA 512: 512x256 +ball", "update", "lra", "tanh", n, 512, 512, 256, True),
+            Case("MLP", "SGD DFA 10: 512x256 +ball", "update", "dfa", "tanh", n, 10, 512, 256, True, True),
+        ]
+    n = 256
+    out = []
+    for d in (1000, 4096):
+        out += [
+            Case("MLP", f"DFA 10->{d}", "signal", "dfa", "tanh", n, 10, d),
+            Case("MLP", f"DRTP 10->{d}", "signal", "drtp", "relu", n, 10, d),
+            Case("MLP", f"LRA 1000->{d}", "signal", "lra", "tanh", n, 1000, d),
+        ]
+    for ch, hw in ((64, 32), (128, 16), (256, 8), (512, 4)):
+        out.append(Case("ResNet-18", f"DFA 10->{ch}x{hw}x{hw} dense", "signal", "dfa", "relu", n, 10, ch * hw * hw))
+    out += [
+        Case("ResNet-18", "LRA 64->64 ch-map 32x32", "signal", "lra", "relu", n * 32 * 32, 64, 64),
+        Case("ResNet-18", "LRA 128->64 ch-map 32x32", "signal", "lra", "relu", n * 32 * 32, 128, 64),
+        Case("ResNet-18", "LRA 512->256 ch-map 8x8", "signal", "lra", "relu", n * 8 * 8, 512, 256),
+    ]
+    for c_up, kind in ((10, "dfa"), (1000, "lra")):
+        for d, dp in ((1000, 784), (4096, 4096)):
+            out += [
+                Case("MLP", f"dW {kind.upper()} {c_up}: {d}x{dp}", "update", kind, "tanh", n, c_up, d, dp),
+                Case("MLP", f"dW {kind.upper()} {c_up}: {d}x{dp} +ball", "update", kind, "tanh", n, c_up, d, dp, True),
+                Case("MLP", f"SGD {kind.upper()} {c_up}: {d}x{dp} +ball", "update", kind, "tanh", n, c_up, d, dp, True, True),
+                Case("MLP", f"SGD {kind.upper()} {c_up}: {d}x{dp}", "update", kind, "tanh", n, c_up, d, dp, False, True),
+            ]
+    return out
+
+
+# ---- the unfused PyTorch sequence ------------------------------------------------------------------
+
+def _phi(x, act):
+    return {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act](x)
+
+
+def _dphi(x, act):
+    if act == "relu":
+        return (x > 0).to(x.dtype)
+    if act == "tanh":
+        return 1 - torch.tanh(x) ** 2
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+BETA, ALPHA, SCALE, LR = 0.1, 0.19, 1.0, 1e-3
+
+
+def unfused_signal(kind, u, P, a, z, act):
+    p = (u @ P) * SCALE
+    if kind == "lra":
+        y = _phi(a - BETA * p, act)
+        diff = z - y
+        return ALPHA * diff + (1 - ALPHA) * torch.sign(diff)
+    g = p * _dphi(a, act)
+    return -g if kind == "drtp" else g
+
+
+def unfused_update(kind, u, P, a, z, zp, act, max_norm, weight):
+    g = unfused_signal(kind, u, P, a, z, act)
+    dw = g.t() @ zp
+    norm = torch.linalg.vector_norm(dw)
+    if max_norm is not None:
+        dw = dw * torch.clamp(max_norm / norm, max=1.0)
+    if weight is not None:
+        weight.sub_(dw, alpha=LR)
+    return dw, norm
+
+
+class ByteCounter(TorchDispatchMode):
+    """Sums the bytes of every tensor input and output of each non-view aten op."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not getattr(func, "is_view", False):
+            flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            self.bytes += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+        return out
+
+
+# ---- the fused op and its byte model ---------------------------------------------------------------
+
+def fused_bytes(c: Case, act_size: int, p_size: int, w_size: int) -> int:
+    """Compulsory traffic of the fused kernels: inputs read once and outputs written once per pass."""
+    n, c_up, d, dp = c.n, c.c_up, c.d, c.d_prev
+    signal_reads = n * c_up * act_size + c_up * d * p_size + n * d * act_size * (2 if c.kind == "lra" else 1)
+    g_bytes = n * d * act_size
+    if c.op == "signal":
+        return signal_reads + g_bytes
+    if fuse_signal_default(c_up, dp):  # signal made in the GEMM prologue, never stored
+        before, per_pass = 0, signal_reads + n * dp * act_size
+    else:  # signal kernel writes g once; each GEMM pass reads it
+        before, per_pass = signal_reads + g_bytes, g_bytes + n * dp * act_size
+    passes = 2 if c.max_norm else 1  # norm-ball: norm pass, then the scaled pass
+    result = 2 * d * dp * w_size if c.step else d * dp * act_size  # step reads+writes W; else writes dW
+    return before + passes * per_pass + result
+
+
+def make_inputs(c: Case, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(device=device, dtype=dtype)  # noqa: E731
+    u = mk(c.n, c.c_up, sc=0.01)
+    if c.kind == "drtp":
+        u = torch.nn.functional.one_hot(torch.arange(c.n) % c.c_up, c.c_up).to(device=device, dtype=dtype)
+    P = mk(c.c_up, c.d, sc=c.c_up ** -0.5)
+    a = mk(c.n, c.d)
+    z = _phi(a, c.activation) if c.kind == "lra" else None
+    zp = mk(c.n, c.d_prev) if c.op == "update" else None
+    w = mk(c.d, c.d_prev, sc=0.01).float() if c.step else None
+    return u, P, a, z, zp, w
+
+
+def runners(c: Case, u, P, a, z, zp, w):
+    max_norm = 1.0 if c.max_norm else None
+    if c.op == "signal":
+        def fused():
+            return local_signal(c.kind, u, P, a, z, beta=BETA, alpha=ALPHA, activation=c.activation, scale=SCALE)
+
+        def unfused():
+            return unfused_signal(c.kind, u, P, a, z, c.activation)
+        return fused, unfused
+
+    def fused():
+        return local_weight_update(c.kind, u, P, a, z, zp, beta=BETA, alpha=ALPHA, activation=c.activation,
+                                   scale=SCALE, max_norm=max_norm, weight=w, lr=LR if c.step else None)
+
+    def unfused():
+        return unfused_update(c.kind, u, P, a, z, zp, c.activation, max_norm, w)
+    return fused, unfused
+
+
+def time_ms(fn, device, reps: int) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (the only mode that makes sense on CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="activation/feedback dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--reps", type=int, default=20, help="CPU timing repetitions (median)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cpu" and not args.quick:
+        console.print("[yellow]CPU without --quick would take very long; use --quick on CPU.[/yellow]")
+        return 2
+    probe = torch.empty(1, device=device)
+    if device.type == "cuda":
+        path = "Triton kernels, timed with triton.testing.do_bench"
+    elif use_triton(probe):
+        path = "Triton INTERPRETER (TRITON_INTERPRET=1): times are meaningless, unset it to time the PyTorch path"
+    else:
+        path = ("CPU: the fused op runs its PyTorch path (no Triton on CPU), so times compare two PyTorch "
+                "sequences; the fused-bytes column is the kernels' model")
+    console.print(f"[bold]bench_local_alignment[/bold] device={device} dtype={dtype} quick={args.quick}")
+    console.print(f"  {path}")
+
+    rows = []
+    for c in cases(args.quick):
+        u, P, a, z, zp, w = make_inputs(c, dtype, device)
+        fused, unfused = runners(c, u, P, a, z, zp, w)
+        counter = ByteCounter()
+        with counter:
+            unfused()
+        act_size = a.element_size()
+        fb = fused_bytes(c, act_size, P.element_size(), 4)
+        t_f = time_ms(fused, device, args.reps)
+        t_u = time_ms(unfused, device, args.reps)
+        rows.append(dict(asdict(c), unfused_bytes=counter.bytes, fused_bytes=fb,
+                         bytes_ratio=counter.bytes / fb, unfused_ms=t_u, fused_ms=t_f, speedup=t_u / t_f,
+                         fused_gbps=fb / (t_f * 1e6),
+                         fused_prologue=(c.op == "update" and fuse_signal_default(c.c_up, c.d_prev))))
+        del u, P, a, z, zp, w
+
+    for family in ("MLP", "ResNet-18"):
+        table = Table(title=f"{family} units ({device.type}, {str(dtype).removeprefix('torch.')})")
+        for col in ("case", "N x C_up -> D [x D_prev]", "path", "unfused MB", "fused MB", "bytes ratio",
+                    "unfused ms", "fused ms", "speedup", "fused GB/s"):
+            table.add_column(col, justify="left" if col in ("case", "path") else "right")
+        for r in rows:
+            if r["family"] != family:
+                continue
+            shape = f"{r['n']} x {r['c_up']} -> {r['d']}" + (f" x {r['d_prev']}" if r["op"] == "update" else "")
+            if r["op"] == "signal":
+                kernel = "signal"
+            else:
+                kernel = "GEMM, g in prologue" if r["fused_prologue"] else "g once, GEMM"
+                kernel += ", 2 passes" if r["max_norm"] else ""
+            table.add_row(r["name"], shape, kernel, f"{r['unfused_bytes'] / 1e6:.2f}", f"{r['fused_bytes'] / 1e6:.2f}",
+                          f"{r['bytes_ratio']:.2f}x", f"{r['unfused_ms']:.3f}", f"{r['fused_ms']:.3f}",
+                          f"{r['speedup']:.2f}x", f"{r['fused_gbps']:.1f}")
+        console.print(table)
+
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    dtype=str(dtype), quick=args.quick, torch=torch.__version__, path=path,
+                    interpret=os.environ.get("TRITON_INTERPRET", "0"))
+        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+        console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

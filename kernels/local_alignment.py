@@ -1,0 +1,647 @@
+"""Fused local-alignment update: DFA / DRTP / LRA signals and the dense weight update built on them.
+
+Notation (see ``ALGORITHMS.md``): a unit has pre-activation ``a`` (N x D) and output ``z = phi(a)``;
+its input is ``z_prev`` (N x D_prev). The upstream error units ``u`` (N x C_up) reach it through a
+dense matrix ``P`` (C_up x D): DFA's feedback ``B``, DRTP's target projection, or LRA's error matrix
+``E``. With the projection ``p = scale * (u @ P)`` (N x D):
+
+* ``"dfa"``:  ``g = p * phi'(a)``                                  (u = output error e)
+* ``"drtp"``: ``g = -p * phi'(a)``                                 (u = one-hot or soft labels y*)
+* ``"lra"``:  ``d = p``, ``y = phi(a - beta * d)``, ``e = alpha * (z - y) + (1 - alpha) * sign(z - y)``;
+  the signal is the error units ``e`` (``sign(0) = 0``).
+
+For a dense unit the weight update is ``dW = g^T @ z_prev`` (D x D_prev; for LRA the Hebbian form
+``e^T @ z_prev``), its Frobenius norm ``||dW||``, the norm-ball projection
+``dW <- c * dW / ||dW|| if ||dW|| >= c`` and optionally the SGD step ``W -= lr * dW``.
+
+Kernels (Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
+
+* ``_signal_kernel``: one program per (BLOCK_M x BLOCK_D) tile of the signal. It runs the projection
+  GEMM over C_up in BLOCK_C chunks into an fp32 accumulator and applies the elementwise rule as the
+  GEMM's epilogue, so ``p`` / ``d`` is never written unless the LRA diagnostics are asked for.
+* ``_weight_update_kernel``: one program per (BLOCK_D x BLOCK_DP) tile of ``dW``, reducing over the
+  batch in BLOCK_N chunks. Its PROLOGUE produces the (BLOCK_N x BLOCK_D) tile of ``g`` on the fly
+  (the projection GEMM over C_up plus the rule above), so ``g`` is never written to memory; the tile
+  is recomputed once per column of dW tiles, i.e. ``ceil(D_prev / BLOCK_DP)`` times. That costs
+  about ``C_up / BLOCK_DP`` times the main GEMM's FLOPs, so the prologue is fused when
+  ``C_up <= BLOCK_DP`` (or there is a single column of tiles); above that the launcher writes ``g``
+  once with ``_signal_kernel`` and the same GEMM kernel loads it instead (``fuse_signal`` overrides).
+  Every program also writes the sum of squares of its tile to a small buffer that one torch sum on
+  the device reduces to ``||dW||`` (a fixed order: deterministic, no atomics). The EPILOGUE stores ``dW`` and/or applies
+  ``W -= lr * f * dW`` to the weight tile in place.
+
+Norm-ball ordering: the projection factor ``f = min(1, c / ||dW||)`` needs the norm of the whole
+update before any tile may be written. Without ``max_norm`` one pass does everything (f = 1). With
+``max_norm`` the update runs as two launches of the same kernel: pass 1 computes only the per-tile
+sums of squares (nothing of size D x D_prev is written); ``f`` is formed on the device (no host
+sync); pass 2 recomputes the tiles and writes ``f * dW`` (or steps ``W``). The batch dimension N is
+the GEMM's reduction, and it is small (a minibatch), so the update is memory-bound on the D x D_prev
+tensors: recomputing the tile FLOPs is cheaper than writing ``dW`` and reading it back for scaling,
+and the fused step moves exactly the SGD floor (read W, write W) and never materialises ``dW``.
+
+CPU tensors without the interpreter run the pure-PyTorch references (``local_signal_reference``,
+``local_weight_update_reference``), which compute in float32 and cast like the kernels do.
+The ops are registered as ``torch.ops.bpfree.local_signal``, ``torch.ops.bpfree.local_weight_update``
+and ``torch.ops.bpfree.local_sgd_step_`` with fake implementations, so they trace inside
+``torch.compile(fullgraph=True)`` without a graph break. They compute updates, not differentiable
+functions: the public wrappers detach their inputs.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import check_tensor, use_triton
+
+__all__ = [
+    "LOCAL_KINDS",
+    "LOCAL_ACTIVATIONS",
+    "LRASignal",
+    "WeightUpdate",
+    "local_signal",
+    "local_signal_reference",
+    "local_weight_update",
+    "local_weight_update_reference",
+    "fuse_signal_default",
+]
+
+LOCAL_KINDS: tuple[str, ...] = ("dfa", "drtp", "lra")
+LOCAL_ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "identity")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_ACT_CODE = {name: code for code, name in enumerate(LOCAL_ACTIVATIONS)}
+
+# Tile sizes of the weight-update GEMM; BLOCK_DP also sets when the signal prologue is fused.
+_BLOCK_D = 64
+_BLOCK_DP = 64
+_BLOCK_N = 32
+_GROUP_D = 8
+
+
+class LRASignal(NamedTuple):
+    """What ``local_signal(kind="lra", ...)`` returns: the error units ``e``, and with
+    ``diagnostics=True`` also ``E``'s action ``d`` and the target ``y`` (otherwise None)."""
+
+    e: torch.Tensor
+    d: torch.Tensor | None
+    y: torch.Tensor | None
+
+
+class WeightUpdate(NamedTuple):
+    """What ``local_weight_update`` returns.
+
+    ``dw``: the (projected) update ``f * g^T z_prev`` in the activation dtype, or None when the
+    step was applied to ``weight`` in place; ``norm``: ``||g^T z_prev||_F`` before projection (0-d
+    float32); ``factor``: the norm-ball factor ``f = min(1, max_norm / norm)`` (0-d float32, 1 when
+    ``max_norm`` is None).
+    """
+
+    dw: torch.Tensor | None
+    norm: torch.Tensor
+    factor: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    """phi(x) for ACT = 0 relu, 1 tanh, 2 sigmoid, 3 identity (fp32)."""
+    if ACT == 0:
+        out = tl.maximum(x, 0.0)
+    elif ACT == 1:
+        t = tl.exp(-2.0 * tl.abs(x))
+        out = tl.where(x >= 0, 1.0, -1.0) * (1.0 - t) / (1.0 + t)
+    elif ACT == 2:
+        out = tl.sigmoid(x)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    """phi'(x) for the same activation codes (fp32)."""
+    if ACT == 0:
+        out = tl.where(x > 0, 1.0, 0.0)
+    elif ACT == 1:
+        t = _act(x, 1)
+        out = 1.0 - t * t
+    elif ACT == 2:
+        s = tl.sigmoid(x)
+        out = s * (1.0 - s)
+    else:
+        out = tl.full(x.shape, 1.0, tl.float32)
+    return out
+
+
+@triton.jit
+def _project_tile(
+    u_ptr, p_ptr, rows, cols, row_mask, col_mask, C, D, scale,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):
+    """scale * (u[rows, :] @ P[:, cols]) as an fp32 (BLOCK_R x BLOCK_K) tile; u is N x C, P is C x D."""
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    rows64 = rows.to(tl.int64)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        u = tl.load(u_ptr + rows64[:, None] * C + offs_c[None, :],
+                    mask=row_mask[:, None] & c_mask[None, :], other=0.0)
+        p = tl.load(p_ptr + offs_c.to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=c_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(u.to(DOT_DTYPE), p.to(DOT_DTYPE), acc, input_precision=PREC)
+    return acc * scale
+
+
+@triton.jit
+def _signal_rule(proj, a, z, beta, alpha, IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr):
+    """(signal, target) from the projection tile; the target is only meaningful for LRA."""
+    if IS_LRA:
+        y = _act(a - beta * proj, ACT)
+        if HAS_Z:
+            out = z
+        else:
+            out = _act(a, ACT)
+        diff = out - y
+        sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        g = alpha * diff + (1.0 - alpha) * sgn
+    else:
+        g = proj * _act_grad(a, ACT)
+        y = g
+    return g, y
+
+
+@triton.jit
+def _signal_kernel(
+    u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, d_ptr, y_ptr,
+    N, C, D, scale, beta, alpha,
+    IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr, DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):
+    """One (BLOCK_M x BLOCK_D) tile of the signal: projection GEMM with the rule as its epilogue."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    col_mask = cols < D
+    proj = _project_tile(u_ptr, p_ptr, rows, cols, row_mask, col_mask, C, D, scale,
+                         BLOCK_M, BLOCK_D, BLOCK_C, DOT_DTYPE, PREC)
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = a
+    g, y = _signal_rule(proj, a, z, beta, alpha, IS_LRA, ACT, HAS_Z)
+    tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    if DIAG:
+        tl.store(d_ptr + offs, proj.to(d_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weight_update_kernel(
+    u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, zp_ptr, dw_ptr, w_ptr, partial_ptr, factor_ptr,
+    N, C, D, DP, scale, beta, alpha, lr,
+    IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr, FUSED_SIGNAL: tl.constexpr,
+    WRITE_DW: tl.constexpr, STEP: tl.constexpr, HAS_FACTOR: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr,
+    GROUP_D: tl.constexpr, DOT_DTYPE: tl.constexpr, MM_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):
+    """One (BLOCK_D x BLOCK_DP) tile of dW = g^T z_prev; g's tile is made in the prologue (or loaded)."""
+    pid = tl.program_id(0)
+    num_d = tl.cdiv(D, BLOCK_D)
+    num_dp = tl.cdiv(DP, BLOCK_DP)
+    per_group = GROUP_D * num_dp
+    first_d = (pid // per_group) * GROUP_D
+    group_rows = tl.minimum(num_d - first_d, GROUP_D)
+    pid_d = first_d + (pid % per_group) % group_rows
+    pid_dp = (pid % per_group) // group_rows
+
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols_p = pid_dp * BLOCK_DP + tl.arange(0, BLOCK_DP)
+    col_mask = cols < D
+    colp_mask = cols_p < DP
+    acc = tl.zeros((BLOCK_D, BLOCK_DP), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        rows64 = rows.to(tl.int64)
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows64[:, None] * D + cols[None, :]
+        if FUSED_SIGNAL:
+            proj = _project_tile(u_ptr, p_ptr, rows, cols, row_mask, col_mask, C, D, scale,
+                                 BLOCK_N, BLOCK_D, BLOCK_C, DOT_DTYPE, PREC)
+            a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                z = a
+            g, _ = _signal_rule(proj, a, z, beta, alpha, IS_LRA, ACT, HAS_Z)
+            g = tl.where(mask, g, 0.0)  # padded columns would otherwise leak into the norm
+        else:
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        zp = tl.load(zp_ptr + rows64[:, None] * DP + cols_p[None, :],
+                     mask=row_mask[:, None] & colp_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(g.to(MM_DTYPE)), zp.to(MM_DTYPE), acc, input_precision=PREC)
+
+    tl.store(partial_ptr + pid, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    if HAS_FACTOR:
+        acc = acc * tl.load(factor_ptr)
+    out_offs = cols.to(tl.int64)[:, None] * DP + cols_p[None, :]
+    out_mask = col_mask[:, None] & colp_mask[None, :]
+    if WRITE_DW:
+        tl.store(dw_ptr + out_offs, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
+    if STEP:
+        w = tl.load(w_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(w_ptr + out_offs, (w - lr * acc).to(w_ptr.dtype.element_ty), mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers (write into given buffers)
+# --------------------------------------------------------------------------------------------------
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _block(n: int, lo: int, hi: int) -> int:
+    return min(hi, max(lo, triton.next_power_of_2(n)))
+
+
+def _pair_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    """The tensor-core input dtype for x @ y: their common 16-bit dtype, else float32."""
+    return x.dtype if x.dtype == y.dtype and x.dtype in _HALF_DTYPES else torch.float32
+
+
+def _precision() -> str:
+    """fp32 dots follow torch's matmul TF32 setting, like the PyTorch path."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _signed_scale(kind: str, scale: float) -> float:
+    return -scale if kind == "drtp" else scale
+
+
+def _launch_signal(
+    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
+    g: torch.Tensor, d: torch.Tensor | None, y: torch.Tensor | None,
+    *, beta: float, alpha: float, activation: str, scale: float,
+) -> None:
+    """Run ``_signal_kernel``, writing the signal into ``g`` (and ``d``, ``y`` when both are given)."""
+    N, C = upstream.shape
+    D = P.shape[1]
+    block_m, block_d, block_c = _block(N, 16, 64), _block(D, 16, 128), _block(C, 16, 32)
+    diag = d is not None and y is not None
+    grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
+    _signal_kernel[grid](
+        upstream, P, a, a if z is None else z, g, d if diag else g, y if diag else g,
+        N, C, D, _signed_scale(kind, scale), beta, alpha,
+        IS_LRA=kind == "lra", ACT=_ACT_CODE[activation], HAS_Z=z is not None, DIAG=diag,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
+        DOT_DTYPE=_TL_DTYPE[_pair_dtype(upstream, P)], PREC=_precision(),
+    )
+
+
+def fuse_signal_default(c_up: int, d_prev: int) -> bool:
+    """Whether the weight update recomputes the signal in its prologue (True) or writes it once.
+
+    The prologue recomputes each signal tile once per column of dW tiles, ``ceil(D_prev / 64)``
+    times, i.e. about ``C_up / 64`` times the main GEMM's FLOPs: fused when that is at most 1.
+    """
+    return c_up <= _BLOCK_DP or d_prev <= _BLOCK_DP
+
+
+def _ball_factor(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """f = c / ||dW|| if ||dW|| >= c else 1, on the device (no host sync)."""
+    if max_norm is None:
+        return torch.ones_like(norm)
+    return torch.where(norm >= max_norm, max_norm / norm.clamp_min(torch.finfo(torch.float32).tiny),
+                       torch.ones_like(norm))
+
+
+def _launch_weight_update(
+    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
+    z_prev: torch.Tensor, *, beta: float, alpha: float, activation: str, scale: float,
+    max_norm: float | None, fuse_signal: bool | None,
+    dw: torch.Tensor | None, weight: torch.Tensor | None, lr: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the weight-update GEMM: store ``f * dW`` into ``dw`` and/or step ``weight -= lr * f * dW``.
+
+    Returns ``(norm, factor)``. One launch without ``max_norm``; with it, a norm-only launch, the
+    factor on the device, then a second launch that writes the scaled update.
+    """
+    N, C = upstream.shape
+    D, DP = a.shape[1], z_prev.shape[1]
+    fused = fuse_signal_default(C, DP) if fuse_signal is None else fuse_signal
+    if fused:
+        g = a  # placeholder pointer, never read
+    else:
+        g = torch.empty_like(a)
+        _launch_signal(kind, upstream, P, a, z, g, None, None,
+                       beta=beta, alpha=alpha, activation=activation, scale=scale)
+    block_d, block_dp = _block(D, 16, _BLOCK_D), _block(DP, 16, _BLOCK_DP)
+    n_programs = triton.cdiv(D, block_d) * triton.cdiv(DP, block_dp)
+    partials = torch.empty(n_programs, device=a.device, dtype=torch.float32)
+
+    def launch(write_dw: bool, step: bool, factor: torch.Tensor | None) -> None:
+        _weight_update_kernel[(n_programs,)](
+            upstream, P, a, a if z is None else z, g, z_prev,
+            dw if write_dw else partials, weight if step else partials, partials,
+            partials if factor is None else factor,
+            N, C, D, DP, _signed_scale(kind, scale), beta, alpha, lr,
+            IS_LRA=kind == "lra", ACT=_ACT_CODE[activation], HAS_Z=z is not None, FUSED_SIGNAL=fused,
+            WRITE_DW=write_dw, STEP=step, HAS_FACTOR=factor is not None,
+            BLOCK_N=_block(N, 16, _BLOCK_N), BLOCK_C=_block(C, 16, 32),
+            BLOCK_D=block_d, BLOCK_DP=block_dp, GROUP_D=_GROUP_D,
+            DOT_DTYPE=_TL_DTYPE[_pair_dtype(upstream, P)],
+            MM_DTYPE=_TL_DTYPE[_pair_dtype(a, z_prev)], PREC=_precision(),
+        )
+
+    if max_norm is None:
+        launch(dw is not None, weight is not None, None)
+        norm = partials.sum().sqrt()
+        return norm, _ball_factor(norm, None)
+    launch(False, False, None)
+    norm = partials.sum().sqrt()
+    factor = _ball_factor(norm, max_norm)
+    launch(dw is not None, weight is not None, factor)
+    return norm, factor
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure-PyTorch references (also the CPU path)
+# --------------------------------------------------------------------------------------------------
+
+
+def _phi(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return x.clamp_min(0)
+    if activation == "tanh":
+        return torch.tanh(x)
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
+    return x
+
+
+def _phi_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return (x > 0).to(x.dtype)
+    if activation == "tanh":
+        return 1 - torch.tanh(x) ** 2
+    if activation == "sigmoid":
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+    return torch.ones_like(x)
+
+
+def _signal_math(
+    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
+    beta: float, alpha: float, activation: str, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(signal, projection, LRA target) in float32."""
+    proj = scale * (upstream.float() @ P.float())
+    a = a.float()
+    if kind == "lra":
+        y = _phi(a - beta * proj, activation)
+        out = _phi(a, activation) if z is None else z.float()
+        diff = out - y
+        return alpha * diff + (1 - alpha) * torch.sign(diff), proj, y
+    g = proj * _phi_grad(a, activation)
+    return (-g if kind == "drtp" else g), proj, None
+
+
+def local_signal_reference(
+    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None = None,
+    *, beta: float = 0.1, alpha: float = 1.0, activation: str = "relu", scale: float = 1.0,
+    diagnostics: bool = False,
+) -> torch.Tensor | LRASignal:
+    """Pure-PyTorch ``local_signal`` (same arguments, checks and results; float32 math)."""
+    _check_signal_args("local_signal_reference", kind, upstream, P, a, z, activation, diagnostics)
+    g, proj, y = _signal_math(kind, upstream, P, a, z, beta, alpha, activation, scale)
+    if kind != "lra":
+        return g.to(a.dtype)
+    if diagnostics:
+        return LRASignal(g.to(a.dtype), proj.to(a.dtype), y.to(a.dtype))
+    return LRASignal(g.to(a.dtype), None, None)
+
+
+def local_weight_update_reference(
+    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
+    z_prev: torch.Tensor, *, beta: float = 0.1, alpha: float = 1.0, activation: str = "relu",
+    scale: float = 1.0, max_norm: float | None = None, weight: torch.Tensor | None = None,
+    lr: float | None = None,
+) -> WeightUpdate:
+    """Pure-PyTorch ``local_weight_update`` (same arguments, checks and results; float32 math)."""
+    _check_update_args("local_weight_update_reference", kind, upstream, P, a, z, z_prev, activation,
+                       max_norm, weight, lr)
+    g, _, _ = _signal_math(kind, upstream, P, a, z, beta, alpha, activation, scale)
+    dw = g.t() @ z_prev.float()
+    norm = torch.linalg.vector_norm(dw)
+    factor = _ball_factor(norm, max_norm)
+    dw = dw * factor
+    if weight is None:
+        return WeightUpdate(dw.to(a.dtype), norm, factor)
+    with torch.no_grad():
+        weight.copy_(weight.float() - lr * dw)
+    return WeightUpdate(None, norm, factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("bpfree::local_signal", mutates_args=())
+def _local_signal_op(
+    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: Optional[torch.Tensor],
+    beta: float, alpha: float, activation: str, scale: float, diagnostics: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(a):
+        g = torch.empty_like(a)
+        d = torch.empty_like(a) if diagnostics else a.new_empty(0)
+        y = torch.empty_like(a) if diagnostics else a.new_empty(0)
+        _launch_signal(kind, upstream, P, a, z, g, d if diagnostics else None, y if diagnostics else None,
+                       beta=beta, alpha=alpha, activation=activation, scale=scale)
+        return g, d, y
+    g, proj, y = _signal_math(kind, upstream, P, a, z, beta, alpha, activation, scale)
+    if diagnostics:
+        return g.to(a.dtype), proj.to(a.dtype), y.to(a.dtype)
+    return g.to(a.dtype), a.new_empty(0), a.new_empty(0)
+
+
+@_local_signal_op.register_fake
+def _(kind, upstream, P, a, z, beta, alpha, activation, scale, diagnostics):
+    extra = a.shape if diagnostics else (0,)
+    return torch.empty_like(a), a.new_empty(extra), a.new_empty(extra)
+
+
+@torch.library.custom_op("bpfree::local_weight_update", mutates_args=())
+def _local_weight_update_op(
+    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: Optional[torch.Tensor],
+    z_prev: torch.Tensor, beta: float, alpha: float, activation: str, scale: float,
+    max_norm: Optional[float], fuse_signal: Optional[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(a):
+        dw = a.new_empty(a.shape[1], z_prev.shape[1])
+        norm, factor = _launch_weight_update(
+            kind, upstream, P, a, z, z_prev, beta=beta, alpha=alpha, activation=activation,
+            scale=scale, max_norm=max_norm, fuse_signal=fuse_signal, dw=dw, weight=None, lr=0.0)
+        return dw, norm, factor
+    dw, norm, factor = local_weight_update_reference(
+        kind, upstream, P, a, z, z_prev, beta=beta, alpha=alpha, activation=activation,
+        scale=scale, max_norm=max_norm)
+    return dw, norm, factor
+
+
+@_local_weight_update_op.register_fake
+def _(kind, upstream, P, a, z, z_prev, beta, alpha, activation, scale, max_norm, fuse_signal):
+    scalar = a.new_empty((), dtype=torch.float32)
+    return a.new_empty(a.shape[1], z_prev.shape[1]), scalar, torch.empty_like(scalar)
+
+
+@torch.library.custom_op("bpfree::local_sgd_step_", mutates_args=("weight",))
+def _local_sgd_step_op(
+    weight: torch.Tensor, lr: float, kind: str, upstream: torch.Tensor, P: torch.Tensor,
+    a: torch.Tensor, z: Optional[torch.Tensor], z_prev: torch.Tensor, beta: float, alpha: float,
+    activation: str, scale: float, max_norm: Optional[float], fuse_signal: Optional[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(a):
+        return _launch_weight_update(
+            kind, upstream, P, a, z, z_prev, beta=beta, alpha=alpha, activation=activation,
+            scale=scale, max_norm=max_norm, fuse_signal=fuse_signal, dw=None, weight=weight, lr=lr)
+    _, norm, factor = local_weight_update_reference(
+        kind, upstream, P, a, z, z_prev, beta=beta, alpha=alpha, activation=activation,
+        scale=scale, max_norm=max_norm, weight=weight, lr=lr)
+    return norm, factor
+
+
+@_local_sgd_step_op.register_fake
+def _(weight, lr, kind, upstream, P, a, z, z_prev, beta, alpha, activation, scale, max_norm, fuse_signal):
+    scalar = a.new_empty((), dtype=torch.float32)
+    return scalar, torch.empty_like(scalar)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks and public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_signal_args(
+    op: str, kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor,
+    z: torch.Tensor | None, activation: str, diagnostics: bool = False,
+) -> None:
+    if kind not in LOCAL_KINDS:
+        raise ValueError(f"{op}: unknown kind {kind!r}; expected one of {', '.join(LOCAL_KINDS)}")
+    if activation not in LOCAL_ACTIVATIONS:
+        raise ValueError(
+            f"{op}: unknown activation {activation!r}; expected one of {', '.join(LOCAL_ACTIVATIONS)}")
+    check_tensor(op, "upstream", upstream, ndim=2, dtypes=_FLOAT_DTYPES)
+    device = upstream.device
+    check_tensor(op, "P", P, ndim=2, dtypes=_FLOAT_DTYPES, device=device)
+    check_tensor(op, "a", a, ndim=2, dtypes=_FLOAT_DTYPES, device=device)
+    n, c_up = upstream.shape
+    if P.shape[0] != c_up:
+        raise ValueError(f"{op}: P must be C_up x D with C_up = {c_up} (upstream is {tuple(upstream.shape)}), "
+                         f"got {tuple(P.shape)}")
+    if tuple(a.shape) != (n, P.shape[1]):
+        raise ValueError(f"{op}: a must be N x D = {(n, P.shape[1])} (from upstream and P), got {tuple(a.shape)}")
+    if a.numel() == 0 or c_up == 0:
+        raise ValueError(f"{op}: empty inputs (N={n}, C_up={c_up}, D={P.shape[1]}); every size must be >= 1")
+    if z is not None:
+        if kind != "lra":
+            raise ValueError(f"{op}: z is only used by kind='lra'; pass z=None for kind={kind!r}")
+        check_tensor(op, "z", z, ndim=2, dtypes=_FLOAT_DTYPES, device=device)
+        if z.shape != a.shape:
+            raise ValueError(f"{op}: z must have a's shape {tuple(a.shape)}, got {tuple(z.shape)}")
+    if diagnostics and kind != "lra":
+        raise ValueError(f"{op}: diagnostics=True (returning d and y) is only defined for kind='lra'")
+
+
+def _check_update_args(
+    op: str, kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor,
+    z: torch.Tensor | None, z_prev: torch.Tensor, activation: str, max_norm: float | None,
+    weight: torch.Tensor | None, lr: float | None,
+) -> None:
+    _check_signal_args(op, kind, upstream, P, a, z, activation)
+    check_tensor(op, "z_prev", z_prev, ndim=2, dtypes=_FLOAT_DTYPES, device=a.device)
+    if z_prev.shape[0] != a.shape[0] or z_prev.shape[1] == 0:
+        raise ValueError(f"{op}: z_prev must be N x D_prev with N = {a.shape[0]} and D_prev >= 1, "
+                         f"got {tuple(z_prev.shape)}")
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"{op}: max_norm must be > 0 (or None for no projection), got {max_norm}")
+    if (weight is None) != (lr is None):
+        raise ValueError(f"{op}: pass weight and lr together (the SGD step W -= lr * dW) or neither")
+    if weight is not None:
+        check_tensor(op, "weight", weight, ndim=2, dtypes=_FLOAT_DTYPES, device=a.device)
+        expected = (a.shape[1], z_prev.shape[1])
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"{op}: weight must be D x D_prev = {expected}, got {tuple(weight.shape)}")
+
+
+def local_signal(
+    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None = None,
+    *, beta: float = 0.1, alpha: float = 1.0, activation: str = "relu", scale: float = 1.0,
+    diagnostics: bool = False,
+) -> torch.Tensor | LRASignal:
+    """A unit's local learning signal from the upstream error units, in one fused kernel.
+
+    With ``p = scale * (upstream @ P)`` (``upstream``: N x C_up, ``P``: C_up x D, ``a``: N x D):
+
+    * ``kind="dfa"``:  returns ``g = p * phi'(a)`` (upstream = output error ``e``, P = feedback B);
+    * ``kind="drtp"``: returns ``g = -p * phi'(a)`` (upstream = one-hot or soft labels ``y*``);
+    * ``kind="lra"``:  ``d = p`` (E's action), ``y = phi(a - beta * d)`` (target),
+      ``e = alpha * (z - y) + (1 - alpha) * sign(z - y)``; returns ``LRASignal(e, d, y)`` with ``d``
+      and ``y`` only when ``diagnostics=True`` (else None; then ``d`` is never written to memory).
+      ``z`` is the unit's output; when None it is recomputed as ``phi(a)`` in the kernel.
+
+    ``phi`` is ``activation`` (relu, tanh, sigmoid or identity; relu'(0) = 0). Inputs are 2-D,
+    contiguous, float32/float16/bfloat16 on one device; math is float32, outputs have ``a``'s dtype.
+    Non-differentiable (inputs are detached). Raises ValueError/TypeError on bad arguments.
+    """
+    _check_signal_args("local_signal", kind, upstream, P, a, z, activation, diagnostics)
+    g, d, y = torch.ops.bpfree.local_signal(
+        kind, upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(),
+        float(beta), float(alpha), activation, float(scale), diagnostics)
+    if kind != "lra":
+        return g
+    return LRASignal(g, d, y) if diagnostics else LRASignal(g, None, None)
+
+
+def local_weight_update(
+    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
+    z_prev: torch.Tensor, *, beta: float = 0.1, alpha: float = 1.0, activation: str = "relu",
+    scale: float = 1.0, max_norm: float | None = None, weight: torch.Tensor | None = None,
+    lr: float | None = None, fuse_signal: bool | None = None,
+) -> WeightUpdate:
+    """A dense unit's update ``dW = g^T @ z_prev`` (D x D_prev) with the signal made in the GEMM prologue.
+
+    ``g`` is ``local_signal(kind, upstream, P, a, z, ...)`` (for LRA the error units ``e``: the
+    Hebbian form ``dW = e^T z_prev``); ``z_prev`` (N x D_prev) is the unit's input. Also returns
+    ``norm = ||g^T z_prev||_F`` and, with ``max_norm = c``, applies the norm-ball projection
+    ``dW <- f * dW`` with ``f = c / norm`` if ``norm >= c`` else 1 (``f`` is returned).
+
+    With ``weight`` (D x D_prev) and ``lr`` the plain SGD step ``weight -= lr * f * dW`` is applied in
+    place in the GEMM's epilogue and ``dw`` is None: without ``max_norm`` one pass that never writes
+    ``dW``; with it, a norm pass and then a recomputing pass that steps the weight (no host sync).
+    ``fuse_signal`` forces (True) or disables (False) the prologue fusion; None picks it by
+    ``fuse_signal_default(C_up, D_prev)``. Results match ``local_weight_update_reference``.
+    """
+    _check_update_args("local_weight_update", kind, upstream, P, a, z, z_prev, activation,
+                       max_norm, weight, lr)
+    args = (kind, upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(),
+            z_prev.detach(), float(beta), float(alpha), activation, float(scale),
+            None if max_norm is None else float(max_norm), fuse_signal)
+    if weight is None:
+        dw, norm, factor = torch.ops.bpfree.local_weight_update(*args)
+        return WeightUpdate(dw, norm, factor)
+    with torch.no_grad():
+        norm, factor = torch.ops.bpfree.local_sgd_step_(weight, float(lr), *args)
+    return WeightUpdate(None, norm, factor)
