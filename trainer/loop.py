@@ -226,11 +226,12 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
                             "Lower optim.lr or check the data."
                         )
                     rate = window_images / (time.perf_counter() - window_start)
+                    diagnostics = s.rule.diagnostics()  # per-unit keys ("name/unit") go to the log only
                     record = {"step": step, "epoch": epoch + 1, "split": "train", "loss": loss_now,
                               "lr": s.scheduler.get_last_lr()[0], "images_per_s": rate,
-                              "peak_memory_mb": peak_memory_mb(device), **s.rule.diagnostics()}
+                              "peak_memory_mb": peak_memory_mb(device), **diagnostics}
                     log.write(record)
-                    extra = "".join(f" · {k} {v:.3g}" for k, v in s.rule.diagnostics().items())
+                    extra = "".join(f" · {k} {v:.3g}" for k, v in record.items() if k in diagnostics and "/" not in k)
                     stats = f"{rate:,.0f} img/s · loss {loss_now:.4f} · lr {record['lr']:.3g}{extra}"
                     progress.update(task, stats=stats)
                     window_images, window_start = 0, time.perf_counter()

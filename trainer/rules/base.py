@@ -74,7 +74,8 @@ class Rule(nn.Module, abc.ABC):
         return self.model(x)
 
     def diagnostics(self) -> dict[str, float]:
-        """Extra scalars for metrics.jsonl and the progress line (e.g. alignment angles)."""
+        """Extra scalars for metrics.jsonl (e.g. alignment angles). Keys without a "/" are also
+        shown in the progress line; per-unit keys look like "angle/layer1.0" and are logged only."""
         return {}
 
     def autocast(self) -> contextlib.AbstractContextManager:
