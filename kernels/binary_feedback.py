@@ -1,0 +1,470 @@
+"""Binary-feedback projection: ``g = scale * (e @ S) [* mask]`` with S a fixed ±1 matrix.
+
+This is the signal of Binary DFA (BDFA): unit l gets ``g_l = scale_l * (e · S_l) ⊙ φ'(a_l)``, where
+``e`` is the N x C output error and ``S_l ∈ {-1, +1}^{C x D_l}``. S is stored in one of two forms:
+
+* :class:`PackedSigns` -- 1 bit per entry, ``C x ceil(D/32)`` int32 words (32x less than float32);
+  bit ``d % 32`` of word ``[c, d // 32]`` is 1 where ``S[c, d] = -1`` and 0 where it is +1.
+* :class:`SeededSigns` -- no storage at all: ``S[c, d] = -1`` where the top bit of
+  ``hash2(stream_key(seed, stream), c, d)`` (``kernels._hash``) is 1, else +1. The hash is
+  evaluated inside the kernel, bit-identically on CPU and GPU.
+
+One Triton kernel computes the projection, the scale and the mask. It tiles the N x D output in
+``BLOCK_N x BLOCK_D`` tiles, loops over C in ``BLOCK_C`` chunks (reading each chunk of e once, and
+the sign bits or hashes of the same chunk), accumulates ``e_chunk @ S_chunk`` with ``tl.dot`` in
+float32, then multiplies by ``scale`` and the mask and writes the tile once, in rows of
+contiguous D. Signs are exact in every float format, so the products are exact for float16 and
+bfloat16 errors; float32 errors use the 3xTF32 split (``tf32x3``), close to float32 accuracy.
+All offsets are int64, so ``N * D`` may exceed ``2**31``. For small C the kernel is bound by the
+bytes of the output (+ mask); for C in the hundreds or more it becomes bound by tensor-core math.
+
+:func:`project_labels` is the one-hot fast path used by target projection (DRTP, tpSGD):
+``scale * onehot(labels) @ S``, i.e. a scaled row gather of S. It shares the kernel (no dot).
+
+Dispatch (``kernels._dispatch.use_triton``): CUDA tensors run Triton; CPU tensors run the PyTorch
+reference below (signs materialised in row chunks, matmul in float32), except under
+``TRITON_INTERPRET=1`` where the Triton kernel runs on CPU. Both ops are registered with
+``torch.library`` (namespace ``bpfree``), so ``torch.compile(fullgraph=True)`` treats them as single
+opaque ops with no graph break. They have no autograd formula: they produce gradient *signals*, so
+call them on tensors that do not require grad (or under ``torch.no_grad()``).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import check_tensor, triton_interpreting, use_triton
+from kernels._hash import hash2, hash2_torch, sign_from_hash_torch, stream_key
+
+MAX_CLASSES = 2**31 - 1
+"""Largest C. Offsets in the kernel are int64; class and column indices must fit the hash's uint32."""
+MAX_DIM = 2**31 - 1
+"""Largest D (per-sample numel of a unit's output); N * D may exceed it."""
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Dtypes accepted for the error ``e``, the mask and the output."""
+LABEL_DTYPES = (torch.int32, torch.int64)
+"""Dtypes accepted for class labels."""
+
+_BITS = 32
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_CHUNK_ELEMENTS = 2**22  # PyTorch path: materialise at most this many signs at a time
+
+
+def _check_shape(op: str, num_classes: int, dim: int) -> None:
+    for name, value, top in (("num_classes", num_classes, MAX_CLASSES), ("dim", dim, MAX_DIM)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+        if not 1 <= value <= top:
+            raise ValueError(f"{op}: {name} must be in [1, {top}], got {value}")
+
+
+def _unpack_bits(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words (R x W) -> int8 signs (R x dim): bit 1 is -1, bit 0 is +1."""
+    shifts = torch.arange(_BITS, device=words.device, dtype=torch.int32)
+    bits = (words.unsqueeze(-1) >> shifts) & 1  # arithmetic shift, then bit 0: exact for bit 31 too
+    bits = bits.reshape(words.shape[0], -1)[:, :dim]
+    return (1 - 2 * bits).to(torch.int8)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedSigns:
+    """A C x D ±1 matrix stored at 1 bit per entry.
+
+    ``words`` is int32, ``C x ceil(D/32)``, contiguous; bit ``d % 32`` of ``words[c, d // 32]`` is 1
+    where the sign is -1. Bits past D in the last word are ignored. Build one with :func:`pack_signs`.
+    """
+
+    words: torch.Tensor
+    num_classes: int
+    dim: int
+
+    def __post_init__(self) -> None:
+        op = "PackedSigns"
+        _check_shape(op, self.num_classes, self.dim)
+        check_tensor(op, "words", self.words, ndim=2, dtypes=(torch.int32,))
+        expected = (self.num_classes, math.ceil(self.dim / _BITS))
+        if tuple(self.words.shape) != expected:
+            raise ValueError(f"{op}: words must have shape {expected} for C={self.num_classes}, "
+                             f"D={self.dim}, got {tuple(self.words.shape)}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: ``4 * C * ceil(D/32)``."""
+        return self.words.numel() * self.words.element_size()
+
+    def to(self, device: Union[torch.device, str]) -> "PackedSigns":
+        """The same signs with their words on ``device``."""
+        return PackedSigns(self.words.to(device), self.num_classes, self.dim)
+
+    def sign_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """int8 ±1 rows ``S[rows]`` (len(rows) x D), on the words' device."""
+        return _unpack_bits(self.words[rows.to(self.words.device)], self.dim)
+
+    def materialize(self) -> torch.Tensor:
+        """The full C x D matrix as int8 ±1, on the words' device."""
+        return _materialize(self, self.device)
+
+
+@dataclass(frozen=True)
+class SeededSigns:
+    """A C x D ±1 matrix regenerated from a counter-based hash: no storage at all.
+
+    ``S[c, d] = 1 - 2 * (hash2(stream_key(seed, stream), c, d) >> 31)``. The same (seed, stream)
+    gives the same signs on every device; ``stream`` separates independent matrices (e.g. one per
+    unit) under one seed. ``seed`` and ``stream`` are in ``[0, 2**32)``.
+    """
+
+    seed: int
+    num_classes: int
+    dim: int
+    stream: int = 0
+
+    def __post_init__(self) -> None:
+        op = "SeededSigns"
+        _check_shape(op, self.num_classes, self.dim)
+        for name, value in (("seed", self.seed), ("stream", self.stream)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+                raise ValueError(f"{op}: {name} must be an int in [0, 2**32), got {value!r}")
+
+    nbytes = 0
+    """Bytes of storage: none."""
+
+    @property
+    def key(self) -> int:
+        """The 32-bit hash key of this (seed, stream)."""
+        return stream_key(self.seed, self.stream)
+
+    def to(self, device: Union[torch.device, str]) -> "SeededSigns":
+        """Itself: seeded signs live on no device."""
+        return self
+
+    def sign_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """int8 ±1 rows ``S[rows]`` (len(rows) x D), on ``rows``' device."""
+        cols = torch.arange(self.dim, device=rows.device)
+        return sign_from_hash_torch(hash2_torch(self.key, rows[:, None], cols[None, :])).to(torch.int8)
+
+    def materialize(self, device: Optional[Union[torch.device, str]] = None) -> torch.Tensor:
+        """The full C x D matrix as int8 ±1 on ``device`` (default CPU)."""
+        return _materialize(self, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+Feedback = Union[PackedSigns, SeededSigns]
+
+
+def _row_chunk(dim: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // dim)
+
+
+def _materialize(feedback: Feedback, device: torch.device) -> torch.Tensor:
+    out = torch.empty((feedback.num_classes, feedback.dim), dtype=torch.int8, device=device)
+    step = _row_chunk(feedback.dim)
+    for start in range(0, feedback.num_classes, step):
+        stop = min(start + step, feedback.num_classes)
+        out[start:stop] = feedback.sign_rows(torch.arange(start, stop, device=device))
+    return out
+
+
+def pack_signs(signs: torch.Tensor) -> PackedSigns:
+    """Pack a C x D matrix of ±1 (any integer or float dtype) into :class:`PackedSigns`.
+
+    Raises ValueError if any entry is not exactly +1 or -1. The words stay on ``signs``' device.
+    """
+    op = "pack_signs"
+    check_tensor(op, "signs", signs, ndim=2, contiguous=False)
+    if signs.dtype == torch.bool or signs.is_complex():
+        raise TypeError(f"{op}: signs must be a real integer or float tensor of ±1, got {signs.dtype}")
+    num_classes, dim = signs.shape
+    _check_shape(op, num_classes, dim)
+    if not ((signs == 1) | (signs == -1)).all():
+        raise ValueError(f"{op}: every entry of signs must be +1 or -1")
+    num_words = math.ceil(dim / _BITS)
+    words = torch.empty((num_classes, num_words), dtype=torch.int32, device=signs.device)
+    weights = torch.ones((), dtype=torch.int64, device=signs.device) << torch.arange(_BITS, device=signs.device)
+    step = _row_chunk(dim)
+    for start in range(0, num_classes, step):
+        bits = (signs[start:start + step] < 0).to(torch.int64)
+        bits = torch.nn.functional.pad(bits, (0, num_words * _BITS - dim)).view(bits.shape[0], num_words, _BITS)
+        value = (bits * weights).sum(-1)  # in [0, 2**32)
+        words[start:start + step] = (value - ((value >> 31) << 32)).to(torch.int32)
+    return PackedSigns(words, num_classes, dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sign_bits(words_ptr, key, rows, cols, valid, num_words, SEEDED: tl.constexpr):
+    """0/1 bits of S[rows, cols] as an int32 tile (1 means -1); ``rows``, ``cols`` int64."""
+    if SEEDED:
+        bits = (hash2(key, rows[:, None], cols[None, :]) >> 31).to(tl.int32)
+    else:
+        word = tl.load(words_ptr + rows[:, None] * num_words + (cols[None, :] >> 5), mask=valid, other=0)
+        bits = (word >> (cols[None, :] & 31).to(tl.int32)) & 1
+    return bits
+
+
+@triton.jit(do_not_specialize=["key"])
+def _binary_feedback_kernel(
+    e_ptr, labels_ptr, words_ptr, mask_ptr, out_ptr,
+    N, C, D, num_words, key, scale,
+    SEEDED: tl.constexpr, LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[n, d] = scale * sum_c e[n, c] * S[c, d] * mask[n, d]  (LABELS: scale * S[labels[n], d]).
+
+    1-D grid over ``cdiv(N, BLOCK_N) * cdiv(D, BLOCK_D)`` tiles, N-tile index fastest so programs
+    running together share the same S columns in L2. All offsets are int64.
+    """
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n_tiles
+    pid_d = pid // num_n_tiles
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_ok = offs_n < N
+    d_ok = offs_d < D
+    key = key.to(tl.uint32)
+
+    if LABELS:
+        rows = tl.load(labels_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+        bits = _sign_bits(words_ptr, key, rows, offs_d, n_ok[:, None] & d_ok[None, :], num_words, SEEDED)
+        acc = (1 - 2 * bits).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            c_ok = offs_c < C
+            e = tl.load(e_ptr + offs_n[:, None] * C + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            # Rows c >= C meet e == 0, so whatever sign they get adds nothing.
+            bits = _sign_bits(words_ptr, key, offs_c, offs_d, c_ok[:, None] & d_ok[None, :], num_words, SEEDED)
+            signs = (1 - 2 * bits).to(DOT_DTYPE)
+            e = e.to(DOT_DTYPE)
+            acc = tl.dot(e, signs, acc, input_precision=DOT_PRECISION)
+
+    acc = acc * scale
+    offs_out = offs_n[:, None] * D + offs_d[None, :]
+    io_mask = n_ok[:, None] & d_ok[None, :]
+    if HAS_MASK:
+        acc = acc * tl.load(mask_ptr + offs_out, mask=io_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_out, acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _launch(
+    e: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    feedback: Feedback,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Fill ``out`` (N x D) with the projection of ``e`` (N x C) or the rows of S at ``labels`` (N,)."""
+    source = e if e is not None else labels
+    n, dim = out.shape
+    if n == 0:
+        return
+    seeded = isinstance(feedback, SeededSigns)
+    words = out if seeded else feedback.words  # a placeholder pointer when seeded: never read
+    num_warps = 4
+    if e is not None:
+        block_n = min(64, max(16, triton.next_power_of_2(n)))
+        if seeded and n >= 128:  # taller tiles: each hashed sign serves twice the rows
+            block_n, num_warps = 128, 8
+        block_c = min(32, max(16, triton.next_power_of_2(feedback.num_classes)))
+        block_d = min(128, max(16, triton.next_power_of_2(dim)))
+        # 16-bit e: tensor-core dot in e's dtype, exact products. float32 e: 3xTF32 on NVIDIA, FMA on
+        # AMD. Triton's interpreter multiplies bfloat16 dot operands as raw uint16, so there bfloat16
+        # e is upcast (exactly) to float32 first.
+        dot_dtype = _TL_DTYPES[e.dtype]
+        if e.dtype == torch.bfloat16 and triton_interpreting():
+            dot_dtype = tl.float32
+        if dot_dtype != tl.float32:
+            precision = None
+        else:
+            precision = "ieee" if torch.version.hip else "tf32x3"
+    else:
+        block_n, block_c = min(32, triton.next_power_of_2(n)), 16
+        block_d = min(256, triton.next_power_of_2(dim))
+        dot_dtype, precision = tl.float32, None
+    grid = (triton.cdiv(n, block_n) * triton.cdiv(dim, block_d),)
+    _binary_feedback_kernel[grid](
+        source, source, words, mask if mask is not None else out, out,
+        n, feedback.num_classes, dim, math.ceil(dim / _BITS), feedback.key if seeded else 0, float(scale),
+        SEEDED=seeded, LABELS=e is None, HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch reference (the CPU path)
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_project(e: torch.Tensor, feedback: Feedback, mask: Optional[torch.Tensor], scale: float,
+                   out: torch.Tensor) -> None:
+    """``out = scale * (e.float() @ S.float()) * mask``, materialising S a chunk of rows at a time."""
+    acc = torch.zeros(out.shape, dtype=torch.float32, device=e.device)
+    step = _row_chunk(feedback.dim)
+    for start in range(0, feedback.num_classes, step):
+        stop = min(start + step, feedback.num_classes)
+        signs = feedback.sign_rows(torch.arange(start, stop, device=e.device)).to(e.device, torch.float32)
+        acc.addmm_(e[:, start:stop].float(), signs)
+    acc *= scale
+    if mask is not None:
+        acc *= mask.float()
+    out.copy_(acc)
+
+
+def _torch_labels(labels: torch.Tensor, feedback: Feedback, scale: float, out: torch.Tensor) -> None:
+    """``out = scale * S[labels]``, a chunk of rows at a time."""
+    step = _row_chunk(feedback.dim)
+    for start in range(0, labels.shape[0], step):
+        rows = feedback.sign_rows(labels[start:start + step]).to(out.device, torch.float32)
+        out[start:start + step] = rows * scale
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------
+
+
+def _feedback_from_args(words: Optional[torch.Tensor], seed: int, stream: int, num_classes: int,
+                        dim: int) -> Feedback:
+    if words is None:
+        return SeededSigns(seed, num_classes, dim, stream)
+    return PackedSigns(words, num_classes, dim)
+
+
+@torch.library.custom_op("bpfree::binary_feedback_project", mutates_args=())
+def _project_op(e: torch.Tensor, words: Optional[torch.Tensor], mask: Optional[torch.Tensor], seed: int,
+                stream: int, num_classes: int, dim: int, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    feedback = _feedback_from_args(words, seed, stream, num_classes, dim)
+    out = torch.empty((e.shape[0], dim), dtype=out_dtype, device=e.device)
+    if use_triton(e):
+        _launch(e, None, feedback, mask, scale, out)
+    else:
+        _torch_project(e, feedback, mask, scale, out)
+    return out
+
+
+@_project_op.register_fake
+def _(e, words, mask, seed, stream, num_classes, dim, scale, out_dtype):
+    return e.new_empty((e.shape[0], dim), dtype=out_dtype)
+
+
+@torch.library.custom_op("bpfree::project_labels", mutates_args=())
+def _labels_op(labels: torch.Tensor, words: Optional[torch.Tensor], seed: int, stream: int, num_classes: int,
+               dim: int, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    if labels.numel():
+        low, high = torch.aminmax(labels)
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"project_labels: labels must be in [0, {num_classes}), "
+                             f"got values in [{int(low)}, {int(high)}]")
+    feedback = _feedback_from_args(words, seed, stream, num_classes, dim)
+    out = torch.empty((labels.shape[0], dim), dtype=out_dtype, device=labels.device)
+    if use_triton(labels):
+        _launch(None, labels, feedback, None, scale, out)
+    else:
+        _torch_labels(labels, feedback, scale, out)
+    return out
+
+
+@_labels_op.register_fake
+def _(labels, words, seed, stream, num_classes, dim, scale, out_dtype):
+    return labels.new_empty((labels.shape[0], dim), dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _unpack_feedback(op: str, feedback: Feedback,
+                     device: torch.device) -> tuple[Optional[torch.Tensor], int, int]:
+    if isinstance(feedback, PackedSigns):
+        check_tensor(op, "feedback.words", feedback.words, device=device)
+        return feedback.words, 0, 0
+    if isinstance(feedback, SeededSigns):
+        return None, feedback.seed, feedback.stream
+    raise TypeError(f"{op}: feedback must be PackedSigns or SeededSigns, got {type(feedback).__name__}")
+
+
+def _check_scale(op: str, scale: float) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a Python float, got {type(scale).__name__}")
+    return float(scale)
+
+
+def binary_feedback_project(
+    e: torch.Tensor,
+    feedback: Feedback,
+    scale: float = 1.0,
+    grad_mask: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``g = scale * (e @ S) * grad_mask`` (mask optional) in one kernel.
+
+    Args:
+        e: N x C error, float32/float16/bfloat16, contiguous.
+        feedback: the C x D sign matrix S, :class:`PackedSigns` (on e's device) or :class:`SeededSigns`.
+        scale: a Python float multiplying the projection.
+        grad_mask: optional N x D elementwise factor (e.g. φ'(a)), float32/float16/bfloat16 (any of them,
+            independently of e's dtype), contiguous, on e's device. Read once, in float32.
+        out_dtype: dtype of g (float32/float16/bfloat16); default e's dtype. Pass the activation dtype
+            to write g where it is consumed without another cast.
+
+    Returns:
+        g, N x D in ``out_dtype``. Accumulation is in float32, then scale and mask, then one rounding.
+    """
+    op = "binary_feedback_project"
+    check_tensor(op, "e", e, ndim=2, dtypes=FLOAT_DTYPES)
+    words, seed, stream = _unpack_feedback(op, feedback, e.device)
+    if e.shape[1] != feedback.num_classes:
+        raise ValueError(f"{op}: e has {e.shape[1]} columns but feedback has num_classes={feedback.num_classes}")
+    if grad_mask is not None:
+        check_tensor(op, "grad_mask", grad_mask, ndim=2, dtypes=FLOAT_DTYPES, device=e.device)
+        if tuple(grad_mask.shape) != (e.shape[0], feedback.dim):
+            raise ValueError(f"{op}: grad_mask must have shape {(e.shape[0], feedback.dim)} (N x D), "
+                             f"got {tuple(grad_mask.shape)}")
+    out_dtype = e.dtype if out_dtype is None else out_dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16, got {out_dtype}")
+    return _project_op(e, words, grad_mask, seed, stream, feedback.num_classes, feedback.dim,
+                       _check_scale(op, scale), out_dtype)
+
+
+def project_labels(
+    labels: torch.Tensor,
+    feedback: Feedback,
+    scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``t = scale * onehot(labels) @ S = scale * S[labels]``: the projected targets of DRTP/tpSGD.
+
+    Args:
+        labels: N class indices in ``[0, C)``, int32/int64, contiguous (checked; on CUDA the range
+            check synchronises once).
+        feedback: the C x D sign matrix S, :class:`PackedSigns` (on labels' device) or :class:`SeededSigns`.
+        scale: a Python float multiplying the rows.
+        dtype: dtype of t (float32/float16/bfloat16).
+
+    Returns:
+        t, N x D in ``dtype``; equal to ``binary_feedback_project(onehot(labels), feedback, scale)``.
+    """
+    op = "project_labels"
+    check_tensor(op, "labels", labels, ndim=1, dtypes=LABEL_DTYPES)
+    words, seed, stream = _unpack_feedback(op, feedback, labels.device)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be one of float32, float16, bfloat16, got {dtype}")
+    return _labels_op(labels, words, seed, stream, feedback.num_classes, feedback.dim,
+                      _check_scale(op, scale), dtype)
