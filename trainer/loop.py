@@ -120,7 +120,10 @@ def build_session(recipe: Recipe) -> Session:
     train_cfg = recipe.train
     device = resolve_device(train_cfg.device)
     torch.manual_seed(train_cfg.seed)
-    data = build_data(recipe.data, device, train_cfg.batch_size, train_cfg.eval_batch_size, train_cfg.seed)
+    try:
+        data = build_data(recipe.data, device, train_cfg.batch_size, train_cfg.eval_batch_size, train_cfg.seed)
+    except ConfigError as err:
+        raise ConfigError(f"{recipe.source}: {err}") from None
     model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
     ctx = RuleContext(
         num_classes=data.num_classes, input_shape=data.input_shape, device=device,
