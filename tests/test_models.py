@@ -12,6 +12,7 @@ CASES = [
     ("mlp", {"hidden": [], "activation": "tanh"}, (1, 28, 28)),
     ("cnn", {}, (1, 28, 28)),
     ("cnn", {"width": 8}, (3, 32, 32)),
+    ("rnn", {"rnn_cell": "lstm", "rnn_hidden": 16, "rnn_layers": 3}, (1, 28, 28)),
     ("resnet20", {}, (3, 32, 32)),
     ("resnet32", {}, (3, 32, 32)),
     ("resnet56", {}, (3, 32, 32)),

@@ -47,11 +47,14 @@ class DataConfig:
 class ModelConfig:
     """Which network; the input shape and class count come from the data."""
 
-    name: Literal["mlp", "cnn", "resnet18", "resnet34", "resnet50", "resnet20", "resnet32", "resnet56"] = "cnn"
+    name: Literal["mlp", "cnn", "rnn", "resnet18", "resnet34", "resnet50", "resnet20", "resnet32", "resnet56"] = "cnn"
     cifar_stem: bool = False  # torchvision resnets: 3x3 stride-1 first conv and no max-pool
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
     activation: Literal["relu", "tanh"] = "relu"  # mlp hidden activation
     width: int = 32  # cnn: channels of the first conv (the second has twice as many)
+    rnn_cell: Literal["elman", "gru", "lstm"] = "lstm"  # rnn: recurrent cell (elman: tanh RNN)
+    rnn_hidden: int = 128  # rnn: hidden units of each recurrent layer
+    rnn_layers: int = 2  # rnn: stacked recurrent layers (images are read row by row)
 
 
 @dataclass
@@ -220,6 +223,8 @@ def _check_ranges(recipe: Recipe) -> None:
         (recipe.data.num_workers >= 0, "[data] num_workers: must be non-negative"),
         (all(h >= 1 for h in recipe.model.hidden), "[model] hidden: widths must be at least 1"),
         (recipe.model.width >= 1, "[model] width: must be at least 1"),
+        (recipe.model.rnn_hidden >= 1, "[model] rnn_hidden: must be at least 1"),
+        (recipe.model.rnn_layers >= 1, "[model] rnn_layers: must be at least 1"),
         (recipe.train.device in ("auto", "cpu", "cuda") or recipe.train.device.startswith("cuda:"),
          "[train] device: must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ]

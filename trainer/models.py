@@ -9,6 +9,7 @@ with the model and are not registered in it, so the model's state_dict stays tor
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Literal, Union
 
 import torch
@@ -111,6 +112,48 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class RecurrentLayer(nn.Module):
+    """One recurrent layer, a unit of its own: a sequence (N, T, F) in, every hidden state (N, T, H) out.
+
+    An image (N, C, H, W) is read row by row first: H time steps of C*W pixels (row-sequential MNIST).
+    Only the hidden-state sequence leaves the layer, so the layer above gets no handle on this
+    layer's cell state and local rules can cut the graph between layers.
+    """
+
+    CELLS = {"elman": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int):
+        super().__init__()
+        self.rnn = self.CELLS[cell](input_size, hidden_size, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.permute(0, 2, 1, 3).flatten(2)
+        return self.rnn(x)[0]
+
+
+class LastStepReadout(nn.Module):
+    """The classifier of a recurrent net: a linear map of the top layer's last hidden state."""
+
+    def __init__(self, hidden_size: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc(hidden[:, -1])
+
+
+class RecurrentNet(nn.Sequential):
+    """Stacked recurrent layers (layer1 ... layerK) and a last-step readout; its children are the units."""
+
+
+def _rnn(input_shape: tuple[int, ...], num_classes: int, cell: str, hidden: int, num_layers: int) -> RecurrentNet:
+    channels, _, width_px = input_shape
+    sizes = [channels * width_px] + [hidden] * num_layers
+    layers = {f"layer{i + 1}": RecurrentLayer(cell, d_in, hidden) for i, d_in in enumerate(sizes[:-1])}
+    return RecurrentNet(OrderedDict([*layers.items(), ("readout", LastStepReadout(hidden, num_classes))]))
+
+
 def _torchvision_resnet(name: str, num_classes: int, in_channels: int, cifar_stem: bool) -> torchvision.models.ResNet:
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     if cifar_stem:
@@ -129,6 +172,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
         return _mlp(input_shape, num_classes, cfg.hidden, cfg.activation)
     if cfg.name == "cnn":
         return _cnn(input_shape, num_classes, cfg.width)
+    if cfg.name == "rnn":
+        return _rnn(input_shape, num_classes, cfg.rnn_cell, cfg.rnn_hidden, cfg.rnn_layers)
     if cfg.name in ("resnet20", "resnet32", "resnet56"):
         return CifarResNet(int(cfg.name[6:]), num_classes, input_shape[0])
     return _torchvision_resnet(cfg.name, num_classes, input_shape[0], cfg.cifar_stem)
@@ -213,7 +258,8 @@ def model_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module
 
     ResNets: stem, then residual blocks (block), their conv layers (layer) or their stages
     (stage), then the head (pooling and classifier). Plain nets (mlp, cnn) have no blocks, so
-    block granularity equals layer granularity. Any other nn.Sequential: its children.
+    block granularity equals layer granularity. Recurrent nets (an nn.Sequential): each recurrent
+    layer, then the readout, at every granularity. Any other nn.Sequential: its children.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
