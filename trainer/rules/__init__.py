@@ -6,8 +6,9 @@ from torch import nn
 
 from trainer.rules.base import Rule, RuleContext, StepResult, UnitRule
 from trainer.rules.bp import Backprop
+from trainer.rules.dfa import DFA, BinaryDFA
 
-RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (Backprop,)}
+RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (Backprop, DFA, BinaryDFA)}
 
 
 def rule_options_class(name: str) -> type:

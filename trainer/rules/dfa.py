@@ -1,0 +1,208 @@
+"""Direct feedback alignment (DFA), its hybrid with backprop, and binary DFA (BDFA).
+
+Every unit below the top gets the output error through its own fixed random matrix,
+``g_l = reshape(e · B_l)``, and the top unit gets ``e`` itself; then all local backwards run in one
+autograd call (``UnitRule``), nothing flowing between units. ``B_l`` is a ``FixedProjection``
+(stream = the unit's index), so the feedback of a unit is the same for the same seed whatever the
+storage or the hybrid split.
+
+Hybrid (Han & Yoo 2019): units named in ``bp_units`` are merged into the segment of the unit above
+them. A segment is one local-backward region: backprop runs through its BP units from the first
+non-BP unit above, which gets the DFA signal (or ``e`` when it is the top). Listing every unit
+below the top gives plain backprop.
+
+Alignment diagnostic: every ``align_every`` steps, the angle between each unit's DFA update and its
+true backprop gradient on the same batch (one extra full forward and backward, BatchNorm running
+statistics restored, ``.grad`` untouched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError
+from trainer.models import Granularity, State, primary, run_units
+from trainer.rules.base import RuleContext, StepResult, UnitRule
+from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
+
+
+@dataclass
+class DFAOptions:
+    """Options of ``dfa``.
+
+    feedback_init: entries of B_l, all of unit variance: gaussian N(0, 1), uniform U(-√3, √3) or
+    binary ±1. The default, gaussian with ``feedback_scale = 1``, multiplies the projection by
+    1/√C, so each signal entry has variance ‖e‖²/C whatever the unit size D_l (Nøkland's
+    unscaled Gaussian feedback, made independent of D_l and C).
+    feedback_storage: dense float32, or packed (1 bit an entry) / seeded (no memory) for binary.
+    bp_units: unit names or name prefixes ("stem", "layer1") trained by backprop inside the
+    segment of the first non-BP unit above them.
+    align_every: measure the DFA-vs-BP angle every k steps (0: never).
+    """
+
+    granularity: Granularity = "block"
+    bp_units: list[str] = field(default_factory=list)
+    feedback_init: Init = "gaussian"
+    feedback_storage: Storage = "dense"
+    feedback_scale: float = 1.0
+    align_every: int = 0
+
+    def validate(self) -> None:
+        check_projection_options(self.feedback_init, self.feedback_storage)
+        if self.feedback_scale <= 0:
+            raise ValueError(f"feedback_scale must be positive, got {self.feedback_scale}")
+        if self.align_every < 0:
+            raise ValueError(f"align_every must be 0 (off) or a number of steps, got {self.align_every}")
+
+
+@dataclass
+class BinaryDFAOptions(DFAOptions):
+    """Options of ``bdfa``: DFA with ±1 feedback (times 1/√C per unit), packed by default
+    (32x less memory than float32) or seeded (regenerated in the kernel, no memory)."""
+
+    feedback_init: Literal["binary"] = "binary"
+    feedback_storage: Storage = "packed"
+
+
+def _matches(unit_name: str, entry: str) -> bool:
+    return unit_name == entry or unit_name.startswith(entry + ".")
+
+
+def segment_bounds(unit_names: list[str], bp_units: list[str]) -> list[range]:
+    """Split units into local-backward segments: each non-BP unit (and the top) closes the run
+    of BP units below it. Raises ConfigError for an entry of ``bp_units`` that names no unit."""
+    unknown = [entry for entry in bp_units if not any(_matches(name, entry) for name in unit_names)]
+    if unknown:
+        raise ConfigError(f"[rule] bp_units: {', '.join(map(repr, unknown))} names no unit; "
+                          f"units: {', '.join(unit_names)}")
+    segments, start = [], 0
+    for index, name in enumerate(unit_names):
+        is_bp = any(_matches(name, entry) for entry in bp_units)
+        if not is_bp or index == len(unit_names) - 1:
+            segments.append(range(start, index + 1))
+            start = index + 1
+    return segments
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Run an extra training-mode pass without it counting: BatchNorm statistics are restored."""
+    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def flat_gradient(params: list[nn.Parameter], grads: list[torch.Tensor | None]) -> torch.Tensor:
+    """One flat vector of a unit's gradients (zeros where a parameter got none)."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for p, g in zip(params, grads)])
+
+
+def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The angle between two flat vectors, in degrees (90 when either is zero)."""
+    a, b = a.double(), b.double()
+    denominator = a.norm() * b.norm()
+    if denominator == 0:
+        return 90.0
+    return math.degrees(math.acos((a @ b / denominator).clamp(-1, 1).item()))
+
+
+class DFA(UnitRule):
+    """Direct feedback alignment, with BP units (hybrid) and an alignment diagnostic."""
+
+    name = "dfa"
+    Options = DFAOptions
+
+    def __init__(self, model: nn.Module, options: DFAOptions, ctx: RuleContext):
+        super().__init__(model, options, ctx)
+        layer_names, layers = self.unit_names, self.units
+        self.layer_names = layer_names  # the model's units; self.unit_names are the segments' tops
+        self.layer_parameters = self._owned_parameters(layers) if options.align_every else []
+        self.segments = segment_bounds(layer_names, options.bp_units)
+        self._units = [layers[s[0]] if len(s) == 1 else nn.Sequential(*(layers[i] for i in s)) for s in self.segments]
+        self.unit_names = [layer_names[s[-1]] for s in self.segments]
+        self.output_shapes = [self.output_shapes[s[-1]] for s in self.segments]
+        self.feedback = nn.ModuleList(
+            FixedProjection(ctx.num_classes, math.prod(shape), init=options.feedback_init,
+                            storage=options.feedback_storage, seed=ctx.seed, stream=s[-1],
+                            scale=options.feedback_scale, device=ctx.device)
+            for s, shape in zip(self.segments[:-1], self.output_shapes[:-1])
+        )
+        self.steps = 0
+        self.angles: dict[str, float] = {}
+
+    def _owned_parameters(self, layers: list[nn.Module]) -> list[list[nn.Parameter]]:
+        """Each unit's own parameters: those its forward actually uses (a ResNet layer unit holds
+        its whole block as a submodule but uses only its conv and BN). One dry training-mode pass
+        of the uncompiled units on two zero images, statistics restored."""
+        owned = []
+        state: State = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
+        with preserved_buffers(self.model), torch.enable_grad():
+            for layer in layers:
+                state = layer.forward(state)  # .forward: the plain module, not its compiled wrapper
+                candidates = [p for p in layer.parameters() if p.requires_grad]
+                used = torch.autograd.grad(primary(state).sum(), candidates, allow_unused=True) if candidates else []
+                owned.append([p for p, g in zip(candidates, used) if g is not None])
+                state = tuple(t.detach() for t in state) if isinstance(state, tuple) else state.detach()
+        return owned
+
+    @torch.no_grad()
+    def signals(self, outputs: list[State], error: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:
+        """``scale/√C · e·B_l`` reshaped to unit l's output, in its dtype; ``e`` for the top."""
+        signals: list[torch.Tensor | None] = []
+        for feedback, out in zip(self.feedback, outputs):
+            h = primary(out)
+            signals.append(feedback.project(error, out_dtype=h.dtype).view(h.shape))
+        return [*signals, error]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        outputs = self.forward_units(x)
+        logits = primary(outputs[-1])
+        loss, error = self.output_error(logits, y)
+        self.local_backward(outputs, self.signals(outputs, error, y))
+        self.steps += 1
+        if self.options.align_every and self.steps % self.options.align_every == 0:
+            self.angles = self.measure_alignment(x, y)
+        self.step(optimizer)
+        return StepResult(loss, logits.detach())
+
+    def measure_alignment(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Angle (degrees) between each unit's update now in ``.grad`` and its BP gradient on
+        (x, y); "angle" is the mean over the units that learn from feedback (below the top segment)."""
+        params = [p for owned in self.layer_parameters for p in owned]
+        with preserved_buffers(self.model), torch.enable_grad():
+            with self.autocast():
+                logits = run_units(self.units, x)
+            loss = self.criterion(logits.float(), y)
+            true_grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        angles: dict[str, float] = {}
+        from_feedback = []
+        for index, (name, owned) in enumerate(zip(self.layer_names, self.layer_parameters)):
+            bp_grads, true_grads = true_grads[:len(owned)], true_grads[len(owned):]
+            if not owned:
+                continue
+            angle = angle_degrees(flat_gradient(owned, [p.grad for p in owned]), flat_gradient(owned, bp_grads))
+            angles[f"angle/{name}"] = angle
+            if index not in self.segments[-1]:
+                from_feedback.append(angle)
+        angles["angle"] = sum(from_feedback) / len(from_feedback) if from_feedback else 0.0
+        return angles
+
+    def diagnostics(self) -> dict[str, float]:
+        return dict(self.angles)
+
+
+class BinaryDFA(DFA):
+    """Binary DFA: ±1 feedback, packed (1 bit an entry) or seeded (no memory)."""
+
+    name = "bdfa"
+    Options = BinaryDFAOptions
