@@ -3,7 +3,8 @@
 Both train torchvision ResNet-18 (CIFAR stem) with SGD + Nesterov on the same real CIFAR images
 kept on the device, with the same batch, precision and compile setting. The trainer's figure
 includes its on-device augmentation and scheduler; the plain loop does neither, so any overhead
-of the trainer shows up as a lower rate. One timer: wall time over the timed steps, synchronised.
+of the trainer shows up as a lower rate. Steps of the two loops alternate, so a change in the
+machine's load hits both alike; each step is timed with a synchronised wall clock.
 
     python benchmarks/bench_bp_throughput.py --npz ../shared/data/cifar10-mini-train.npz --batch 256
 """
@@ -31,20 +32,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> float:
-    """Images/s over ``steps`` calls of ``step`` after ``warmup`` untimed ones (compilation)."""
-    for _ in range(warmup):
-        step(*next(batches))
-    sync(device)
-    start, images = time.perf_counter(), 0
-    for _ in range(steps):
-        x, y = next(batches)
-        step(x, y)
-        images += len(y)
-    sync(device)
-    return images / (time.perf_counter() - start)
-
-
 def cycle(make_epoch):
     epoch = 0
     while True:
@@ -52,7 +39,7 @@ def cycle(make_epoch):
         epoch += 1
 
 
-def plain_loop_rate(args, device: torch.device, amp: bool) -> float:
+def plain_loop(args, device: torch.device, amp: bool):
     """The reference: the textbook PyTorch loop, written out by hand."""
     images = load_npz(args.npz)
     stats = NormStats.of(images.x)
@@ -80,10 +67,10 @@ def plain_loop_rate(args, device: torch.device, amp: bool) -> float:
             yield x_all[index], y_all[index]
 
     model.train()
-    return time_steps(step, cycle(epoch_batches), args.warmup, args.steps, device)
+    return step, cycle(epoch_batches)
 
 
-def trainer_rate(args, device: torch.device, amp: bool) -> float:
+def trainer_loop(args, device: torch.device, amp: bool):
     """The trainer's own session (data loader, rule, optimizer, schedule) from the BP recipe."""
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "cifar10_resnet18_bp.toml", [
         "data.name=npz", f"data.path={json.dumps(str(args.npz))}", f"train.batch_size={args.batch}",
@@ -97,7 +84,7 @@ def trainer_rate(args, device: torch.device, amp: bool) -> float:
         session.rule.train_step(x, y, session.optimizer)
         session.scheduler.step()
 
-    return time_steps(step, cycle(session.data.train.batches), args.warmup, args.steps, device)
+    return step, cycle(session.data.train.batches)
 
 
 def main() -> None:
@@ -113,9 +100,18 @@ def main() -> None:
     device = resolve_device(args.device)
     amp = device.type == "cuda"
     torch.manual_seed(0)
-    results = {}
-    for name, fn in (("plain PyTorch loop", plain_loop_rate), ("trainer (rule bp)", trainer_rate)):
-        results[name] = fn(args, device, amp)
+    loops = {"plain PyTorch loop": plain_loop(args, device, amp), "trainer (rule bp)": trainer_loop(args, device, amp)}
+    seconds = {name: 0.0 for name in loops}
+    for i in range(args.warmup + args.steps):
+        for name, (step, batches) in loops.items():
+            x, y = next(batches)
+            sync(device)
+            start = time.perf_counter()
+            step(x, y)
+            sync(device)
+            if i >= args.warmup:  # the first steps compile and warm the allocator
+                seconds[name] += time.perf_counter() - start
+    results = {name: args.steps * args.batch / t for name, t in seconds.items()}
     table = Table(title=f"BP ResNet-18 (CIFAR stem), batch {args.batch}, {device}, compile={args.compile}, amp={amp}")
     table.add_column("loop")
     table.add_column("images/s", justify="right")
