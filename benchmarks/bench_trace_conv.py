@@ -1,0 +1,287 @@
+"""Benchmark trace-estimated convolutions (kernels/trace_conv.py) against exact backprop.
+
+Three tables:
+
+1. Activation memory of a whole training step, exact BP vs ``convert_to_trace_conv`` at several r:
+   resnet18 with a CIFAR stem (conv1 3x3 stride 1, maxpool = Identity; 32x32) and resnet50 (224x224).
+   "Saved" is the bytes of the distinct storages that autograd saves for backward (found with
+   ``torch.autograd.graph.saved_tensors_hooks``; parameters and buffers excluded), attributed to the
+   first module that saves each storage -- the activation memory a step holds at the end of forward.
+   That count is exact and device-independent, so by default it runs on the meta device at the full
+   batch sizes (no compute). With ``--memory-device cuda`` it also reports the measured peak
+   (``torch.cuda.max_memory_allocated`` over forward+backward, minus what was allocated before).
+   Rows: exact; trace with MaskReLU (the converter's default) at each r; trace of the convs alone.
+2. Step time (forward + backward) of resnet18-cifar, exact vs trace at each r, on ``--device``.
+3. Relative error ||g_est - g|| / ||g|| and cosine of the weight gradient of a few layers against
+   the exact gradient, as r grows, for each probe kind (mean over ``--error-seeds`` draws).
+
+    python benchmarks/bench_trace_conv.py [--device cpu|cuda] [--memory-device meta|cpu|cuda]
+        [--r 4 16 64] [--cifar-batch 256] [--imagenet-batch 64] [--time-batch N] [--steps N]
+        [--error-batch N] [--error-seeds N] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels._dispatch import triton_interpreting, use_triton  # noqa: E402
+from kernels.trace_conv import PROBES, MaskReLU, TraceConv2d, convert_to_trace_conv  # noqa: E402
+
+ERROR_LAYERS = ("layer1.0.conv1", "layer2.0.conv2", "layer3.0.downsample.0", "layer4.1.conv2")
+CATEGORIES = ("conv input", "trace Xbar", "batchnorm", "relu", "pool", "other")
+
+
+def resnet18_cifar() -> nn.Module:
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def resnet50_imagenet() -> nn.Module:
+    return torchvision.models.resnet50(num_classes=1000)
+
+
+def build(make: Callable[[], nn.Module], variant: str, probes: int, device: torch.device) -> nn.Module:
+    """``exact``, ``trace`` (convs + MaskReLU) or ``trace-convs`` (convs only), in train mode."""
+    torch.manual_seed(0)
+    model = make().to(device).train()
+    if variant != "exact":
+        convert_to_trace_conv(model, probes=probes, mask_relu=variant == "trace")
+    return model
+
+
+def _category(module: nn.Module) -> str:
+    if isinstance(module, TraceConv2d):
+        return "trace Xbar"
+    if isinstance(module, nn.Conv2d):
+        return "conv input"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm"
+    if isinstance(module, (nn.ReLU, MaskReLU)):
+        return "relu"
+    if isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
+        return "pool"
+    return "other"
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Bytes of distinct saved storages after forward, by the category of the first module saving each."""
+    skip = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    by_storage: dict[int, tuple[str, int]] = {}
+    stack: list[str] = []
+    hooks = []
+    for module in model.modules():
+        if not list(module.children()):
+            cat = _category(module)
+            hooks.append(module.register_forward_pre_hook(lambda *_, c=cat: stack.append(c) and None))
+            hooks.append(module.register_forward_hook(lambda *_: stack.pop() and None))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in skip and storage._cdata not in by_storage:
+            by_storage[storage._cdata] = (stack[-1] if stack else "other", storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    for hook in hooks:
+        hook.remove()
+    del out
+    totals = dict.fromkeys(CATEGORIES, 0)
+    for cat, nbytes in by_storage.values():
+        totals[cat] += nbytes
+    return totals
+
+
+def cuda_peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Peak memory allocated during forward+backward above what was allocated before it."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model(x).float().logsumexp(1).mean().backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def memory_table(args: argparse.Namespace, console: Console) -> list[dict]:
+    device = torch.device(args.memory_device)
+    rows = []
+    specs = [("resnet18-cifar", resnet18_cifar, (args.cifar_batch, 3, 32, 32)),
+             ("resnet50-imagenet", resnet50_imagenet, (args.imagenet_batch, 3, args.imagenet_size, args.imagenet_size))]  # fmt: skip
+    variants = [("exact", 0)] + [("trace", r) for r in args.r] + [("trace-convs", r) for r in args.r if r == 16]
+    table = Table(title=f"Saved activations per training step (MiB; storages deduplicated; device {device})")
+    for col in ["model", "batch", "variant", "r", *CATEGORIES, "total", "vs exact"]:
+        table.add_column(col, justify="left" if col in ("model", "variant") else "right")
+    if device.type == "cuda":
+        table.add_column("peak fwd+bwd", justify="right")
+        table.add_column("peak vs exact", justify="right")
+    captions = []
+    for name, make, shape in specs:
+        exact_total = exact_peak = None
+        for variant, probes in variants:
+            model = build(make, variant, probes, device)
+            x = torch.randn(shape, device=device) if device.type != "meta" else torch.empty(shape, device=device)
+            parts = saved_bytes(model, x)
+            total = sum(parts.values())
+            exact_total = exact_total or total
+            row = {"model": name, "batch": shape[0], "variant": variant, "r": probes or None,
+                   "saved_bytes": parts, "total_bytes": total, "ratio_vs_exact": exact_total / total}  # fmt: skip
+            cells = [name, str(shape[0]), variant, str(probes or "-"),
+                     *(f"{parts[c] / 2**20:.0f}" for c in CATEGORIES), f"{total / 2**20:.0f}",
+                     f"{exact_total / total:.2f}x"]  # fmt: skip
+            if device.type == "cuda":
+                peak = cuda_peak_bytes(model, x)
+                exact_peak = exact_peak or peak
+                row.update(peak_bytes=peak, peak_ratio_vs_exact=exact_peak / peak)
+                cells += [f"{peak / 2**20:.0f}", f"{exact_peak / peak:.2f}x"]
+            rows.append(row)
+            table.add_row(*cells)
+            if variant == "trace":
+                floor = total - parts["trace Xbar"] - parts["relu"]
+            del model, x
+        table.add_section()
+        captions.append(f"{name}: without Xbar and ReLU masks the rest (mostly BatchNorm inputs) is "
+                        f"{floor / 2**20:.0f} MiB, so no r reaches more than {exact_total / floor:.2f}x")  # fmt: skip
+    table.caption = "\n".join(captions)
+    console.print(table)
+    return rows
+
+
+def _step_ms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    step()  # warm-up (Triton compilation, allocator)
+    times = []
+    for _ in range(steps):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_table(args: argparse.Namespace, console: Console) -> list[dict]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.time_batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.time_batch,), device=device)
+    path = "Triton" if use_triton(x) else "PyTorch"
+    table = Table(title=f"resnet18-cifar step time (fwd+bwd, batch {args.time_batch}, {device}, "
+                        f"{path} path, median of {args.steps})")  # fmt: skip
+    for col in ("variant", "r", "ms/step", "overhead vs exact"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    rows = []
+    exact_ms = None
+    for variant, probes in [("exact", 0)] + [("trace", r) for r in args.r]:
+        ms = _step_ms(build(resnet18_cifar, variant, probes, device), x, y, args.steps)
+        exact_ms = exact_ms or ms
+        rows.append({"variant": variant, "r": probes or None, "ms_per_step": ms,
+                     "overhead": ms / exact_ms - 1, "path": path, "batch": args.time_batch})  # fmt: skip
+        table.add_row(variant, str(probes or "-"), f"{ms:.1f}", f"{100 * (ms / exact_ms - 1):+.0f}%")
+    console.print(table)
+    return rows
+
+
+def error_table(args: argparse.Namespace, console: Console) -> list[dict]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.error_batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.error_batch,), device=device)
+    exact = build(resnet18_cifar, "exact", 0, device)
+    F.cross_entropy(exact(x), y).backward()
+    reference = {name: exact.get_submodule(name).weight.grad.clone() for name in ERROR_LAYERS}
+    table = Table(title=f"Weight-gradient error vs exact, resnet18-cifar, batch {args.error_batch} "
+                        f"(mean over {args.error_seeds} draws; rel. error / cosine)")  # fmt: skip
+    table.add_column("probe")
+    table.add_column("r", justify="right")
+    for name in ERROR_LAYERS:
+        table.add_column(name, justify="right")
+    rows = []
+    for probe in PROBES:
+        for probes in args.r:
+            model = copy.deepcopy(exact)
+            convert_to_trace_conv(model, probes=probes, probe=probe)
+            errs = {name: [] for name in ERROR_LAYERS}
+            cosines = {name: [] for name in ERROR_LAYERS}
+            for draw in range(args.error_seeds):
+                torch.manual_seed(1000 + draw)
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                for name, g in reference.items():
+                    est = model.get_submodule(name).weight.grad
+                    errs[name].append(((est - g).norm() / g.norm()).item())
+                    cosines[name].append(F.cosine_similarity(est.flatten(), g.flatten(), dim=0).item())
+            row = {"probe": probe, "r": probes,
+                   "rel_error": {n: statistics.mean(v) for n, v in errs.items()},
+                   "cosine": {n: statistics.mean(v) for n, v in cosines.items()}}  # fmt: skip
+            rows.append(row)
+            table.add_row(probe, str(probes),
+                          *(f"{row['rel_error'][n]:.2f} / {row['cosine'][n]:.2f}" for n in ERROR_LAYERS))  # fmt: skip
+        table.add_section()
+    console.print(table)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory-device", default=None, help="meta (default on CPU), cpu or cuda")
+    parser.add_argument("--r", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--cifar-batch", type=int, default=256)
+    parser.add_argument("--imagenet-batch", type=int, default=64)
+    parser.add_argument("--imagenet-size", type=int, default=224)
+    parser.add_argument("--time-batch", type=int, default=None, help="default 256 on cuda, 16 on cpu")
+    parser.add_argument("--steps", type=int, default=None, help="default 20 on cuda, 3 on cpu")
+    parser.add_argument("--error-batch", type=int, default=None, help="default 128 on cuda, 16 on cpu")
+    parser.add_argument("--error-seeds", type=int, default=None, help="default 8 on cuda, 2 on cpu")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "time", "error"])
+    parser.add_argument("--out", type=Path, default=None, help="write all rows as JSON")
+    args = parser.parse_args()
+    on_cuda = torch.device(args.device).type == "cuda"
+    args.memory_device = args.memory_device or ("cuda" if on_cuda else "meta")
+    args.time_batch = args.time_batch or (256 if on_cuda else 16)
+    args.steps = args.steps or (20 if on_cuda else 3)
+    args.error_batch = args.error_batch or (128 if on_cuda else 16)
+    args.error_seeds = args.error_seeds or (8 if on_cuda else 2)
+
+    console = Console(width=max(Console().width, 160))
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_cuda else "cpu",
+           "cpu_threads": torch.get_num_threads(), "triton_interpret": triton_interpreting()}  # fmt: skip
+    console.print(f"[bold]bench_trace_conv[/bold] {env}")
+    results = {"env": env, "args": {k: str(v) for k, v in vars(args).items()}}
+    if "memory" not in args.skip:
+        results["memory"] = memory_table(args, console)
+    if "time" not in args.skip:
+        results["time"] = time_table(args, console)
+    if "error" not in args.skip:
+        results["error"] = error_table(args, console)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
