@@ -78,25 +78,32 @@ class DeviceLoader:
         crop_padding: int = 0,
         flip: bool = False,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.x = images.x.to(device)
         self.y = images.y.to(device)
         self.num_samples = len(self.y)
-        self.batch_size = min(batch_size, self.num_samples) if train else batch_size
+        self.batch_size = min(batch_size, self.num_samples // world_size) if train else batch_size
         self.train, self.crop_padding, self.flip, self.seed = train, crop_padding, flip, seed
+        self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(stats.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(stats.std, device=device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
-        if self.train:  # drop the last partial batch: every training step has the same shape
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
+        """Batches this rank takes an epoch. Training drops the last partial global batch, so
+        every step has the same shape; evaluation batches are dealt out to ranks in turn."""
+        if self.train:
+            return self.num_samples // (self.batch_size * self.world_size)
+        return len(range(self.rank, math.ceil(self.num_samples / self.batch_size), self.world_size))
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.num_samples
+        """An epoch's batches. In training, rank r takes the r-th slice of each global batch of
+        ``batch_size * world_size`` images, so the samples seen do not depend on the world size."""
+        n, size = self.num_samples, self.batch_size
         if not self.train:
-            for start in range(0, n, self.batch_size):
-                yield self._normalize(self.x[start : start + self.batch_size]), self.y[start : start + self.batch_size]
+            for start in range(self.rank * size, n, size * self.world_size):
+                yield self._normalize(self.x[start : start + size]), self.y[start : start + size]
             return
         gen = _generator(self.seed, epoch)
         order = torch.randperm(n, generator=gen)
@@ -105,7 +112,8 @@ class DeviceLoader:
         device = self.x.device
         order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
         for b in range(len(self)):
-            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            start = (b * self.world_size + self.rank) * size
+            index = order[start : start + size]
             x = self._normalize(self.x[index])
             if self.crop_padding:
                 x = random_crop(x, self.crop_padding, shifts[index])
@@ -135,20 +143,28 @@ class StreamLoader:
     """A DataLoader with workers for image folders too large to keep on the device."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, device: torch.device, *, train: bool,
-                 num_workers: int, seed: int = 0):
+                 num_workers: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not train and world_size > 1:  # evaluation: each rank takes every world_size-th image
+            dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
         self.train, self.num_workers, self.seed = train, num_workers, seed
+        self.rank, self.world_size = rank, world_size
         self.num_samples = len(dataset)
 
     def __len__(self) -> int:
         if self.train:
-            return self.num_samples // self.batch_size
+            return self.num_samples // (self.batch_size * self.world_size)
         return math.ceil(self.num_samples / self.batch_size)
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = None
+        if self.train and self.world_size > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                self.dataset, self.world_size, self.rank, shuffle=True, seed=self.seed, drop_last=True)
+            sampler.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.train, drop_last=self.train,
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            self.dataset, batch_size=self.batch_size, shuffle=self.train and sampler is None, sampler=sampler,
+            drop_last=self.train, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             generator=_generator(self.seed, epoch), persistent_workers=False,
         )
         for x, y in loader:
@@ -254,7 +270,8 @@ def default_augmentation(cfg: DataConfig, channels: int) -> tuple[int, bool]:
     return padding, flip
 
 
-def _imagefolder(cfg: DataConfig, device: torch.device, batch_size: int, eval_batch_size: int, seed: int) -> DataBundle:
+def _imagefolder(cfg: DataConfig, device: torch.device, batch_size: int, eval_batch_size: int, seed: int,
+                 rank: int, world_size: int) -> DataBundle:
     import torchvision
     from torchvision import transforms as T
 
@@ -272,23 +289,28 @@ def _imagefolder(cfg: DataConfig, device: torch.device, batch_size: int, eval_ba
     if train.classes != test.classes:
         raise ConfigError(f"[data] root: {root}/train and {root}/val have different class folders")
     return DataBundle(
-        train=StreamLoader(train, batch_size, device, train=True, num_workers=cfg.num_workers, seed=seed),
-        test=StreamLoader(test, eval_batch_size, device, train=False, num_workers=cfg.num_workers),
+        train=StreamLoader(train, batch_size, device, train=True, num_workers=cfg.num_workers, seed=seed,
+                           rank=rank, world_size=world_size),
+        test=StreamLoader(test, eval_batch_size, device, train=False, num_workers=cfg.num_workers,
+                          rank=rank, world_size=world_size),
         num_classes=len(train.classes), input_shape=(3, size, size),
         stats=NormStats(IMAGENET_MEAN, IMAGENET_STD), test_name="val",
     )
 
 
-def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batch_size: int, seed: int) -> DataBundle:
-    """Loaders for the recipe's ``[data]``: training batches and the evaluation split."""
+def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batch_size: int, seed: int,
+               rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Loaders for the recipe's ``[data]``: training batches (``batch_size`` per rank) and the
+    evaluation split, sharded over ``world_size`` ranks."""
     if cfg.name == "imagefolder":
-        return _imagefolder(cfg, device, batch_size, eval_batch_size, seed)
+        return _imagefolder(cfg, device, batch_size, eval_batch_size, seed, rank, world_size)
     train, test, test_name = load_images(cfg)
     stats = NormStats.of(train.x)
     padding, flip = default_augmentation(cfg, train.x.shape[1])
     num_classes = int(max(train.y.max(), test.y.max())) + 1
     return DataBundle(
-        train=DeviceLoader(train, batch_size, device, stats, train=True, crop_padding=padding, flip=flip, seed=seed),
-        test=DeviceLoader(test, eval_batch_size, device, stats, train=False),
+        train=DeviceLoader(train, batch_size, device, stats, train=True, crop_padding=padding, flip=flip, seed=seed,
+                           rank=rank, world_size=world_size),
+        test=DeviceLoader(test, eval_batch_size, device, stats, train=False, rank=rank, world_size=world_size),
         num_classes=num_classes, input_shape=tuple(train.x.shape[1:]), stats=stats, test_name=test_name,
     )

@@ -1,0 +1,87 @@
+"""Data-parallel training under ``torchrun``, for every rule.
+
+Rules write their updates into ``.grad`` and step the optimizer themselves (once per batch, or
+once per unit for forward-only rules), so the one place every update passes through is
+``optimizer.step``. A step pre-hook averages the gradients present across ranks there: BP, the
+local rules and forward-only per-unit steps are all covered by the same ten lines, with no
+wrapper around the model. Fixed random matrices come from the shared seed, so they are identical
+on every rank; parameters are broadcast from rank 0 once at the start.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistEnv:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistEnv()
+    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return env
+
+
+def broadcast_state(modules: list[nn.Module]) -> None:
+    """Give every rank rank 0's parameters and buffers."""
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients_before_step(optimizer: torch.optim.Optimizer, world_size: int) -> None:
+    """Average, across ranks, every gradient present when ``optimizer.step`` is called."""
+
+    def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
+        dist.all_reduce(flat)
+        flat /= world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    optimizer.register_step_pre_hook(hook)
+
+
+def average_buffers(module: nn.Module, world_size: int) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) so all ranks evaluate alike."""
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= world_size
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few Python numbers over ranks (on the GPU for NCCL, which has no CPU tensors)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
