@@ -71,6 +71,11 @@ def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * u))
 
 
+def rule_state_mb(rule: Rule) -> float:
+    """Memory of the rule's own state (feedback matrices, learned error matrices), in MiB."""
+    return sum(t.numel() * t.element_size() for t in rule.state_dict().values() if torch.is_tensor(t)) / 2**20
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated CUDA memory, or the process's peak resident set size on the CPU."""
     if device.type == "cuda":
@@ -314,7 +319,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
     if history:
         console.print(_summary_table(history, s.data.test_name))
     results = {"recipe": recipe.source, "rule": recipe.rule.name, "epochs": cfg.epochs, "steps": step,
-               "device": str(s.device), "world_size": s.env.world_size, **(history[-1] if history else {})}
+               "device": str(s.device), "world_size": s.env.world_size, "rule_state_mb": rule_state_mb(s.rule),
+               **(history[-1] if history else {})}
     if main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -1,0 +1,139 @@
+"""Every rule on the same data for the same budget: held-out accuracy, images/s, memory.
+
+Each run is a separate `trainer run` process, so peak memory (CUDA max allocated, or the
+process's peak RSS on a CPU) belongs to that run alone. Writes a CSV of the table, a JSON of
+the per-epoch curves and, when matplotlib is installed (`pip install -e ".[plot]"`), a PNG of
+the held-out accuracy curves.
+
+    python benchmarks/compare_rules.py --suite mnist5k --epochs 8 --out bench_out/mnist5k
+    python benchmarks/compare_rules.py --suite cifar --npz ../shared/data/cifar10-mini-train.npz \
+        --epochs 2 --out bench_out/cifar
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+# (label, recipe, extra overrides): the rules' own recipes, so each runs with its tuned settings.
+SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
+    "mnist5k": [
+        ("bp", "quickstart", []),
+        ("dfa", "mnist5k_dfa", []),
+        ("bdfa", "mnist5k_bdfa", []),
+        ("drtp", "mnist5k_drtp", []),
+        ("tpsgd", "mnist5k_tpsgd", []),
+        ("lra (mlp)", "mnist5k_lra", []),
+        ("rec_lra", "mnist5k_rec_lra", []),
+        ("trace_bp r=16", "mnist5k_trace_bp", []),
+    ],
+    "cifar": [
+        ("bp", "cifar10_resnet18_bp", []),
+        ("dfa", "cifar10_resnet18_dfa", []),
+        ("bdfa", "cifar10_resnet18_bdfa", []),
+        ("hybrid dfa+bp", "cifar10_resnet18_hybrid", []),
+        ("tpsgd", "cifar10_resnet18_tpsgd", []),
+        ("rec_lra", "cifar10_resnet18_rec_lra", []),
+        ("trace_bp r=4", "cifar10_resnet18_trace_bp", ["rule.probes=4"]),
+        ("trace_bp r=16", "cifar10_resnet18_trace_bp", ["rule.probes=16"]),
+        ("trace_bp r=64", "cifar10_resnet18_trace_bp", ["rule.probes=64"]),
+    ],
+}
+
+
+def run_one(label: str, recipe: str, overrides: list[str], out: Path) -> dict:
+    """Train one configuration in its own process; return its results and curves."""
+    command = [sys.executable, "-m", "trainer", "run", str(RECIPES / f"{recipe}.toml"), "--out", str(out)]
+    for item in overrides:
+        command += ["--set", item]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"label": label, "recipe": recipe, "error": done.stderr.strip().splitlines()[-1:], "wall_s": wall}
+    results = json.loads((out / "results.json").read_text())
+    curve = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] != "train"]
+    return {"label": label, "recipe": recipe, "wall_s": wall, **results,
+            "curve": [(r["epoch"], r.get("accuracy")) for r in curve]}
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        if "curve" in row:
+            epochs, accuracy = zip(*[(e, 100 * a) for e, a in row["curve"] if a is not None])
+            ax.plot(epochs, accuracy, marker="o", label=row["label"])
+    ax.set(xlabel="epoch", ylabel="held-out accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+    parser.add_argument("--epochs", type=int, required=True, help="the same budget for every rule")
+    parser.add_argument("--npz", type=Path, help="cifar suite: the .npz of CIFAR images to split and train on")
+    parser.add_argument("--rules", help="comma-separated labels to run (default: the whole suite)")
+    parser.add_argument("--set", action="append", default=[], help="an override for every run, e.g. train.batch_size=64")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    entries = SUITES[args.suite]
+    if args.rules:
+        wanted = {r.strip() for r in args.rules.split(",")}
+        entries = [e for e in entries if e[0] in wanted]
+    common = [f"train.epochs={args.epochs}", *args.set]
+    if args.suite == "cifar":
+        if args.npz is None:
+            parser.error("--suite cifar needs --npz PATH")
+        common += ["data.name=npz", f"data.path={json.dumps(str(args.npz.resolve()))}", "data.val_fraction=0.1"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    rows = []
+    for label, recipe, overrides in entries:
+        folder = args.out / label.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
+        console.print(f"[bold]{label}[/] ({recipe}) …")
+        rows.append(run_one(label, recipe, [*common, *overrides], folder))
+    table = Table(title=f"{args.suite}: {args.epochs} epochs each")
+    columns = ["rule", "recipe", "held-out acc", "images/s", "peak MB", "rule state MB", "wall s"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("rule", "recipe") else "right")
+    with (args.out / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rule", "recipe", "accuracy", "images_per_s", "peak_memory_mb", "rule_state_mb", "wall_s", "error"])
+        for r in rows:
+            if "error" in r:
+                table.add_row(r["label"], r["recipe"], "failed: " + " ".join(r["error"]), "", "", "", f"{r['wall_s']:.0f}")
+                writer.writerow([r["label"], r["recipe"], "", "", "", "", f"{r['wall_s']:.1f}", " ".join(r["error"])])
+                continue
+            table.add_row(r["label"], r["recipe"], f"{100 * r['accuracy']:.2f}%", f"{r['images_per_s']:,.0f}",
+                          f"{r['peak_memory_mb']:,.0f}", f"{r['rule_state_mb']:.2f}", f"{r['wall_s']:.0f}")
+            writer.writerow([r["label"], r["recipe"], r["accuracy"], r["images_per_s"], r["peak_memory_mb"],
+                             r["rule_state_mb"], r["wall_s"], ""])
+    (args.out / "curves.json").write_text(json.dumps(rows, indent=2))
+    console.print(table)
+    if plot(rows, args.out / "accuracy.png", f"{args.suite}: held-out accuracy, {args.epochs} epochs"):
+        console.print(f"curves: {args.out / 'accuracy.png'}")
+
+
+if __name__ == "__main__":
+    main()
