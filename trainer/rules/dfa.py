@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError
-from trainer.models import Granularity, State, primary, run_units
+from trainer.models import Granularity, State, detach_state, primary, run_units
 from trainer.rules.base import RuleContext, StepResult, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
 
@@ -124,12 +124,13 @@ class DFA(UnitRule):
 
     def __init__(self, model: nn.Module, options: DFAOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
-        layer_names, layers = self.unit_names, self.units
-        self.layer_names = layer_names  # the model's units; self.unit_names are the segments' tops
-        self.layer_parameters = self._owned_parameters(layers) if options.align_every else []
-        self.segments = segment_bounds(layer_names, options.bp_units)
-        self._units = [layers[s[0]] if len(s) == 1 else nn.Sequential(*(layers[i] for i in s)) for s in self.segments]
-        self.unit_names = [layer_names[s[-1]] for s in self.segments]
+        model_units = self.units
+        self.model_unit_names = self.unit_names  # angles are per model unit; units become segments below
+        self.unit_parameters = self._owned_parameters(model_units) if options.align_every else []
+        self.segments = segment_bounds(self.model_unit_names, options.bp_units)
+        self._units = [model_units[s[0]] if len(s) == 1 else nn.Sequential(*(model_units[i] for i in s))
+                       for s in self.segments]
+        self.unit_names = [self.model_unit_names[s[-1]] for s in self.segments]
         self.output_shapes = [self.output_shapes[s[-1]] for s in self.segments]
         self.feedback = nn.ModuleList(
             FixedProjection(ctx.num_classes, math.prod(shape), init=options.feedback_init,
@@ -140,19 +141,19 @@ class DFA(UnitRule):
         self.steps = 0
         self.angles: dict[str, float] = {}
 
-    def _owned_parameters(self, layers: list[nn.Module]) -> list[list[nn.Parameter]]:
+    def _owned_parameters(self, units: list[nn.Module]) -> list[list[nn.Parameter]]:
         """Each unit's own parameters: those its forward actually uses (a ResNet layer unit holds
         its whole block as a submodule but uses only its conv and BN). One dry training-mode pass
         of the uncompiled units on two zero images, statistics restored."""
         owned = []
         state: State = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
         with preserved_buffers(self.model), torch.enable_grad():
-            for layer in layers:
-                state = layer.forward(state)  # .forward: the plain module, not its compiled wrapper
-                candidates = [p for p in layer.parameters() if p.requires_grad]
+            for unit in units:
+                state = unit.forward(state)  # .forward: the plain module, not its compiled wrapper
+                candidates = [p for p in unit.parameters() if p.requires_grad]
                 used = torch.autograd.grad(primary(state).sum(), candidates, allow_unused=True) if candidates else []
                 owned.append([p for p, g in zip(candidates, used) if g is not None])
-                state = tuple(t.detach() for t in state) if isinstance(state, tuple) else state.detach()
+                state = detach_state(state)
         return owned
 
     @torch.no_grad()
@@ -178,7 +179,7 @@ class DFA(UnitRule):
     def measure_alignment(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Angle (degrees) between each unit's update now in ``.grad`` and its BP gradient on
         (x, y); "angle" is the mean over the units that learn from feedback (below the top segment)."""
-        params = [p for owned in self.layer_parameters for p in owned]
+        params = [p for owned in self.unit_parameters for p in owned]
         with preserved_buffers(self.model), torch.enable_grad():
             with self.autocast():
                 logits = run_units(self.units, x)
@@ -186,7 +187,7 @@ class DFA(UnitRule):
             true_grads = list(torch.autograd.grad(loss, params, allow_unused=True))
         angles: dict[str, float] = {}
         from_feedback = []
-        for index, (name, owned) in enumerate(zip(self.layer_names, self.layer_parameters)):
+        for index, (name, owned) in enumerate(zip(self.model_unit_names, self.unit_parameters)):
             bp_grads, true_grads = true_grads[:len(owned)], true_grads[len(owned):]
             if not owned:
                 continue
