@@ -7,8 +7,10 @@ from torch import nn
 from trainer.rules.base import Rule, RuleContext, StepResult, UnitRule
 from trainer.rules.bp import Backprop
 from trainer.rules.dfa import DFA, BinaryDFA
+from trainer.rules.lra import LocalRepresentationAlignment, RecursiveLRA
 
-RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (Backprop, DFA, BinaryDFA)}
+RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (Backprop, DFA, BinaryDFA,
+                                                 LocalRepresentationAlignment, RecursiveLRA)}
 
 
 def rule_options_class(name: str) -> type:
