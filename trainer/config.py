@@ -50,7 +50,7 @@ class ModelConfig:
     name: Literal["mlp", "cnn", "rnn", "resnet18", "resnet34", "resnet50", "resnet20", "resnet32", "resnet56"] = "cnn"
     cifar_stem: bool = False  # torchvision resnets: 3x3 stride-1 first conv and no max-pool
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
-    activation: Literal["relu", "tanh"] = "relu"  # mlp hidden activation
+    activation: Literal["relu", "tanh"] = "relu"  # mlp and cnn hidden activation
     width: int = 32  # cnn: channels of the first conv (the second has twice as many)
     rnn_cell: Literal["elman", "gru", "lstm"] = "lstm"  # rnn: recurrent cell (elman: tanh RNN)
     rnn_hidden: int = 128  # rnn: hidden units of each recurrent layer

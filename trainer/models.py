@@ -40,8 +40,11 @@ class LayeredNet(nn.Sequential):
     """A plain feed-forward net stored as stages of layers (no residual connections)."""
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
 def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int], activation: str) -> LayeredNet:
-    act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+    act = ACTIVATIONS[activation]
     widths = [int(torch.tensor(input_shape).prod())] + list(hidden)
     layers = []
     for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -52,20 +55,22 @@ def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int], acti
     return LayeredNet(*(nn.Sequential(layer) for layer in layers))
 
 
-def _cnn(input_shape: tuple[int, ...], num_classes: int, width: int) -> LayeredNet:
-    """Two conv-BN-ReLU-pool layers and two dense layers: the usual small CNN for MNIST."""
+def _cnn(input_shape: tuple[int, ...], num_classes: int, width: int, activation: str) -> LayeredNet:
+    """Two conv-BN-act-pool layers and two dense layers: the usual small CNN for MNIST. A bounded
+    activation (tanh) keeps rules whose targets never stop pulling (DRTP) from growing without end."""
     channels, height, width_px = input_shape
+    act = ACTIVATIONS[activation]
 
     def conv(c_in: int, c_out: int) -> nn.Sequential:
         return nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), act(), nn.MaxPool2d(2)
         )
 
     flat = 2 * width * (height // 4) * (width_px // 4)
     return LayeredNet(
         nn.Sequential(conv(channels, width), conv(width, 2 * width)),
         nn.Sequential(
-            nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU()),
+            nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), act()),
             nn.Sequential(nn.Linear(128, num_classes)),
         ),
     )
@@ -171,7 +176,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
     if cfg.name == "mlp":
         return _mlp(input_shape, num_classes, cfg.hidden, cfg.activation)
     if cfg.name == "cnn":
-        return _cnn(input_shape, num_classes, cfg.width)
+        return _cnn(input_shape, num_classes, cfg.width, cfg.activation)
     if cfg.name == "rnn":
         return _rnn(input_shape, num_classes, cfg.rnn_cell, cfg.rnn_hidden, cfg.rnn_layers)
     if cfg.name in ("resnet20", "resnet32", "resnet56"):

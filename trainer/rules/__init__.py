@@ -8,9 +8,11 @@ from trainer.rules.base import Rule, RuleContext, StepResult, UnitRule
 from trainer.rules.bp import Backprop
 from trainer.rules.dfa import DFA, BinaryDFA
 from trainer.rules.lra import LocalRepresentationAlignment, RecursiveLRA
+from trainer.rules.target_projection import TargetProjection, TargetProjectionSGD
+from trainer.rules.trace_bp import TraceBackprop
 
-RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (Backprop, DFA, BinaryDFA,
-                                                 LocalRepresentationAlignment, RecursiveLRA)}
+RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (Backprop, DFA, BinaryDFA, TargetProjection, TargetProjectionSGD,
+                                                 LocalRepresentationAlignment, RecursiveLRA, TraceBackprop)}
 
 
 def rule_options_class(name: str) -> type:

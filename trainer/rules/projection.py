@@ -23,11 +23,12 @@ Init = Literal["gaussian", "uniform", "binary"]
 Storage = Literal["dense", "packed", "seeded"]
 
 
-def check_projection_options(init: str, storage: str) -> None:
-    """Raise ValueError for a storage that cannot hold the init (packed/seeded are ±1 only)."""
+def check_projection_options(init: str, storage: str, prefix: str = "feedback") -> None:
+    """Raise ValueError for a storage that cannot hold the init (packed/seeded are ±1 only).
+    ``prefix`` is how the rule's options name them: feedback_* (DFA), target_* (DRTP, tpSGD)."""
     if storage != "dense" and init != "binary":
-        raise ValueError(f"feedback_storage = {storage!r} holds ±1 matrices only; use feedback_init = 'binary' "
-                         f"or feedback_storage = 'dense' (got feedback_init = {init!r})")
+        raise ValueError(f"{prefix}_storage = {storage!r} holds ±1 matrices only; use {prefix}_init = 'binary' "
+                         f"or {prefix}_storage = 'dense' (got {prefix}_init = {init!r})")
 
 
 class FixedProjection(nn.Module):

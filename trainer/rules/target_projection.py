@@ -1,0 +1,238 @@
+"""Target projection: DRTP and tpSGD, forward-only training whose activation memory is one unit's.
+
+Every unit l below the top gets a target that depends only on the labels, ``t_l = y*·P_l`` with
+``P_l`` a fixed random C x D_l matrix (a ``FixedProjection``, stream = the unit's index; for
+one-hot labels the projection is a scaled row gather of P_l). Each unit minimises a local loss
+``J_l(z_l, t_l)`` of its own output ``z_l``; its signal is ``g_l = ∂J_l/∂z_l``:
+
+- DRTP (Frenkel et al. 2021): ``J_l = −⟨z_l, t_l⟩ / N``, so ``g_l = −t_l / N``: the projected label,
+  averaged over the batch like the output error ``e`` (a learning rate then means the same thing
+  for every batch size and for the top unit). J_l has no minimum: it keeps pulling, so DRTP wants
+  bounded units (tanh, as in the paper, or a normalisation after every layer); unnormalised ReLU
+  units grow without end.
+- tpSGD (Lomnitz et al. 2022): ``J_l = L(z_l, t_l)`` with L one of mse, l1, smooth_l1 (averaged
+  over the batch and the unit's features, as PyTorch's losses), or ce: cross-entropy of the logits
+  ``target_scale · z_l·P_lᵀ / √D_l``, a fixed random readout whose class rows are the targets.
+  The default is ce: it is the one that also trains ReLU units (a zero-mean target under the
+  elementwise losses pulls ReLU outputs down to zero, where they stop learning); the elementwise
+  losses want a zero-centred activation such as tanh.
+
+The top unit gets the true output error ``e`` of the task loss in both rules.
+
+Forward-only (the default): since no signal needs the network's output, unit l runs its forward,
+its local backward and its own optimizer step (``Rule.step``), and its graph is dropped before
+unit l+1 runs on its detached output. Peak activation memory is then about one unit's, whatever
+the depth. ``forward_only = false`` runs every unit first, then one joint backward and one step.
+Both give the same updates (unit l+1 runs on unit l's output from before unit l's step either
+way); only the memory differs.
+
+Recurrent layers (``models.RecurrentLayer``) output hidden-state sequences (N, T, H). Their P_l is
+C x H and the class target is the same at every step: ``sequence_target = "every_step"`` puts the
+local loss on every step (averaged over T), ``"last_step"`` on the last hidden state only.
+Backprop runs through time inside a layer, never from one layer into the one below.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.models import Granularity, RecurrentLayer, State, detach_state, primary
+from trainer.rules.base import RuleContext, StepResult, UnitRule
+from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
+
+SequenceTarget = Literal["every_step", "last_step"]
+LocalLoss = Literal["mse", "l1", "smooth_l1", "ce"]
+
+ELEMENTWISE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss,
+}
+
+
+@dataclass
+class DRTPOptions:
+    """Options of ``drtp``.
+
+    granularity: what a unit is (layer, block or stage; see ``models.model_units``).
+    forward_only: update each unit right after its own forward and free its graph (constant
+    activation memory); false: all units forward, then one joint backward and step.
+    target_init / target_storage / target_scale: P_l as in DFA's feedback (``FixedProjection``):
+    gaussian, uniform or binary entries of unit variance times target_scale/√C, so a target
+    entry has standard deviation target_scale/√C whatever D_l; binary P may be stored packed
+    (1 bit an entry) or seeded (no memory).
+    sequence_target: recurrent layers only: the target on every time step or the last one.
+    """
+
+    granularity: Granularity = "layer"
+    forward_only: bool = True
+    target_init: Init = "gaussian"
+    target_storage: Storage = "dense"
+    target_scale: float = 1.0
+    sequence_target: SequenceTarget = "every_step"
+
+    def validate(self) -> None:
+        check_projection_options(self.target_init, self.target_storage, prefix="target")
+        if self.target_scale <= 0:
+            raise ValueError(f"target_scale must be positive, got {self.target_scale}")
+
+
+@dataclass
+class TpSGDOptions(DRTPOptions):
+    """Options of ``tpsgd``: those of ``drtp`` and the local loss (default ce, see the module)."""
+
+    loss: LocalLoss = "ce"
+
+
+class TargetProjection(UnitRule):
+    """DRTP: each unit moves along its projected label; base of tpSGD, which swaps the local loss."""
+
+    name = "drtp"
+    Options = DRTPOptions
+
+    def __init__(self, model: nn.Module, options: DRTPOptions, ctx: RuleContext):
+        super().__init__(model, options, ctx)
+        self.is_sequence = [isinstance(unit, RecurrentLayer) for unit in self.units]
+        self.targets = nn.ModuleList(
+            FixedProjection(ctx.num_classes, shape[-1] if sequence else math.prod(shape),
+                            init=options.target_init, storage=options.target_storage, seed=ctx.seed,
+                            stream=index, scale=options.target_scale, device=ctx.device)
+            for index, (shape, sequence) in enumerate(zip(self.output_shapes[:-1], self.is_sequence))
+        )
+        self.local_losses: list[torch.Tensor | None] = [None] * len(self.units)
+
+    def local_loss(self, index: int, z: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``J_l`` of unit ``index`` from its outputs z (N, S, D) and targets (N, 1, D), S = time steps."""
+        return -(z * target).sum(-1).mean()
+
+    def target_view(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        """The part of a unit's output that meets the target, as (N, S, D): S = 1 for a plain unit,
+        T (every step) or 1 (last step) for a recurrent layer."""
+        if not self.is_sequence[index]:
+            return output.flatten(1).unsqueeze(1)
+        if self.options.sequence_target == "last_step":
+            return output[:, -1:]
+        return output
+
+    def unit_signal(self, index: int, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``g_l = ∂J_l/∂z_l`` for a unit below the top, shaped and typed like its output."""
+        leaf = output.detach().float().requires_grad_()
+        target = self.targets[index].project_labels(y).unsqueeze(1)
+        with torch.enable_grad():
+            z = self.target_view(index, leaf)
+            loss = self.local_loss(index, z, target, y)
+            (signal,) = torch.autograd.grad(loss, leaf)
+        self.local_losses[index] = loss.detach()
+        return signal.to(output.dtype)
+
+    def signals(self, outputs: list[State], error: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:
+        """The joint (not forward-only) path: every unit's signal, and ``e`` for the top."""
+        return [*(self.unit_signal(i, primary(out), y) for i, out in enumerate(outputs[:-1])), error]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        if not self.options.forward_only:
+            result = super().train_step(x, y, optimizer)
+            self.local_losses[-1] = result.loss
+            return result
+        state: State = x
+        top = len(self.units) - 1
+        for index, unit in enumerate(self.units):
+            with self.autocast():
+                out = unit(detach_state(state))
+            if index < top:
+                signal = self.unit_signal(index, primary(out), y)
+            else:
+                loss, signal = self.output_error(primary(out), y)
+                self.local_losses[index] = loss
+            self.local_backward([out], [signal])
+            self.step(optimizer)
+            state = detach_state(out)  # the last reference to the unit's graph goes with ``out``
+        return StepResult(loss, primary(state))
+
+    def diagnostics(self) -> dict[str, float]:
+        """Each unit's last local loss J_l (the task loss for the top); "local_loss" is their mean
+        over the units below the top (DRTP's J_l = −⟨z_l, t_l⟩/N falls as outputs align with targets)."""
+        if any(loss is None for loss in self.local_losses):
+            return {}
+        losses = torch.stack([loss.float() for loss in self.local_losses]).tolist()
+        out = {f"local_loss/{name}": loss for name, loss in zip(self.unit_names, losses)}
+        out["local_loss"] = sum(losses[:-1]) / max(1, len(losses) - 1)
+        return out
+
+
+class TargetProjectionSGD(TargetProjection):
+    """tpSGD: each unit minimises its own loss against its projected target, by SGD on its own
+    parameters alone."""
+
+    name = "tpsgd"
+    Options = TpSGDOptions
+
+    def local_loss(self, index: int, z: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.options.loss == "ce":
+            readout = self.targets[index].dense()
+            logits = (z @ readout.T) * (self.options.target_scale / math.sqrt(readout.shape[1]))
+            return F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(z.shape[1]))
+        return ELEMENTWISE_LOSSES[self.options.loss](z, target.expand_as(z))
+
+
+class SavedActivationMeter:
+    """Peak bytes of the tensors autograd keeps for backward, while this context is open.
+
+    On the CPU there are no allocator statistics, and what backprop holds over a step, and a
+    forward-only rule frees unit by unit, is exactly its saved tensors. A storage is counted once
+    however many ops save it, from the first save until the last graph holding it is freed;
+    ``exclude`` (parameters, buffers) is not counted.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._live: dict[int, list[int]] = {}  # storage address -> [saves alive, bytes]
+        self.current = 0
+        self.peak = 0
+
+    def __enter__(self) -> "SavedActivationMeter":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor) -> object:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._excluded or storage.nbytes() == 0:
+            return tensor
+        entry = self._live.setdefault(key, [0, storage.nbytes()])
+        if entry[0] == 0:
+            self.current += entry[1]
+            self.peak = max(self.peak, self.current)
+        entry[0] += 1
+        saved = _Saved(tensor)
+        weakref.finalize(saved, self._release, key)
+        return saved
+
+    @staticmethod
+    def _unpack(saved: object) -> torch.Tensor:
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def _release(self, key: int) -> None:
+        entry = self._live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self._live[key]
+
+
+class _Saved:
+    """A saved tensor, wrapped so that its release (when its graph is freed) can be observed."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
