@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError
-from trainer.models import Granularity, State, detach_state, primary, run_units
+from trainer.models import Granularity, State, detach_state, primary
 from trainer.rules.base import RuleContext, StepResult, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
 
@@ -124,11 +124,10 @@ class DFA(UnitRule):
 
     def __init__(self, model: nn.Module, options: DFAOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
-        model_units = self.units
-        self.model_unit_names = self.unit_names  # angles are per model unit; units become segments below
-        self.unit_parameters = self._owned_parameters(model_units) if options.align_every else []
+        self.model_units, self.model_unit_names = self.units, self.unit_names  # units become segments below
+        self.unit_parameters = self._owned_parameters() if options.align_every else []
         self.segments = segment_bounds(self.model_unit_names, options.bp_units)
-        self._units = [model_units[s[0]] if len(s) == 1 else nn.Sequential(*(model_units[i] for i in s))
+        self._units = [self.model_units[s[0]] if len(s) == 1 else nn.Sequential(*(self.model_units[i] for i in s))
                        for s in self.segments]
         self.unit_names = [self.model_unit_names[s[-1]] for s in self.segments]
         self.output_shapes = [self.output_shapes[s[-1]] for s in self.segments]
@@ -141,15 +140,23 @@ class DFA(UnitRule):
         self.steps = 0
         self.angles: dict[str, float] = {}
 
-    def _owned_parameters(self, units: list[nn.Module]) -> list[list[nn.Parameter]]:
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model through its units' plain (uncompiled) forwards: the diagnostics' extra passes
+        add no recompilations (compiled units share dynamo's recompile limit)."""
+        state: State = x
+        for unit in self.model_units:
+            state = unit.forward(state)
+        return primary(state)
+
+    def _owned_parameters(self) -> list[list[nn.Parameter]]:
         """Each unit's own parameters: those its forward actually uses (a ResNet layer unit holds
         its whole block as a submodule but uses only its conv and BN). One dry training-mode pass
         of the uncompiled units on two zero images, statistics restored."""
         owned = []
         state: State = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
         with preserved_buffers(self.model), torch.enable_grad():
-            for unit in units:
-                state = unit.forward(state)  # .forward: the plain module, not its compiled wrapper
+            for unit in self.model_units:
+                state = unit.forward(state)  # the plain module, not its compiled wrapper
                 candidates = [p for p in unit.parameters() if p.requires_grad]
                 used = torch.autograd.grad(primary(state).sum(), candidates, allow_unused=True) if candidates else []
                 owned.append([p for p, g in zip(candidates, used) if g is not None])
@@ -182,7 +189,7 @@ class DFA(UnitRule):
         params = [p for owned in self.unit_parameters for p in owned]
         with preserved_buffers(self.model), torch.enable_grad():
             with self.autocast():
-                logits = run_units(self.units, x)
+                logits = self.eager_forward(x)
             loss = self.criterion(logits.float(), y)
             true_grads = list(torch.autograd.grad(loss, params, allow_unused=True))
         angles: dict[str, float] = {}
