@@ -71,8 +71,7 @@ class FixedProjection(nn.Module):
         """The unscaled C x D matrix in float32 (for references and diagnostics)."""
         if self.storage == "dense":
             return self.matrix
-        device = self.words.device if self.storage == "packed" else None
-        return self.signs.materialize(device).float()
+        return self.signs.materialize().float()  # packed: on the words' device; seeded: on the CPU
 
     def project(self, error: torch.Tensor, grad_mask: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -174,7 +174,7 @@ class TargetProjectionSGD(TargetProjection):
 
     def local_loss(self, index: int, z: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.options.loss == "ce":
-            readout = self.targets[index].dense()
+            readout = self.targets[index].dense().to(z.device)
             logits = (z @ readout.T) * (self.options.target_scale / math.sqrt(readout.shape[1]))
             return F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(z.shape[1]))
         return ELEMENTWISE_LOSSES[self.options.loss](z, target.expand_as(z))
