@@ -36,13 +36,15 @@ from trainer.rules.projection import FixedProjection, Init, Storage, check_proje
 class DFAOptions:
     """Options of ``dfa``.
 
-    feedback_init: entries of B_l, all of unit variance: gaussian N(0, 1), uniform U(-√3, √3) or
-    binary ±1. The default, gaussian with ``feedback_scale = 1``, multiplies the projection by
-    1/√C, so each signal entry has variance ‖e‖²/C whatever the unit size D_l (Nøkland's
-    unscaled Gaussian feedback, made independent of D_l and C).
-    feedback_storage: dense float32, or packed (1 bit an entry) / seeded (no memory) for binary.
+    granularity: what a unit is (layer, block, stage); backprop inside a unit, DFA between units.
     bp_units: unit names or name prefixes ("stem", "layer1") trained by backprop inside the
-    segment of the first non-BP unit above them.
+    segment of the first non-BP unit above them (the hybrid).
+    feedback_init: entries of B_l, all of unit variance: gaussian N(0, 1), uniform U(-√3, √3) or
+    binary ±1. The projection is multiplied by ``feedback_scale/√C``, so each signal entry has
+    variance ``feedback_scale² · ‖e‖²/C`` whatever the unit size D_l. The default (gaussian, scale
+    1) is Nøkland's Gaussian feedback made independent of D_l and C. (Han & Yoo's init from the
+    statistics of the fixed matrices could not be read from the paper and is not offered.)
+    feedback_storage: dense float32; binary feedback also packed (1 bit an entry) or seeded (none).
     align_every: measure the DFA-vs-BP angle every k steps (0: never).
     """
 
