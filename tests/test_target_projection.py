@@ -50,6 +50,20 @@ def test_drtp_signal_is_minus_the_projected_label(init, storage):
     torch.testing.assert_close(signals[-1], (F.softmax(primary(outputs[-1]), 1) - F.one_hot(y, CLASSES)) / len(y))
 
 
+@pytest.mark.parametrize("sequence_target", ["every_step", "last_step"])
+def test_drtp_signal_on_sequences_follows_the_sequence_target(sequence_target):
+    cfg = ModelConfig(name="rnn", rnn_cell="elman", rnn_hidden=8, rnn_layers=2)
+    rule, _, _, y = make_rule("drtp", cfg, (1, 5, 4), sequence_target=sequence_target)
+    outputs = rule.forward_units(torch.randn(6, 1, 5, 4))
+    signal = rule.unit_signal(0, primary(outputs[0]), y)
+    expected = -projected_labels(rule, 0, y) / len(y)  # per step: N x H
+    if sequence_target == "every_step":
+        torch.testing.assert_close(signal, expected[:, None].expand(6, 5, 8) / 5)
+    else:
+        torch.testing.assert_close(signal[:, -1], expected)
+        assert signal[:, :-1].abs().sum() == 0
+
+
 @pytest.mark.parametrize("storage", ["dense", "packed", "seeded"])
 def test_one_hot_fast_path_equals_the_general_projection(storage):
     rule, _, _, y = make_rule("drtp", target_init="binary", target_storage=storage)

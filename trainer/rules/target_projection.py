@@ -120,15 +120,15 @@ class TargetProjection(UnitRule):
         return output
 
     def unit_signal(self, index: int, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``g_l = ∂J_l/∂z_l`` for a unit below the top, shaped and typed like its output."""
-        leaf = output.detach().float().requires_grad_()
-        target = self.targets[index].project_labels(y).unsqueeze(1)
-        with torch.enable_grad():
-            z = self.target_view(index, leaf)
-            loss = self.local_loss(index, z, target, y)
-            (signal,) = torch.autograd.grad(loss, leaf)
-        self.local_losses[index] = loss.detach()
-        return signal.to(output.dtype)
+        """``g_l = −t_l / (N·S)`` on the outputs that carry a target, zero elsewhere: ``∂J_l/∂z_l``
+        written directly, so DRTP's signal needs no autograd and saves no tensor."""
+        target = self.targets[index].project_labels(y, output.dtype).unsqueeze(1)
+        signal = torch.zeros(output.shape, dtype=output.dtype, device=output.device)
+        on_target = self.target_view(index, signal)
+        on_target.copy_(target.expand_as(on_target) / -(len(y) * on_target.shape[1]))
+        with torch.no_grad():
+            self.local_losses[index] = self.local_loss(index, self.target_view(index, output).float(), target, y)
+        return signal
 
     def signals(self, outputs: list[State], error: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:
         """The joint (not forward-only) path: every unit's signal, and ``e`` for the top."""
@@ -171,6 +171,16 @@ class TargetProjectionSGD(TargetProjection):
 
     name = "tpsgd"
     Options = TpSGDOptions
+
+    def unit_signal(self, index: int, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``g_l = ∂J_l/∂z_l`` by autograd on a detached copy of the output, shaped and typed like it."""
+        leaf = output.detach().float().requires_grad_()
+        target = self.targets[index].project_labels(y).unsqueeze(1)
+        with torch.enable_grad():
+            loss = self.local_loss(index, self.target_view(index, leaf), target, y)
+            (signal,) = torch.autograd.grad(loss, leaf)
+        self.local_losses[index] = loss.detach()
+        return signal.to(output.dtype)
 
     def local_loss(self, index: int, z: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.options.loss == "ce":
