@@ -109,6 +109,11 @@ class UnitRule(Rule):
         self._units = [unit for _, unit in named]  # a plain list: the model owns the parameters
         self.output_shapes = self._probe_output_shapes()  # before compiling: no extra eval-mode compile
         if ctx.compile:
+            # Compiled modules share one code object, so dynamo counts every unit, in train and in
+            # eval mode, as a recompile of it: lift the limit, or units past the 8th run eagerly.
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(self._units))
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * len(self._units))
             for unit in self._units:
                 unit.compile()
 
