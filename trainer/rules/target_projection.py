@@ -27,8 +27,8 @@ Both give the same updates (unit l+1 runs on unit l's output from before unit l'
 way); only the memory differs.
 
 Recurrent layers (``models.RecurrentLayer``) output hidden-state sequences (N, T, H). Their P_l is
-C x H and the class target is the same at every step: ``sequence_target = "every_step"`` puts the
-local loss on every step (averaged over T), ``"last_step"`` on the last hidden state only.
+C x H and the class target is the same at every step: ``sequence_target = "last_step"`` puts the
+local loss on the last hidden state only, ``"every_step"`` on every step (averaged over T).
 Backprop runs through time inside a layer, never from one layer into the one below.
 """
 
@@ -66,7 +66,11 @@ class DRTPOptions:
     gaussian, uniform or binary entries of unit variance times target_scale/√C, so a target
     entry has standard deviation target_scale/√C whatever D_l; binary P may be stored packed
     (1 bit an entry) or seeded (no memory).
-    sequence_target: recurrent layers only: the target on every time step or the last one.
+    sequence_target: recurrent layers only: the target on the last time step or on every one.
+
+    Defaults: layer units (the least memory), forward-only, dense gaussian P_l with
+    target_scale = 1 (target entries of standard deviation 1/√C), the target on the last step
+    (on the 2-layer LSTM of recipes/mnist5k_rnn_tpsgd.toml: 97.4% against 95.0% for every step).
     """
 
     granularity: Granularity = "layer"
@@ -74,7 +78,7 @@ class DRTPOptions:
     target_init: Init = "gaussian"
     target_storage: Storage = "dense"
     target_scale: float = 1.0
-    sequence_target: SequenceTarget = "every_step"
+    sequence_target: SequenceTarget = "last_step"
 
     def validate(self) -> None:
         check_projection_options(self.target_init, self.target_storage, prefix="target")
