@@ -204,35 +204,3 @@ def test_bad_options_are_clean_config_errors(tmp_path, tiny_npz, rule, message):
     path = write_recipe(tmp_path / "r.toml", tiny_npz, rule=rule)
     with pytest.raises(ConfigError, match=message):
         train(load_recipe(path), tmp_path / "run")
-
-
-def test_plain_pytorch_loop():
-    """The README snippet: DFA on a user's own nn.Sequential, in the user's own loop."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    torch.manual_seed(0)
-    images = torch.randn(512, 1, 28, 28)
-    labels = (images.flatten(1) @ torch.randn(28 * 28, 10)).argmax(1)  # a linear teacher
-    loader = DataLoader(TensorDataset(images, labels), batch_size=64, shuffle=True)
-
-    # --- README snippet ---
-    from trainer.rules import RuleContext
-    from trainer.rules.dfa import DFA, DFAOptions
-
-    model = nn.Sequential(  # each child is a unit: backprop inside it, DFA between units
-        nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 256), nn.ReLU()),
-        nn.Sequential(nn.Linear(256, 256), nn.ReLU()),
-        nn.Linear(256, 10),
-    )
-    rule = DFA(model, DFAOptions(align_every=8), RuleContext(num_classes=10, input_shape=(1, 28, 28)))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for epoch in range(5):
-        for x, y in loader:
-            result = rule.train_step(x, y, optimizer)  # forward, signals, local backwards, optimizer step
-        print(f"epoch {epoch}: loss {result.loss:.3f}, DFA-vs-BP angle {rule.diagnostics()['angle']:.1f} deg")
-    # --- end ---
-
-    with torch.no_grad():
-        accuracy = (model(images).argmax(1) == labels).float().mean()
-    assert accuracy > 0.6  # chance is 0.1
-    assert rule.diagnostics()["angle"] < 85  # the hidden units' updates align with BP's
