@@ -297,9 +297,9 @@ class LocalRepresentationAlignment(UnitRule):
         top = len(self.units) - 1
         self._units = [align_unit(u, n, i == top, self.name) for i, (n, u) in enumerate(zip(self.unit_names, self.units))]
         self.sources = [self.source_of(l, top) for l in range(top)]
-        shapes = [*self.output_shapes]
+        shapes = self.output_shapes
         self.check_model(shapes)
-        self.error_maps = nn.ModuleList(
+        self.error_maps = nn.ModuleList(  # lra has no map options: it takes MLPs, whose maps are all dense
             build_error_map(shapes[src], shapes[l], getattr(options, "error_map", "conv3x3"),
                             getattr(options, "vector_error_map", "dense"))
             for l, src in enumerate(self.sources)
@@ -310,6 +310,7 @@ class LocalRepresentationAlignment(UnitRule):
         if ctx.compile:
             for unit in self._units:
                 unit.compile()
+        self._update_params = list({id(p): p for m in [*self._units, self.error_maps] for p in m.parameters()}.values())
         self._error_rms: torch.Tensor | None = None
 
     # wiring: overridden by rec_lra ------------------------------------------------------------------
@@ -401,7 +402,7 @@ class LocalRepresentationAlignment(UnitRule):
         projected = self.fused_weight_updates(x, outputs, errors, n)
         self.local_updates(outputs, errors, actions, n)
         if self.options.max_norm > 0:
-            project_to_ball_([p.grad for p in self.update_params() if p.grad is not None and p not in projected],
+            project_to_ball_([p.grad for p in self._update_params if p.grad is not None and p not in projected],
                              self.options.max_norm)
         if self.options.error_update == "transpose":
             self.transpose_error_updates()
@@ -463,14 +464,6 @@ class LocalRepresentationAlignment(UnitRule):
             grads.append(emap.weight.grad)
         if self.options.max_norm > 0:
             project_to_ball_(grads, self.options.max_norm)
-
-    def update_params(self) -> list[nn.Parameter]:
-        """Every parameter this rule updates: the units' and the error maps'."""
-        seen: dict[int, nn.Parameter] = {}
-        for module in [*self.units, self.error_maps]:
-            for p in module.parameters():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
 
     def diagnostics(self) -> dict[str, float]:
         """RMS of each hidden unit's error units at the last step (their mean: ``err_rms``)."""
