@@ -200,7 +200,7 @@ def test_rec_lra_residual_blocks_match_the_equations(error_map, vector_error_map
     torch.manual_seed(0)
     net = tiny_resnet()
     ref_net = copy.deepcopy(net).double()
-    beta, gamma, alpha, alpha_skip = 0.4, 0.3, 1.0, 1.0  # α = 1: no sign() to flip between precisions
+    beta, gamma, alpha, alpha_skip = 0.4, 0.3, 0.6, 0.3
     rule = make_rule("rec_lra", net, (1, 8, 8), 3, beta=beta, gamma=gamma, alpha=alpha, alpha_skip=alpha_skip,
                      error_skip_every=2, max_norm=0.0, error_map=error_map, vector_error_map=vector_error_map,
                      weight_update=weight_update)

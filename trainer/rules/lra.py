@@ -58,7 +58,7 @@ Defaults, as the spec reports them:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal
 
 import torch
@@ -291,9 +291,8 @@ class LocalRepresentationAlignment(UnitRule):
     dense_only: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, options: LRAOptions, ctx: RuleContext):
-        # the plain units are never run: the (z, a) units below replace them, and they are what is compiled
-        super().__init__(model, options, replace(ctx, compile=False))
-        self.ctx = ctx
+        super().__init__(model, options, ctx)
+        # the (z, a) units replace the plain ones (their lazy compile never runs) and are compiled instead
         top = len(self.units) - 1
         self._units = [align_unit(u, n, i == top, self.name) for i, (n, u) in enumerate(zip(self.unit_names, self.units))]
         self.sources = [self.source_of(l, top) for l in range(top)]
