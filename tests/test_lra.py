@@ -274,13 +274,17 @@ def test_pre_activations_give_the_unit_outputs(block):
 
 # ---- training and configuration ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("rule,model", [
-    ({"name": "lra", "weight_init": "model"}, {"name": "mlp", "hidden": [32], "activation": "tanh"}),
-    ({"name": "rec_lra", "alpha": 1.0, "alpha_skip": 1.0}, {"name": "cnn", "width": 4}),
+ADAMW = {"name": "adamw", "lr": 0.01, "weight_decay": 1e-4}
+
+
+@pytest.mark.parametrize("rule,model,optim", [
+    ({"name": "lra", "weight_init": "model"}, {"name": "mlp", "hidden": [32], "activation": "tanh"}, ADAMW),
+    ({"name": "lra", "weight_init": "model"}, {"name": "mlp", "hidden": [32], "activation": "tanh"},
+     {"name": "sgd", "lr": 0.2, "schedule": "onecycle"}),
+    ({"name": "rec_lra", "alpha": 1.0, "alpha_skip": 1.0}, {"name": "cnn", "width": 4}, ADAMW),
 ])
-def test_training_improves_held_out_accuracy(tmp_path, tiny_npz, rule, model):
-    path = write_recipe(tmp_path / "r.toml", tiny_npz, rule=rule, model=model,
-                        optim={"name": "adamw", "lr": 0.01, "weight_decay": 1e-4}, train={"epochs": 3})
+def test_training_improves_held_out_accuracy(tmp_path, tiny_npz, rule, model, optim):
+    path = write_recipe(tmp_path / "r.toml", tiny_npz, rule=rule, model=model, optim=optim, train={"epochs": 3})
     result = train(load_recipe(path), tmp_path / "run")
     assert result["accuracy"] > 0.75  # chance is 0.25
     state = torch.load(tmp_path / "run" / "checkpoint.pt")["rule"]
