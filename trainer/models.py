@@ -187,7 +187,9 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
 # --- units -----------------------------------------------------------------------------------
 
 
-class _Stem(nn.Module):
+class ResNetStem(nn.Module):
+    """A ResNet's first unit: conv1, bn1, relu and maxpool (an Identity with the CIFAR stem)."""
+
     def __init__(self, net: nn.Module):
         super().__init__()
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
@@ -245,7 +247,7 @@ def _resnet_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Modu
             else:
                 depth = 3 if isinstance(block, Bottleneck) else 2
                 body.extend((f"{stage_name}.{block_name}.conv{i + 1}", _BlockLayer(block, i)) for i in range(depth))
-    return [("stem", _Stem(model)), *body, ("head", _Head(model))]
+    return [("stem", ResNetStem(model)), *body, ("head", _Head(model))]
 
 
 def _layered_units(model: LayeredNet, granularity: str) -> list[tuple[str, nn.Module]]:

@@ -75,7 +75,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from kernels import local_signal, local_weight_update
 from trainer.config import ConfigError
-from trainer.models import State, _Stem, primary
+from trainer.models import State, ResNetStem, primary
 from trainer.rules.base import RuleContext, StepResult, UnitRule
 
 Activation = Literal["relu", "tanh", "sigmoid", "identity"]
@@ -166,7 +166,7 @@ def split_activation(module: nn.Module) -> tuple[nn.Module, Activation] | None:
     """(pre-activation module, φ) with ``module(x) == φ(pre(x))``; None when no trailing φ is found."""
     if isinstance(module, (BasicBlock, Bottleneck)):
         return BlockPreActivation(module), "relu"
-    if isinstance(module, _Stem):
+    if isinstance(module, ResNetStem):
         pre = nn.Sequential(module.conv1, module.bn1, module.maxpool)  # max-pooling commutes with ReLU
         return pre, "relu"
     if isinstance(module, nn.Sequential) and len(module):
