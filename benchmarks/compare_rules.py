@@ -63,7 +63,7 @@ def run_one(label: str, recipe: str, overrides: list[str], out: Path) -> dict:
         return {"label": label, "recipe": recipe, "error": done.stderr.strip().splitlines()[-1:], "wall_s": wall}
     results = json.loads((out / "results.json").read_text())
     curve = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] != "train"]
-    return {"label": label, "recipe": recipe, "wall_s": wall, **results,
+    return {**results, "label": label, "recipe": recipe, "wall_s": wall,
             "curve": [(r["epoch"], r.get("accuracy")) for r in curve]}
 
 
