@@ -73,6 +73,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -81,6 +82,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
             epochs, accuracy = zip(*[(e, 100 * a) for e, a in row["curve"] if a is not None])
             ax.plot(epochs, accuracy, marker="o", label=row["label"])
     ax.set(xlabel="epoch", ylabel="held-out accuracy (%)", title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
