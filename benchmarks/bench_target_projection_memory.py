@@ -42,7 +42,7 @@ from trainer.config import ModelConfig, OptimConfig, build_section  # noqa: E402
 from trainer.loop import build_optimizer  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.rules import RULES, Rule, RuleContext, build_rule  # noqa: E402
-from trainer.rules.target_projection import SavedActivationMeter  # noqa: E402
+from trainer.memory import SavedActivationMeter  # noqa: E402
 
 CLASSES, SHAPE = 10, (3, 32, 32)
 

@@ -12,7 +12,7 @@ from torch import nn
 from trainer.config import ConfigError, load_recipe
 from trainer.loop import train
 from trainer.rules import RuleContext, build_rule
-from trainer.rules.dfa import DFA, BinaryDFA, BinaryDFAOptions, DFAOptions
+from trainer.rules.dfa import DFA, BinaryDFAOptions, DFAOptions
 
 from conftest import write_recipe
 

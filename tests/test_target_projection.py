@@ -14,7 +14,8 @@ from trainer.config import ConfigError, ModelConfig, build_section, load_recipe
 from trainer.loop import build_session, train
 from trainer.models import build_model, primary
 from trainer.rules import RuleContext, build_rule
-from trainer.rules.target_projection import DRTPOptions, SavedActivationMeter, TpSGDOptions
+from trainer.memory import SavedActivationMeter
+from trainer.rules.target_projection import DRTPOptions, TpSGDOptions
 
 from conftest import write_recipe
 

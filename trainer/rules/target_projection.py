@@ -35,9 +35,8 @@ Backprop runs through time inside a layer, never from one layer into the one bel
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -192,61 +191,3 @@ class TargetProjectionSGD(TargetProjection):
             logits = (z @ readout.T) * (self.options.target_scale / math.sqrt(readout.shape[1]))
             return F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(z.shape[1]))
         return ELEMENTWISE_LOSSES[self.options.loss](z, target.expand_as(z))
-
-
-class SavedActivationMeter:
-    """Peak bytes of the tensors autograd keeps for backward, while this context is open.
-
-    On the CPU there are no allocator statistics, and what backprop holds over a step, and a
-    forward-only rule frees unit by unit, is exactly its saved tensors. A storage is counted once
-    however many ops save it, from the first save until the last graph holding it is freed;
-    ``exclude`` (parameters, buffers) is not counted.
-    """
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self._live: dict[int, list[int]] = {}  # storage address -> [saves alive, bytes]
-        self.current = 0
-        self.peak = 0
-
-    def __enter__(self) -> "SavedActivationMeter":
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-    def _pack(self, tensor: torch.Tensor) -> object:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self._excluded or storage.nbytes() == 0:
-            return tensor
-        entry = self._live.setdefault(key, [0, storage.nbytes()])
-        if entry[0] == 0:
-            self.current += entry[1]
-            self.peak = max(self.peak, self.current)
-        entry[0] += 1
-        saved = _Saved(tensor)
-        weakref.finalize(saved, self._release, key)
-        return saved
-
-    @staticmethod
-    def _unpack(saved: object) -> torch.Tensor:
-        return saved.tensor if isinstance(saved, _Saved) else saved
-
-    def _release(self, key: int) -> None:
-        entry = self._live[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.current -= entry[1]
-            del self._live[key]
-
-
-class _Saved:
-    """A saved tensor, wrapped so that its release (when its graph is freed) can be observed."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
