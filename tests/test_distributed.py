@@ -58,7 +58,8 @@ def test_conv_rules_run_under_torchrun(tmp_path, tiny_npz, rule):
 def test_resume_needs_the_same_world_size(tmp_path, tiny_npz, capsys):
     path = write_recipe(tmp_path / "r.toml", tiny_npz, train={"epochs": 1, "batch_size": 16},
                         optim={"schedule": "constant"})
-    assert torchrun("run", str(path), "--out", str(tmp_path / "run")).returncode == 0
+    first = torchrun("run", str(path), "--out", str(tmp_path / "run"))
+    assert first.returncode == 0, first.stderr[-3000:]
     resumed = torchrun("run", str(path), "--out", str(tmp_path / "run"), "--resume", "--set", "train.epochs=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -46,6 +46,14 @@ def init_distributed(device_type: str) -> DistEnv:
     return env
 
 
+def finish(env: DistEnv) -> None:
+    """Leave the job cleanly: wait for every rank, then tear the process group down (an exit
+    with the group alive can abort a rank that is still closing its connections)."""
+    if env.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast_state(modules: list[nn.Module]) -> None:
     """Give every rank rank 0's parameters and buffers."""
     for module in modules:

@@ -20,7 +20,7 @@ from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save
 from trainer.config import ConfigError, OptimConfig, Recipe, dump_toml
 from trainer.data import DataBundle, Loader, NormStats, build_data
 from trainer.distributed import (DistEnv, all_reduce_sum, average_buffers, average_gradients_before_step,
-                                 broadcast_state, init_distributed)
+                                 broadcast_state, finish, init_distributed)
 from trainer.models import build_model
 from trainer.rules import Rule, RuleContext, build_rule
 
@@ -323,4 +323,5 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
                **(history[-1] if history else {})}
     if main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    finish(s.env)
     return results
