@@ -179,6 +179,18 @@ def _signal_rule(proj, a, z, beta, alpha, IS_LRA: tl.constexpr, ACT: tl.constexp
 
 
 @triton.jit
+def _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha,
+                 IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr):
+    """Load a tile of a (and z, else z = a) and apply the rule to the projected tile."""
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = a
+    return _signal_rule(proj, a, z, beta, alpha, IS_LRA, ACT, HAS_Z)
+
+
+@triton.jit
 def _signal_kernel(
     u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, d_ptr, y_ptr,
     N, C, D, scale, beta, alpha,
@@ -195,12 +207,7 @@ def _signal_kernel(
                          BLOCK_M, BLOCK_D, BLOCK_C, DOT_DTYPE, PREC)
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        z = a
-    g, y = _signal_rule(proj, a, z, beta, alpha, IS_LRA, ACT, HAS_Z)
+    g, y = _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha, IS_LRA, ACT, HAS_Z)
     tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
     if DIAG:
         tl.store(d_ptr + offs, proj.to(d_ptr.dtype.element_ty), mask=mask)
@@ -240,12 +247,7 @@ def _weight_update_kernel(
         if FUSED_SIGNAL:
             proj = _project_tile(u_ptr, p_ptr, rows, cols, row_mask, col_mask, C, D, scale,
                                  BLOCK_N, BLOCK_D, BLOCK_C, DOT_DTYPE, PREC)
-            a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_Z:
-                z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                z = a
-            g, _ = _signal_rule(proj, a, z, beta, alpha, IS_LRA, ACT, HAS_Z)
+            g, _ = _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha, IS_LRA, ACT, HAS_Z)
             g = tl.where(mask, g, 0.0)  # padded columns would otherwise leak into the norm
         else:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)
