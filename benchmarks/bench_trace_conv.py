@@ -10,7 +10,9 @@ Three tables:
    That count is exact and device-independent, so by default it runs on the meta device at the full
    batch sizes (no compute). With ``--memory-device cuda`` it also reports the measured peak
    (``torch.cuda.max_memory_allocated`` over forward+backward, minus what was allocated before).
-   Rows: exact; trace with MaskReLU (the converter's default) at each r; trace of the convs alone.
+   Rows: exact (also with fp16-saving BatchNorms, the fair baseline for the last column); trace as the
+   converter does by default (convs + MaskReLU + fp16-saving BatchNorm) at each r; at r = 16 also
+   trace with fp32 BatchNorm inputs, and trace of the convs alone.
 2. Step time (forward + backward) of resnet18-cifar, exact vs trace at each r, on ``--device``.
 3. Relative error ||g_est - g|| / ||g|| and cosine of the weight gradient of a few layers against
    the exact gradient, as r grows, for each probe kind (mean over ``--error-seeds`` draws).
@@ -41,6 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels._dispatch import triton_interpreting, use_triton  # noqa: E402
+from kernels.compact_batch_norm import convert_batch_norms  # noqa: E402
 from kernels.trace_conv import PROBES, MaskReLU, TraceConv2d, convert_to_trace_conv  # noqa: E402
 
 ERROR_LAYERS = ("layer1.0.conv1", "layer2.0.conv2", "layer3.0.downsample.0", "layer4.1.conv2")
@@ -58,12 +61,26 @@ def resnet50_imagenet() -> nn.Module:
     return torchvision.models.resnet50(num_classes=1000)
 
 
+# variant -> how the model is converted: None exact; "bn" only its BatchNorms made compact; else the
+# keyword arguments of convert_to_trace_conv.
+VARIANTS: dict[str, dict | str | None] = {
+    "exact": None,
+    "exact, fp16 BN": "bn",
+    "trace": {"mask_relu": True, "compact_bn": True},  # the converter's and the rule's default
+    "trace, fp32 BN": {"mask_relu": True, "compact_bn": False},
+    "trace convs only": {"mask_relu": False, "compact_bn": False},
+}
+
+
 def build(make: Callable[[], nn.Module], variant: str, probes: int, device: torch.device) -> nn.Module:
-    """``exact``, ``trace`` (convs + MaskReLU) or ``trace-convs`` (convs only), in train mode."""
+    """The model converted as ``VARIANTS[variant]`` says, in train mode."""
     torch.manual_seed(0)
     model = make().to(device).train()
-    if variant != "exact":
-        convert_to_trace_conv(model, probes=probes, mask_relu=variant == "trace")
+    conversion = VARIANTS[variant]
+    if conversion == "bn":
+        convert_batch_norms(model)
+    elif conversion is not None:
+        convert_to_trace_conv(model, probes=probes, **conversion)
     return model
 
 
@@ -126,40 +143,42 @@ def memory_table(args: argparse.Namespace, console: Console) -> list[dict]:
     rows = []
     specs = [("resnet18-cifar", resnet18_cifar, (args.cifar_batch, 3, 32, 32)),
              ("resnet50-imagenet", resnet50_imagenet, (args.imagenet_batch, 3, args.imagenet_size, args.imagenet_size))]  # fmt: skip
-    variants = [("exact", 0)] + [("trace", r) for r in args.r] + [("trace-convs", r) for r in args.r if r == 16]
+    variants = [("exact", 0), ("exact, fp16 BN", 0)] + [("trace", r) for r in args.r]
+    variants += [(v, r) for v in ("trace, fp32 BN", "trace convs only") for r in args.r if r == 16]
     table = Table(title=f"Saved activations per training step (MiB; storages deduplicated; device {device})")
-    for col in ["model", "batch", "variant", "r", *CATEGORIES, "total", "vs exact"]:
+    for col in ["model", "batch", "variant", "r", *CATEGORIES, "total", "vs exact", "vs exact fp16 BN"]:
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     if device.type == "cuda":
         table.add_column("peak fwd+bwd", justify="right")
         table.add_column("peak vs exact", justify="right")
     captions = []
     for name, make, shape in specs:
-        exact_total = exact_peak = None
+        measured = []  # (variant, r, bytes by category, total, CUDA peak or None)
         for variant, probes in variants:
             model = build(make, variant, probes, device)
             x = torch.randn(shape, device=device) if device.type != "meta" else torch.empty(shape, device=device)
             parts = saved_bytes(model, x)
-            total = sum(parts.values())
-            exact_total = exact_total or total
-            row = {"model": name, "batch": shape[0], "variant": variant, "r": probes or None,
-                   "saved_bytes": parts, "total_bytes": total, "ratio_vs_exact": exact_total / total}  # fmt: skip
+            peak = cuda_peak_bytes(model, x) if device.type == "cuda" else None
+            measured.append((variant, probes, parts, sum(parts.values()), peak))
+            del model, x
+        baseline = {variant: (total, peak) for variant, probes, _, total, peak in measured if probes == 0}
+        (exact, exact_peak), (fair, _) = baseline["exact"], baseline["exact, fp16 BN"]
+        for variant, probes, parts, total, peak in measured:
+            row = {"model": name, "batch": shape[0], "variant": variant, "r": probes or None, "saved_bytes": parts,
+                   "total_bytes": total, "ratio_vs_exact": exact / total, "ratio_vs_exact_fp16_bn": fair / total}  # fmt: skip
             cells = [name, str(shape[0]), variant, str(probes or "-"),
                      *(f"{parts[c] / 2**20:.0f}" for c in CATEGORIES), f"{total / 2**20:.0f}",
-                     f"{exact_total / total:.2f}x"]  # fmt: skip
-            if device.type == "cuda":
-                peak = cuda_peak_bytes(model, x)
-                exact_peak = exact_peak or peak
+                     f"{exact / total:.2f}x", f"{fair / total:.2f}x"]  # fmt: skip
+            if peak is not None:
                 row.update(peak_bytes=peak, peak_ratio_vs_exact=exact_peak / peak)
                 cells += [f"{peak / 2**20:.0f}", f"{exact_peak / peak:.2f}x"]
             rows.append(row)
             table.add_row(*cells)
-            if variant == "trace":
+            if variant == "trace, fp32 BN":
                 floor = total - parts["trace Xbar"] - parts["relu"]
-            del model, x
+                captions.append(f"{name}: with fp32 BatchNorm inputs, the rest without Xbar and ReLU masks is "
+                                f"{floor / 2**20:.0f} MiB, so no r saves more than {exact / floor:.2f}x")  # fmt: skip
         table.add_section()
-        captions.append(f"{name}: without Xbar and ReLU masks the rest (mostly BatchNorm inputs) is "
-                        f"{floor / 2**20:.0f} MiB, so no r reaches more than {exact_total / floor:.2f}x")  # fmt: skip
     table.caption = "\n".join(captions)
     console.print(table)
     return rows

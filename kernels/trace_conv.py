@@ -36,7 +36,8 @@ Triton kernels generate Z on the fly (Z is never stored) and the PyTorch referen
 
 Memory saved per converted conv: the saved activation falls from C_in*H*W to C_in*r numbers per sample
 (fp32; e.g. 64x32x32 fp32 = 256 KiB -> 64x16 fp32 = 4 KiB per sample at r = 16). In networks where the
-conv input is also saved by another op (a ReLU's output), see :class:`MaskReLU`.
+conv input is also saved by another op (a ReLU's output), see :class:`MaskReLU`; what a conv-BN-ReLU
+network keeps after that is BatchNorm's inputs, see :mod:`kernels.compact_batch_norm`.
 
 Supported: ``nn.Conv2d`` with any stride, integer padding (or 'valid', or 'same' when symmetric),
 dilation, groups (depthwise included), bias or not, non-square kernels, padding_mode='zeros', dtypes
@@ -62,6 +63,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from kernels._dispatch import check_tensor, use_triton
+from kernels.compact_batch_norm import convert_batch_norms
 from kernels._hash import hash2, hash2_torch, stream_key
 
 __all__ = [
@@ -595,6 +597,7 @@ def convert_to_trace_conv(
     probe: str = "gaussian",
     keep_first_exact: bool = True,
     mask_relu: bool = True,
+    compact_bn: bool = True,
 ) -> nn.Module:
     """Swap every ``nn.Conv2d`` of ``model`` for a :class:`TraceConv2d` sharing its Parameters.
 
@@ -602,7 +605,9 @@ def convert_to_trace_conv(
     replacement itself when ``model`` is a conv). ``keep_first_exact`` leaves the first conv in
     module order exact, as in the paper. ``mask_relu`` also swaps every ``nn.ReLU`` for a
     :class:`MaskReLU` (exact gradient, 1-bit saved mask); without it, a conv-BN-ReLU network keeps
-    each ReLU output, which is the next conv's input, and saves little memory. Convs that are
+    each ReLU output, which is the next conv's input, and saves little memory. ``compact_bn`` also
+    swaps every ``nn.BatchNorm2d`` for a :class:`~kernels.compact_batch_norm.CompactBatchNorm2d`
+    (saves its normalized input in fp16: BN inputs are then most of what is left). Convs that are
     already TraceConv2d are left as they are; hooks registered on replaced modules are not carried
     over. Every conv to convert is checked before any is
     swapped; an unsupported one raises ValueError naming the layer, e.g.
@@ -630,4 +635,4 @@ def convert_to_trace_conv(
         for key, child in list(parent._modules.items()):
             if child is not None and id(child) in replacements:
                 parent._modules[key] = replacements[id(child)]
-    return model
+    return convert_batch_norms(model) if compact_bn else model
