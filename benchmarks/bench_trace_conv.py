@@ -61,14 +61,13 @@ def resnet50_imagenet() -> nn.Module:
     return torchvision.models.resnet50(num_classes=1000)
 
 
-# variant -> how the model is converted: None exact; "bn" only its BatchNorms made compact; else the
-# keyword arguments of convert_to_trace_conv.
-VARIANTS: dict[str, dict | str | None] = {
-    "exact": None,
-    "exact, fp16 BN": "bn",
-    "trace": {"mask_relu": True, "compact_bn": True},  # the converter's and the rule's default
-    "trace, fp32 BN": {"mask_relu": True, "compact_bn": False},
-    "trace convs only": {"mask_relu": False, "compact_bn": False},
+# variant -> how the model is converted, given r
+VARIANTS: dict[str, Callable[[nn.Module, int], object]] = {
+    "exact": lambda model, r: model,
+    "exact, fp16 BN": lambda model, r: convert_batch_norms(model),
+    "trace": lambda model, r: convert_to_trace_conv(model, probes=r),  # the converter's and the rule's default
+    "trace, fp32 BN": lambda model, r: convert_to_trace_conv(model, probes=r, compact_bn=False),
+    "trace convs only": lambda model, r: convert_to_trace_conv(model, probes=r, mask_relu=False, compact_bn=False),
 }
 
 
@@ -76,11 +75,7 @@ def build(make: Callable[[], nn.Module], variant: str, probes: int, device: torc
     """The model converted as ``VARIANTS[variant]`` says, in train mode."""
     torch.manual_seed(0)
     model = make().to(device).train()
-    conversion = VARIANTS[variant]
-    if conversion == "bn":
-        convert_batch_norms(model)
-    elif conversion is not None:
-        convert_to_trace_conv(model, probes=probes, **conversion)
+    VARIANTS[variant](model, probes)
     return model
 
 

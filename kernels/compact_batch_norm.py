@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kernels._modules import swap_modules
+
 __all__ = ["CompactBatchNorm2d", "convert_batch_norms"]
 
 _CHANNEL_DIMS = (0, 2, 3)
@@ -98,14 +100,15 @@ class CompactBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(input)
         self._check_input_dim(input)
-        if input.numel() <= input.shape[1]:
+        count = input.numel() // input.shape[1]  # values per channel
+        if count <= 1:
             raise ValueError(
                 f"CompactBatchNorm2d: expected more than 1 value per channel when training, got input "
                 f"of shape {tuple(input.shape)}; use a batch of at least 2 samples or call .eval()"
             )
         y, mean, var = _CompactBatchNormFunction.apply(input, self.weight, self.bias, self.eps)
         if self.track_running_stats:
-            self._update_running_stats(mean, var, input.numel() // input.shape[1])
+            self._update_running_stats(mean, var, count)
         return y
 
     @torch.no_grad()
@@ -123,10 +126,5 @@ def convert_batch_norms(model: nn.Module) -> nn.Module:
     and checkpoints load into the plain model. Subclasses of BatchNorm2d (SyncBatchNorm is not one)
     are left alone. Returns the model, or the replacement when ``model`` is itself a BatchNorm2d.
     """
-    if type(model) is nn.BatchNorm2d:
-        return CompactBatchNorm2d.from_batch_norm(model)
-    for parent in list(model.modules()):
-        for key, child in list(parent._modules.items()):
-            if type(child) is nn.BatchNorm2d:
-                parent._modules[key] = CompactBatchNorm2d.from_batch_norm(child)
-    return model
+    replacements = {id(m): CompactBatchNorm2d.from_batch_norm(m) for m in model.modules() if type(m) is nn.BatchNorm2d}
+    return swap_modules(model, replacements)

@@ -63,8 +63,9 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from kernels._dispatch import check_tensor, use_triton
-from kernels.compact_batch_norm import convert_batch_norms
 from kernels._hash import hash2, hash2_torch, stream_key
+from kernels._modules import swap_modules
+from kernels.compact_batch_norm import convert_batch_norms
 
 __all__ = [
     "PROBES",
@@ -629,10 +630,5 @@ def convert_to_trace_conv(
         for module in model.modules():
             if type(module) is nn.ReLU:
                 replacements[id(module)] = MaskReLU(inplace=module.inplace).train(module.training)
-    if id(model) in replacements:
-        return replacements[id(model)]
-    for parent in list(model.modules()):
-        for key, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                parent._modules[key] = replacements[id(child)]
+    model = swap_modules(model, replacements)
     return convert_batch_norms(model) if compact_bn else model
