@@ -9,6 +9,8 @@ Short budgets on small held-out sets are noisy (466 held-out images: ±2.3 point
 alone), so ``--seeds 0 1 2`` trains every rule once per seed (the held-out split stays fixed by
 ``data.split_seed``) and reports mean ± standard deviation. ``--jobs N`` runs N trainings at once,
 each with ``OMP_NUM_THREADS = cores / N`` unless that is set (for CPU machines and one-GPU jobs).
+``--reuse`` reads the runs that already finished in ``--out`` with the same recipe, so an interrupted
+comparison, or one that adds seeds or rules, trains only what is missing.
 
     python benchmarks/compare_rules.py --suite mnist5k --epochs 8 --out bench_out/mnist5k
     python benchmarks/compare_rules.py --suite cifar --npz ../shared/data/cifar10-mini-train.npz \
@@ -30,6 +32,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from trainer.config import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -59,19 +63,36 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
 }
 
 
-def run_one(label: str, recipe: str, seed: int, overrides: list[str], out: Path, env: dict[str, str]) -> dict:
-    """Train one configuration with one seed in its own process; return its results and curve."""
-    command = [sys.executable, "-m", "trainer", "run", str(RECIPES / f"{recipe}.toml"), "--out", str(out)]
-    for item in [*overrides, f"train.seed={seed}"]:
-        command += ["--set", item]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    row = {"label": label, "recipe": recipe, "seed": seed, "wall_s": wall}
-    if done.returncode != 0:
-        return {**row, "error": done.stderr.strip().splitlines()[-1:]}
-    results = json.loads((out / "results.json").read_text())
+def finished_run(out: Path, recipe: Path, overrides: list[str]) -> dict | None:
+    """The results in ``out`` if a run of exactly this recipe (after overrides) finished there."""
+    if not (out / "results.json").exists():
+        return None
+    if load_recipe(out / "recipe.toml").to_dict() != load_recipe(recipe, overrides).to_dict():
+        return None
+    return json.loads((out / "results.json").read_text())
+
+
+def run_one(label: str, recipe: str, seed: int, overrides: list[str], out: Path, env: dict[str, str],
+            reuse: bool = False) -> dict:
+    """Train one configuration with one seed in its own process; return its results and curve.
+
+    With ``reuse``, a finished run of the same recipe in ``out`` is read instead of trained again
+    (its ``wall_s`` is then the sum of its epochs' training times, not this call's)."""
+    path, items = RECIPES / f"{recipe}.toml", [*overrides, f"train.seed={seed}"]
+    results = finished_run(out, path, items) if reuse else None
+    row = {"label": label, "recipe": recipe, "seed": seed}
+    if results is None:
+        command = [sys.executable, "-m", "trainer", "run", str(path), "--out", str(out)]
+        for item in items:
+            command += ["--set", item]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        row["wall_s"] = time.perf_counter() - start
+        if done.returncode != 0:
+            return {**row, "error": done.stderr.strip().splitlines()[-1:]}
+        results = json.loads((out / "results.json").read_text())
     curve = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] != "train"]
+    row.setdefault("wall_s", sum(r["train_seconds"] for r in curve))
     return {**results, **row, "curve": [(r["epoch"], r.get("accuracy")) for r in curve]}
 
 
@@ -129,6 +150,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values; each rule runs once per seed")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (CPU threads are split among them)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reuse", action="store_true",
+                        help="read runs already finished in --out with the same recipe instead of training them again")
     args = parser.parse_args()
     entries = SUITES[args.suite]
     if args.rules:
@@ -150,7 +173,8 @@ def main() -> None:
         label, recipe, seed, overrides = job
         folder = args.out / label.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
         console.print(f"[bold]{label}[/] ({recipe}, seed {seed}) …")
-        return run_one(label, recipe, seed, overrides, folder / f"seed{seed}" if len(args.seeds) > 1 else folder, env)
+        out = folder / f"seed{seed}" if len(args.seeds) > 1 else folder
+        return run_one(label, recipe, seed, overrides, out, env, args.reuse)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(launch, jobs))

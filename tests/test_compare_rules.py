@@ -1,9 +1,12 @@
 """benchmarks/compare_rules.py: how runs over seeds are summarized (the numbers BENCHMARKS.md reports)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
+
+from trainer.config import dump_toml, load_recipe
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_rules.py"
 _SPEC = importlib.util.spec_from_file_location("compare_rules", _PATH)
@@ -34,3 +37,31 @@ def test_failed_seeds_are_named_and_left_out_of_the_mean():
     assert summary["errors"] == ["seed 1: exit 3: diverged"]
     only_failed = compare_rules.summarize("bp", "quickstart", [failed])
     assert "accuracy" not in only_failed and only_failed["errors"]
+
+
+def fake_finished_run(out: Path, overrides: list[str], accuracy: float) -> None:
+    out.mkdir(parents=True)
+    recipe = load_recipe(compare_rules.RECIPES / "quickstart.toml", overrides)
+    (out / "recipe.toml").write_text(dump_toml(recipe.to_dict()))
+    (out / "results.json").write_text(json.dumps({"accuracy": accuracy, "images_per_s": 5.0}))
+    epochs = [{"split": "train", "epoch": 1}, *({"split": "test", "epoch": e, "accuracy": accuracy / 2 * e,
+                                                 "train_seconds": 20.0} for e in (1, 2))]
+    (out / "metrics.jsonl").write_text("\n".join(map(json.dumps, epochs)))
+
+
+def test_reuse_reads_a_finished_run_of_the_same_recipe(tmp_path, monkeypatch):
+    fake_finished_run(tmp_path / "run", ["train.epochs=2", "train.seed=3"], 0.9)
+    monkeypatch.setattr(compare_rules.subprocess, "run", lambda *a, **k: pytest.fail("trained again"))
+    row = compare_rules.run_one("bp", "quickstart", 3, ["train.epochs=2"], tmp_path / "run", {}, reuse=True)
+    assert row["accuracy"] == 0.9 and row["seed"] == 3 and row["recipe"] == "quickstart"
+    assert row["wall_s"] == 40.0 and row["curve"] == [(1, 0.45), (2, 0.9)]
+
+
+def test_reuse_trains_again_when_any_recipe_value_differs(tmp_path):
+    fake_finished_run(tmp_path / "run", ["train.epochs=2", "train.seed=3"], 0.9)
+    recipe = compare_rules.RECIPES / "quickstart.toml"
+    assert compare_rules.finished_run(tmp_path / "run", recipe, ["train.epochs=2", "train.seed=3"]) is not None
+    assert compare_rules.finished_run(tmp_path / "run", recipe, ["train.epochs=2", "train.seed=4"]) is None
+    assert compare_rules.finished_run(tmp_path / "run", recipe, ["train.epochs=3", "train.seed=3"]) is None
+    (tmp_path / "run" / "results.json").unlink()  # interrupted: no results yet
+    assert compare_rules.finished_run(tmp_path / "run", recipe, ["train.epochs=2", "train.seed=3"]) is None

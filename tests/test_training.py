@@ -53,6 +53,10 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_npz
     with pytest.raises(Exception, match="already holds a run; pass --resume"):
         train(load_recipe(path), tmp_path / "cut")
     train(load_recipe(path), tmp_path / "cut", resume=True)
+    results = (tmp_path / "cut" / "results.json").read_text()
+    with pytest.raises(Exception, match="already finished 3 of train.epochs = 3"):
+        train(load_recipe(path), tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut" / "results.json").read_text() == results
 
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in full] == [r["step"] for r in cut]

@@ -285,6 +285,9 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
     main = s.env.is_main
     console = console if main and console else Console(quiet=not main)
     epoch, step = restore(s, load_checkpoint(ckpt_path)) if resume else (0, 0)
+    if resume and epoch >= recipe.train.epochs:
+        raise ConfigError(f"{out_dir}: the run already finished {epoch} of train.epochs = {recipe.train.epochs}; "
+                          "set train.epochs higher to train it on, or use --out to start another")
     if s.env.enabled:
         torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 rewrites files
     log = None
