@@ -15,8 +15,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from conftest import write_recipe
 from trainer.cli import main
-from trainer.config import ConfigError, ModelConfig, load_recipe
-from trainer.loop import train
+from trainer.config import ConfigError, ModelConfig, OptimConfig, load_recipe
+from trainer.loop import build_optimizer, train
 from trainer.models import build_model, model_units
 from trainer.rules import RuleContext, build_rule, rule_options_class
 from trainer.rules.lra import BlockPreActivation, ChannelErrorMap, ConvErrorMap, DenseErrorMap, split_activation
@@ -128,10 +128,11 @@ def test_lra_mlp_matches_the_equations(weight_update, error_update, alpha, max_n
     for i, lin in enumerate(linears):
         close(lin.weight.grad, deltas[lin.weight], f"ΔW_{i}")
         close(lin.bias.grad, deltas[lin.bias], f"Δb_{i}")
-    for l, emap in enumerate(rule.error_maps):
-        close(emap.weight.grad, deltas[l], f"ΔE_{l} ({error_update})")
+    for l, emap in enumerate(rule.error_maps):  # γ is E's learning-rate multiple: the step is γ·lr·grad
+        close(options["gamma"] * emap.weight.grad, deltas[l], f"ΔE_{l} ({error_update})")
     if max_norm:
-        norms = [p.grad.norm().item() for p in [*model.parameters(), *rule.parameters()]]
+        norms = [p.grad.norm().item() for p in model.parameters()]
+        norms += [options["gamma"] * p.grad.norm().item() for p in rule.parameters()]
         assert max(norms) <= max_norm * (1 + 1e-5)
         assert sum(abs(v - max_norm) < 1e-5 * max_norm for v in norms) >= 4, "the ball should bind somewhere"
 
@@ -150,6 +151,43 @@ def test_product_update_sign_grows_d_along_the_error():
     assert emap.weight.grad is not None
     moved = emap.weight - 1e-3 * emap.weight.grad
     assert ((error @ moved) * d).sum() > (d * d).sum()
+
+
+def test_gamma_is_the_error_maps_learning_rate_under_sgd_and_adamw():
+    """One real optimizer step moves E by -γ·lr·ball(ΔE) (SGD) and by γ·lr per entry (AdamW's first step,
+    which a constant factor in the gradient could not change); W by lr·ball(ΔW)."""
+    for name, lr in (("sgd", 0.1), ("adamw", 0.01)):
+        torch.manual_seed(2)
+        model = build_model(ModelConfig(name="mlp", hidden=[6, 5], activation="tanh"), (1, 3, 3), 3)
+        rule = make_rule("lra", model, (1, 3, 3), 3, gamma=0.25, max_norm=0.05, error_update="product")
+        optimizer = build_optimizer(OptimConfig(name=name, lr=lr, momentum=0.0, weight_decay=0.0), [model, rule])
+        E = rule.error_maps[0].weight
+        assert {g["lr"] for g in optimizer.param_groups if any(q is E for q in g["params"])} == {0.25 * lr}
+        x, y = torch.randn(7, 1, 3, 3), torch.randint(0, 3, (7,))
+        keep = copy.deepcopy((model, rule))
+        keep[1].train_step(x, y, KeepGrads())
+        want = keep[1].error_maps[0].weight.grad
+        before = E.detach().clone()
+        rule.train_step(x, y, optimizer)
+        step = E.detach() - before
+        if name == "sgd":
+            assert (0.25 * want).norm() <= 0.05 * (1 + 1e-5)  # the ball holds for γ·ΔE, the step's direction
+            close(step, -0.25 * lr * want.double(), "SGD step of E")
+        else:
+            assert torch.allclose(step.abs(), torch.full_like(step, 0.25 * lr), rtol=1e-3)
+
+
+def test_gamma_zero_keeps_the_error_maps_fixed_and_skips_their_update():
+    torch.manual_seed(3)
+    net = tiny_resnet()
+    rule = make_rule("rec_lra", net, (1, 8, 8), 3, gamma=0.0)
+    optimizer = build_optimizer(OptimConfig(name="adamw", lr=0.01, weight_decay=0.1), [net, rule])
+    before = [p.detach().clone() for p in rule.parameters()]
+    stem_weight = net[0][0].weight.detach().clone()
+    rule.train_step(torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,)), optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, rule.parameters()))
+    assert all(p.grad is None for p in rule.parameters())
+    assert not torch.equal(stem_weight, net[0][0].weight)  # the network still learns
 
 
 # ---- recursive LRA on residual blocks --------------------------------------------------------------
@@ -240,7 +278,7 @@ def test_rec_lra_residual_blocks_match_the_equations(error_map, vector_error_map
         weight = E[l].clone().requires_grad_()
         d = apply_map(rule.error_maps[l], weight, errors[src], shapes[l])
         (want,) = torch.autograd.grad(-gamma / n * (d * actions[l]).sum(), weight)
-        close(rule.error_maps[l].weight.grad, want, f"ΔE_{l} ({type(rule.error_maps[l]).__name__})")
+        close(gamma * rule.error_maps[l].weight.grad, want, f"ΔE_{l} ({type(rule.error_maps[l]).__name__})")
 
 
 def test_error_skip_wiring_on_resnet18():

@@ -73,6 +73,11 @@ class Rule(nn.Module, abc.ABC):
         """Logits for evaluation."""
         return self.model(x)
 
+    def lr_scales(self) -> dict[nn.Parameter, float]:
+        """Learning-rate multiples of the rule's own parameters (e.g. LRA's γ for its error maps);
+        the optimizer puts them in groups of their own, so the multiple holds under AdamW too."""
+        return {}
+
     def diagnostics(self) -> dict[str, float]:
         """Extra scalars for metrics.jsonl (e.g. alignment angles). Keys without a "/" are also
         shown in the progress line; per-unit keys look like "angle/layer1.0" and are logged only."""

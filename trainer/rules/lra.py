@@ -17,7 +17,11 @@ Targets travel top-down through learned error maps ``E_l`` instead of ``W^T``, o
 
 Conventions. Every Δ is a gradient-like update: it is written into ``.grad`` (a batch mean, so
 learning rates mean what they mean for BP) and the loop's optimizer applies θ ← θ - η·Δ (AdamW or
-SGD, with their schedules). A unit's "Hebbian" update for a conv layer or a residual block is the
+SGD, with their schedules). γ is E's learning rate relative to W's: ΔE goes into ``.grad`` without
+γ and the E maps get an optimizer group with ``lr = γ·optim.lr`` and a norm-ball radius of c/γ, so
+the step is exactly ``-η·ball_c(γ·ΔE)`` under SGD, and γ still acts under AdamW, which would cancel
+a constant factor in the gradient; γ = 0 keeps E fixed (its update is then not computed). A unit's
+"Hebbian" update for a conv layer or a residual block is the
 local backward with ``e_l`` at ``a_l`` (for a dense layer exactly ``e_lᵀ z_{l-1}``); the
 ``"gradient"`` form sends ``e_l`` to ``z_l``, which adds ``φ'(a_l)``. Error skips every m units
 (rec_lra): the units at distance m, 2m, … below the output take ``d_l`` from ``e_{L-1}`` (error
@@ -93,7 +97,7 @@ class LRAOptions:
     """LRA-E on MLPs; defaults from the authors' LRA-E code (module docstring)."""
 
     beta: float = 0.1  # β: how far the target y_l = φ(a_l - β·d_l) moves from z_l
-    gamma: float = 1.0  # γ: scale of the E updates
+    gamma: float = 1.0  # γ: E's learning rate as a multiple of optim.lr (0: E stays fixed)
     alpha: float = 1.0  # α: L2 share of the error units (1: e = z - y; 0: e = sign(z - y))
     max_norm: float = 1.0  # c: norm-ball radius of every Δ (per tensor); 0 = no projection
     weight_update: Literal["hebbian", "gradient"] = "hebbian"
@@ -316,7 +320,7 @@ class LocalRepresentationAlignment(UnitRule):
         if ctx.compile:
             for unit in self._units:
                 unit.compile()
-        self._update_params = list({id(p): p for m in [*self._units, self.error_maps] for p in m.parameters()}.values())
+        self._weight_params = list({id(p): p for m in self._units for p in m.parameters()}.values())
         self._error_rms: torch.Tensor | None = None
 
     # wiring: overridden by rec_lra ------------------------------------------------------------------
@@ -366,6 +370,13 @@ class LocalRepresentationAlignment(UnitRule):
 
     # the step --------------------------------------------------------------------------------------------
 
+    @property
+    def learns_errors(self) -> bool:
+        return self.options.gamma > 0
+
+    def lr_scales(self) -> dict[nn.Parameter, float]:
+        return {p: self.options.gamma for p in self.error_maps.parameters()}
+
     def fused(self, l: int) -> bool:
         """Whether unit l's ΔW comes from the fused kernel (a Hebbian dense layer with a dense E)."""
         return (self.options.weight_update == "hebbian" and l < len(self.error_maps)
@@ -381,7 +392,7 @@ class LocalRepresentationAlignment(UnitRule):
         for the product-form E update (dense maps: from the kernel; other maps: with E's graph)."""
         errors: list[torch.Tensor] = [top_error] * len(outputs)
         actions: list[torch.Tensor | None] = [None] * len(self.error_maps)
-        product = self.options.error_update == "product"
+        product = self.options.error_update == "product" and self.learns_errors
         for l in reversed(range(len(self.error_maps))):
             z, a = outputs[l]
             emap, upstream = self.error_maps[l], errors[self.sources[l]]
@@ -407,11 +418,13 @@ class LocalRepresentationAlignment(UnitRule):
             errors, actions = self.align(outputs, error * n)
         projected = self.fused_weight_updates(x, outputs, errors, n)
         self.local_updates(outputs, errors, actions, n)
-        if self.options.max_norm > 0:
-            project_to_ball_([p.grad for p in self._update_params if p.grad is not None and p not in projected],
-                             self.options.max_norm)
-        if self.options.error_update == "transpose":
+        radius = self.options.max_norm
+        if radius > 0:
+            project_to_ball_([p.grad for p in self._weight_params if p.grad is not None and p not in projected], radius)
+        if self.learns_errors and self.options.error_update == "transpose":
             self.transpose_error_updates()
+        if self.learns_errors and radius > 0:  # E's step is γ·lr·ΔE: ball_c(γ·ΔE) = γ·ball_(c/γ)(ΔE)
+            project_to_ball_([p.grad for p in self.error_maps.parameters()], radius / self.options.gamma)
         with torch.no_grad():
             self._error_rms = torch.stack([e.float().pow(2).mean().sqrt() for e in errors[:-1]])
         self.step(optimizer)
@@ -450,10 +463,10 @@ class LocalRepresentationAlignment(UnitRule):
             if not self.fused(l):
                 tensors.append(a if at_pre else z)
                 grads.append(e / n)
-        if self.options.error_update == "product":
-            scale = -self.options.gamma / n
+        if self.options.error_update == "product" and self.learns_errors:
+            scale = -1.0 / n  # γ is E's learning-rate multiple (lr_scales)
             for l, (emap, d) in enumerate(zip(self.error_maps, actions)):
-                if isinstance(emap, DenseErrorMap):  # ΔE = -γ/N · Σ_n e_src ⊗ d, in the D_src x D_dst layout
+                if isinstance(emap, DenseErrorMap):  # ΔE = -1/N · Σ_n e_src ⊗ d, in the D_src x D_dst layout
                     upstream = errors[self.sources[l]].reshape(n, -1).float()
                     emap.weight.grad = scale * upstream.t() @ d.reshape(n, -1).float()
                 else:
@@ -463,14 +476,10 @@ class LocalRepresentationAlignment(UnitRule):
 
     @torch.no_grad()
     def transpose_error_updates(self) -> None:
-        """ΔE_l = γ·ΔW_{l+1}ᵀ (E is stored D_{l+1} x D_l, W_{l+1} as nn.Linear's D_{l+1} x D_l)."""
-        grads = []
+        """ΔE_l = ΔW_{l+1}ᵀ, γ in E's learning rate (E is stored D_{l+1} x D_l, W_{l+1} as nn.Linear's
+        D_{l+1} x D_l)."""
         for l, emap in enumerate(self.error_maps):
-            w_grad = self.units[l + 1].linear.weight.grad
-            emap.weight.grad = self.options.gamma * w_grad.float()
-            grads.append(emap.weight.grad)
-        if self.options.max_norm > 0:
-            project_to_ball_(grads, self.options.max_norm)
+            emap.weight.grad = self.units[l + 1].linear.weight.grad.float()
 
     def diagnostics(self) -> dict[str, float]:
         """RMS of each hidden unit's error units at the last step (their mean: ``err_rms``)."""
