@@ -182,6 +182,7 @@ def test_gamma_zero_keeps_the_error_maps_fixed_and_skips_their_update():
     net = tiny_resnet()
     rule = make_rule("rec_lra", net, (1, 8, 8), 3, gamma=0.0)
     optimizer = build_optimizer(OptimConfig(name="adamw", lr=0.01, weight_decay=0.1), [net, rule])
+    assert optimizer.param_groups[0]["lr"] == 0.01  # the group whose lr the loop logs is the model's
     before = [p.detach().clone() for p in rule.parameters()]
     stem_weight = net[0][0].weight.detach().clone()
     rule.train_step(torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,)), optimizer)

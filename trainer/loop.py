@@ -45,14 +45,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def build_optimizer(cfg: OptimConfig, modules: list[nn.Module]) -> torch.optim.Optimizer:
     """SGD (Nesterov) or AdamW; weight decay only on tensors of dimension >= 2 (not norms, biases);
-    a rule's ``lr_scales()`` give its parameters groups with ``lr = scale · optim.lr``."""
+    a rule's ``lr_scales()`` give its parameters groups with ``lr = scale · optim.lr``, after the
+    unscaled groups (group 0 has ``optim.lr``: the loop logs its learning rate)."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     scales = {p: s for m in modules if isinstance(m, Rule) for p, s in m.lr_scales().items()}
     keys = {p: (p.dim() >= 2, scales.get(p, 1.0)) for p in params}
     groups = [
         {"params": [p for p in params if keys[p] == key], "lr": cfg.lr * key[1],
          "weight_decay": cfg.weight_decay if key[0] else 0.0}
-        for key in sorted(set(keys.values()), key=lambda k: (not k[0], k[1]))
+        for key in sorted(set(keys.values()), key=lambda k: (k[1] != 1.0, not k[0], k[1]))
     ]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
