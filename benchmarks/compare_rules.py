@@ -56,6 +56,7 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("hybrid dfa+bp", "cifar10_resnet18_hybrid", []),
         ("tpsgd", "cifar10_resnet18_tpsgd", []),
         ("rec_lra", "cifar10_resnet18_rec_lra", []),
+        ("rec_lra (stages)", "cifar10_resnet18_rec_lra_stages", []),
         ("trace_bp r=4", "cifar10_resnet18_trace_bp", ["rule.probes=4"]),
         ("trace_bp r=16", "cifar10_resnet18_trace_bp", ["rule.probes=16"]),
         ("trace_bp r=64", "cifar10_resnet18_trace_bp", ["rule.probes=64"]),
@@ -157,6 +158,10 @@ def main() -> None:
     if args.rules:
         wanted = {r.strip() for r in args.rules.split(",")}
         entries = [e for e in entries if e[0] in wanted]
+    for name in ("train.seed", "train.epochs"):
+        if any(item.split("=", 1)[0].strip() == name for item in args.set):
+            flag = "--seeds" if name == "train.seed" else "--epochs"
+            parser.error(f"--set {name}=… conflicts with {flag} (one of them would silently win); use {flag}")
     common = [f"train.epochs={args.epochs}", *args.set]
     if args.suite == "cifar":
         if args.npz is None:

@@ -65,3 +65,13 @@ def test_reuse_trains_again_when_any_recipe_value_differs(tmp_path):
     assert compare_rules.finished_run(tmp_path / "run", recipe, ["train.epochs=3", "train.seed=3"]) is None
     (tmp_path / "run" / "results.json").unlink()  # interrupted: no results yet
     assert compare_rules.finished_run(tmp_path / "run", recipe, ["train.epochs=2", "train.seed=3"]) is None
+
+
+@pytest.mark.parametrize("item,flag", [("train.seed=1", "--seeds"), ("train.epochs=3", "--epochs")])
+def test_seed_and_epochs_overrides_are_refused_for_their_flags(tmp_path, monkeypatch, capsys, item, flag):
+    argv = ["compare_rules.py", "--suite", "mnist5k", "--epochs", "1", "--out", str(tmp_path), "--set", item]
+    monkeypatch.setattr(compare_rules.sys, "argv", argv)
+    monkeypatch.setattr(compare_rules.subprocess, "run", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit_info:
+        compare_rules.main()
+    assert exit_info.value.code == 2 and f"use {flag}" in capsys.readouterr().err
