@@ -158,10 +158,11 @@ def main() -> None:
     if args.rules:
         wanted = {r.strip() for r in args.rules.split(",")}
         entries = [e for e in entries if e[0] in wanted]
-    for name in ("train.seed", "train.epochs"):
-        if any(item.split("=", 1)[0].strip() == name for item in args.set):
-            flag = "--seeds" if name == "train.seed" else "--epochs"
-            parser.error(f"--set {name}=… conflicts with {flag} (one of them would silently win); use {flag}")
+    for item in args.set:
+        key = item.split("=", 1)[0].strip()
+        flag = {"train.seed": "--seeds", "train.epochs": "--epochs"}.get(key)
+        if flag:
+            parser.error(f"--set {key}=… conflicts with {flag} (one of them would silently win); use {flag}")
     common = [f"train.epochs={args.epochs}", *args.set]
     if args.suite == "cifar":
         if args.npz is None:

@@ -286,13 +286,14 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
         raise ConfigError(f"{out_dir}: already holds a run; pass --resume to continue it, or --out to choose another folder")
     if resume and not ckpt_path.exists():
         raise ConfigError(f"{out_dir}: --resume given but there is no {CHECKPOINT_NAME} to resume from")
+    payload = load_checkpoint(ckpt_path) if resume else None
+    if payload is not None and payload["epoch"] >= recipe.train.epochs:  # before building anything
+        raise ConfigError(f"{out_dir}: the run already finished {payload['epoch']} of train.epochs = "
+                          f"{recipe.train.epochs}; set train.epochs higher to train it on, or use --out to start another")
     s = build_session(recipe)
     main = s.env.is_main
     console = console if main and console else Console(quiet=not main)
-    epoch, step = restore(s, load_checkpoint(ckpt_path)) if resume else (0, 0)
-    if resume and epoch >= recipe.train.epochs:
-        raise ConfigError(f"{out_dir}: the run already finished {epoch} of train.epochs = {recipe.train.epochs}; "
-                          "set train.epochs higher to train it on, or use --out to start another")
+    epoch, step = restore(s, payload) if payload is not None else (0, 0)
     if s.env.enabled:
         torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 rewrites files
     log = None
