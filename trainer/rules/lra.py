@@ -22,9 +22,8 @@ SGD, with their schedules). γ is E's learning rate relative to W's: ΔE goes in
 the step is exactly ``-η·ball_c(γ·ΔE)`` under SGD, and γ still acts under AdamW, which would cancel
 a constant factor in the gradient; γ = 0 keeps E fixed (its update is then not computed). A unit's
 "Hebbian" update for a conv layer or a residual block is the local backward with ``e_l`` at ``a_l``
-(for a dense layer exactly ``e_lᵀ z_{l-1}``); the
-``"gradient"`` form sends ``e_l`` to ``z_l``, which adds ``φ'(a_l)``. Error skips every m units
-(rec_lra): the units at distance m, 2m, … below the output take ``d_l`` from ``e_{L-1}`` (error
+(for a dense layer exactly ``e_lᵀ z_{l-1}``); the ``"gradient"`` form sends ``e_l`` to ``z_l``,
+which adds ``φ'(a_l)``. Error skips every m units (rec_lra): the units at distance m, 2m, … below the output take ``d_l`` from ``e_{L-1}`` (error
 skip connections); all others from the unit above. ``α_l`` is ``alpha_skip`` at skip endpoints
 and ``alpha`` elsewhere. Forward skips are the residual connections inside ResNet blocks: a
 block's ``a_l = bn(conv(…)) + shortcut(x)``, so its error units train the residual and the
