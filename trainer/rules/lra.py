@@ -17,18 +17,18 @@ Targets travel top-down through learned error maps ``E_l`` instead of ``W^T``, o
 
 Conventions. Every Δ is a gradient-like update: it is written into ``.grad`` (a batch mean, so
 learning rates mean what they mean for BP) and the loop's optimizer applies θ ← θ - η·Δ (AdamW or
-SGD, with their schedules). γ is E's learning rate relative to W's: ΔE goes into ``.grad`` without
-γ and the E maps get an optimizer group with ``lr = γ·optim.lr`` and a norm-ball radius of c/γ, so
-the step is exactly ``-η·ball_c(γ·ΔE)`` under SGD, and γ still acts under AdamW, which would cancel
-a constant factor in the gradient; γ = 0 keeps E fixed (its update is then not computed). A unit's
+SGD, with their schedules). γ is E's learning rate relative to W's: ΔE goes into ``.grad`` without γ
+and the E maps get an optimizer group with ``lr = γ·optim.lr`` and a norm-ball radius of c/γ, so the
+step is exactly ``-η·ball_c(γ·ΔE)`` under SGD, and γ still acts under AdamW, which would cancel a
+constant factor in the gradient; γ = 0 keeps E fixed (its update is then not computed). A unit's
 "Hebbian" update for a conv layer or a residual block is the local backward with ``e_l`` at ``a_l``
 (for a dense layer exactly ``e_lᵀ z_{l-1}``); the ``"gradient"`` form sends ``e_l`` to ``z_l``,
-which adds ``φ'(a_l)``. Error skips every m units (rec_lra): the units at distance m, 2m, … below the output take ``d_l`` from ``e_{L-1}`` (error
-skip connections); all others from the unit above. ``α_l`` is ``alpha_skip`` at skip endpoints
-and ``alpha`` elsewhere. Forward skips are the residual connections inside ResNet blocks: a
-block's ``a_l = bn(conv(…)) + shortcut(x)``, so its error units train the residual and the
-shortcut branches alike, and "recursive" means every block produces the error units of the block
-(or stem) below it.
+which adds ``φ'(a_l)``. Error skips every m units (rec_lra): the units at distance m, 2m, … below
+the output take ``d_l`` from ``e_{L-1}`` (error skip connections); all others from the unit above.
+``α_l`` is ``alpha_skip`` at skip endpoints and ``alpha`` elsewhere. Forward skips are the residual
+connections inside ResNet blocks: a block's ``a_l = bn(conv(…)) + shortcut(x)``, so its error units
+train the residual and the shortcut branches alike, and "recursive" means every block produces the
+error units of the block (or stem) below it.
 
 Pre-activations are read from the units without touching the models: a trailing ReLU/Tanh/Sigmoid
 of a unit is split off (max-pooling after it is moved before it; they commute), ResNet blocks and
