@@ -230,20 +230,23 @@ def apply_map(emap: nn.Module, weight: torch.Tensor, e: torch.Tensor, dst_shape)
     return F.interpolate(d, size=dst_shape[1:], mode="nearest")
 
 
-@pytest.mark.parametrize("error_map,vector_error_map,weight_update", [
-    ("conv3x3", "dense", "hebbian"),
-    ("conv1x1", "channel", "gradient"),
-    ("channel", "dense", "hebbian"),
+@pytest.mark.parametrize("error_map,vector_error_map,weight_update,shortcut_feedback", [
+    ("conv3x3", "dense", "hebbian", False),
+    ("conv3x3", "dense", "hebbian", True),
+    ("conv1x1", "channel", "gradient", True),
+    ("channel", "dense", "hebbian", False),
 ])
-def test_rec_lra_residual_blocks_match_the_equations(error_map, vector_error_map, weight_update):
+def test_rec_lra_residual_blocks_match_the_equations(error_map, vector_error_map, weight_update, shortcut_feedback):
     torch.manual_seed(0)
     net = tiny_resnet()
     ref_net = copy.deepcopy(net).double()
     beta, gamma, alpha, alpha_skip = 0.4, 0.3, 0.6, 0.3
     rule = make_rule("rec_lra", net, (1, 8, 8), 3, beta=beta, gamma=gamma, alpha=alpha, alpha_skip=alpha_skip,
                      error_skip_every=2, max_norm=0.0, error_map=error_map, vector_error_map=vector_error_map,
-                     weight_update=weight_update)
+                     weight_update=weight_update, shortcut_feedback=shortcut_feedback)
     assert rule.sources == [1, 3, 3]  # unit 1 is 2 below the output: an error skip; units 0 and 2 adjacent
+    # only unit 2 (the second block) has an identity shortcut: it feeds unit 1's target
+    assert rule.shortcuts == [False, shortcut_feedback, False]
     kinds = {"conv3x3": ConvErrorMap, "conv1x1": ConvErrorMap, "channel": ChannelErrorMap}
     assert isinstance(rule.error_maps[0], kinds[error_map])
     assert isinstance(rule.error_maps[1], DenseErrorMap if vector_error_map == "dense" else ChannelErrorMap)
@@ -264,7 +267,8 @@ def test_rec_lra_residual_blocks_match_the_equations(error_map, vector_error_map
     actions = [None] * 3
     for l, src in ((2, 3), (1, 3), (0, 1)):
         actions[l] = apply_map(rule.error_maps[l], E[l], errors[src], shapes[l])
-        target = torch.relu(pre[l].detach() - beta * actions[l])
+        shortcut = errors[2] if shortcut_feedback and l == 1 else 0.0  # y_1 = relu(a_1 - β·d_1 - e_2)
+        target = torch.relu(pre[l].detach() - beta * actions[l] - shortcut)
         errors[l] = mixed_error(zs[l].detach(), target, alpha_skip if l == 1 else alpha)
 
     rule.train_step(x, y, KeepGrads())
@@ -282,6 +286,29 @@ def test_rec_lra_residual_blocks_match_the_equations(error_map, vector_error_map
         close(gamma * rule.error_maps[l].weight.grad, want, f"ΔE_{l} ({type(rule.error_maps[l]).__name__})")
 
 
+def test_transpose_update_ties_conv_and_channel_maps_to_the_next_units_first_weight():
+    """ΔE_l = γ·ΔW_{l+1}ᵀ on residual blocks: a 3x3 map takes the transposed conv of the next block's
+    conv1 (its adjoint at stride 1), the channel map from the output takes the head's dense weight."""
+    torch.manual_seed(3)
+    net = tiny_resnet()
+    rule = make_rule("rec_lra", net, (1, 8, 8), 3, gamma=1.0, error_skip_every=0, error_update="transpose",
+                     vector_error_map="channel", max_norm=0.5)
+    stem, block1, block2, head = net
+    assert rule.tied == [block1.conv1.weight, block2.conv1.weight, head[2].weight]
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,))
+    rule.train_step(x, y, KeepGrads())
+    for emap, weight in zip(rule.error_maps, rule.tied):
+        want = weight.grad.transpose(0, 1).flip(2, 3) if weight.dim() == 4 else weight.grad
+        assert torch.linalg.vector_norm(weight.grad) <= 0.5 + 1e-6  # ΔW_{l+1} after its norm-ball
+        close(emap.weight.grad, want, "ΔE")
+    # E = Wᵀ in this layout feeds back exactly the adjoint of block2.conv1: <conv(z, W), e> = <z, E(e)>
+    emap, weight = rule.error_maps[1], block2.conv1.weight.detach()
+    with torch.no_grad():
+        emap.weight.copy_(weight.transpose(0, 1).flip(2, 3))
+        z, e = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+        close((z * emap(e)).sum(), (F.conv2d(z, weight, padding=1) * e).sum(), "adjoint")
+
+
 def test_error_skip_wiring_on_resnet18():
     model = build_model(ModelConfig(name="resnet18", cifar_stem=True), (3, 8, 8), 10)
     # units: stem, 8 blocks, head (9); skips land m, 2m, ... units below the head
@@ -291,6 +318,12 @@ def test_error_skip_wiring_on_resnet18():
         rule = make_rule("rec_lra", model, (3, 8, 8), 10, error_skip_every=m)
         assert rule.sources == sources, m
         assert [rule.alpha_of(l) for l in range(9)] == [0.19 if l in skip_endpoints else 0.24 for l in range(9)], m
+    # identity-shortcut targets: unit l+1 is a block (or stage) without a downsampling shortcut
+    rule = make_rule("rec_lra", model, (3, 8, 8), 10, shortcut_feedback=True)
+    assert rule.shortcuts == [True, True, False, True, False, True, False, True, False]
+    rule = make_rule("rec_lra", model, (3, 8, 8), 10, shortcut_feedback=True, granularity="stage")
+    assert rule.shortcuts == [True, False, False, False, False]
+    assert not any(make_rule("rec_lra", model, (3, 8, 8), 10).shortcuts)
 
 
 @pytest.mark.parametrize("block", [BasicBlock(4, 4), Bottleneck(8, 2, stride=2, downsample=nn.Sequential(
@@ -340,6 +373,8 @@ def test_training_improves_held_out_accuracy(tmp_path, tiny_npz, rule, model, op
     ({"name": "lra", "error_map": "conv1x1"}, {}, "unknown key 'error_map'"),
     ({"name": "lra"}, {"name": "cnn", "width": 4}, "LRA-E takes MLPs"),
     ({"name": "rec_lra", "error_update": "transpose"}, {"name": "cnn", "width": 4}, "error_update = 'transpose'"),
+    ({"name": "rec_lra", "error_update": "transpose", "error_skip_every": 0}, {"name": "resnet20"},
+     "(no error skip: error_skip_every = 0)"),
     ({"name": "rec_lra", "granularity": "layer"}, {"name": "resnet20"}, "block or stage granularity"),
 ])
 def test_bad_options_are_config_errors(tmp_path, tiny_npz, rule, model, message):

@@ -7,7 +7,7 @@ Targets travel top-down through learned error maps ``E_l`` instead of ``W^T``, o
     e_{L-1} = softmax(ŷ) - y*                              output error units, per sample
     for l = L-2 … 0:
         d_l = E_l(e_src(l))                                src(l) = l+1, or L-1 for error skips
-        y_l = φ(a_l - β·d_l)                               target of z_l
+        y_l = φ(a_l - β·d_l [- e_{l+1}])                   target of z_l ([…]: shortcut_feedback)
         e_l = α_l·(z_l - y_l) + (1 - α_l)·sign(z_l - y_l)  error units (L2/L1 mix)
     ΔW_l = e_l ⊗ z_{l-1}                                   weight_update = "hebbian": e_l sent to a_l
          or ∂/∂θ_l of the mixed local loss, y_l fixed      weight_update = "gradient": e_l sent to z_l
@@ -28,7 +28,11 @@ the output take ``d_l`` from ``e_{L-1}`` (error skip connections); all others fr
 ``α_l`` is ``alpha_skip`` at skip endpoints and ``alpha`` elsewhere. Forward skips are the residual
 connections inside ResNet blocks: a block's ``a_l = bn(conv(…)) + shortcut(x)``, so its error units
 train the residual and the shortcut branches alike, and "recursive" means every block produces the
-error units of the block (or stem) below it.
+error units of the block (or stem) below it. With ``shortcut_feedback`` the recursion also runs
+through the identity shortcuts: where block l+1 adds its input unchanged, moving z_l by -e_{l+1}
+moves a_{l+1} by exactly its error units, so that is added to z_l's target (the identity's inverse
+is itself: no weight transport). Along the identities the error units then keep their size instead
+of shrinking by β per block; downsampling shortcuts (a strided conv) pass nothing.
 
 Pre-activations are read from the units without touching the models: a trailing ReLU/Tanh/Sigmoid
 of a unit is split off (max-pooling after it is moved before it; they commute), ResNet blocks and
@@ -138,6 +142,7 @@ class RecLRAOptions(LRAOptions):
     error_map: Literal["conv1x1", "conv3x3", "channel"] = "conv3x3"  # E between conv units
     vector_error_map: Literal["dense", "channel"] = "dense"  # E from a vector error to a conv unit
     error_init: Literal["gaussian", "fan_in"] = "fan_in"
+    shortcut_feedback: bool = False  # y_l also moves by -e_{l+1} where unit l+1 has an identity shortcut
 
     def validate(self) -> None:
         super().validate()
@@ -213,6 +218,20 @@ def align_unit(unit: nn.Module, name: str, is_output: bool, rule: str) -> Aligne
     )
 
 
+def has_identity_shortcut(unit: AlignedUnit) -> bool:
+    """Whether a unit is residual blocks whose shortcuts are all identities (then ∂a/∂x has an I term)."""
+    pre = unit.pre
+    blocks = list(pre) if isinstance(pre, nn.Sequential) else [pre]
+    blocks = [b.block if isinstance(b, BlockPreActivation) else b for b in blocks]
+    return bool(blocks) and all(isinstance(b, (BasicBlock, Bottleneck)) and b.downsample is None for b in blocks)
+
+
+def first_weight(unit: AlignedUnit) -> nn.Parameter | None:
+    """The weight of the first dense or conv layer of a unit: the one that reads the unit below."""
+    layer = next((m for m in unit.pre.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    return None if layer is None else layer.weight
+
+
 # --- error maps E_l --------------------------------------------------------------------------------
 
 
@@ -262,6 +281,13 @@ class ChannelErrorMap(nn.Module):
         return d[:, :, None, None].expand(-1, -1, *self.dst_shape[1:])
 
 
+def error_map_layout(emap: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A forward weight W_{l+1} (or its update) as the E_l that feeds its transpose back: dense and
+    channel maps store E as D_src x D_dst, nn.Linear's layout; a conv map is W's transposed conv
+    (in/out channels swapped, kernel flipped)."""
+    return weight.transpose(0, 1).flip(2, 3) if isinstance(emap, ConvErrorMap) else weight
+
+
 def build_error_map(src_shape: tuple[int, ...], dst_shape: tuple[int, ...], error_map: str,
                     vector_error_map: str) -> nn.Module:
     """E from a unit of output shape ``src_shape`` to one of ``dst_shape`` (per-sample shapes)."""
@@ -308,6 +334,8 @@ class LocalRepresentationAlignment(UnitRule):
         self._units = [align_unit(unit, name, i == top, self.name)
                        for i, (name, unit) in enumerate(zip(self.unit_names, self.units))]
         self.sources = [self.source_of(l, top) for l in range(top)]
+        self.shortcuts = [getattr(options, "shortcut_feedback", False) and has_identity_shortcut(self._units[l + 1])
+                          for l in range(top)]  # y_l also takes e_{l+1} through unit l+1's identity shortcut
         shapes = self.output_shapes
         self.check_model(shapes)
         self.error_maps = nn.ModuleList(  # lra has no map options: it takes MLPs, whose maps are all dense
@@ -343,17 +371,20 @@ class LocalRepresentationAlignment(UnitRule):
     # set-up ----------------------------------------------------------------------------------------------
 
     def check_error_update(self) -> None:
-        """``error_update = "transpose"`` ties E_l to W_{l+1}: both must be dense and E_l fed by unit l+1."""
+        """``error_update = "transpose"`` ties E_l to the first weight of unit l+1 (``self.tied``)."""
+        self.tied: list[nn.Parameter] = []
         if self.options.error_update != "transpose":
             return
         for l, (src, emap) in enumerate(zip(self.sources, self.error_maps)):
-            linear = self.units[l + 1].linear
-            if src != l + 1 or not isinstance(emap, DenseErrorMap) or linear is None \
-                    or linear.weight.shape != emap.weight.shape:
+            weight = first_weight(self._units[l + 1])
+            if src != l + 1 or weight is None or error_map_layout(emap, weight).shape != emap.weight.shape:
                 raise ConfigError(
-                    f"[rule] (rule {self.name!r}) error_update = 'transpose' sets ΔE_l = γ·ΔW_(l+1)ᵀ, which "
-                    f"needs unit {self.unit_names[l + 1]!r} to be a dense layer feeding E_l of unit "
-                    f"{self.unit_names[l]!r} directly (no error skip, no conv map); use error_update = 'product'")
+                    f"[rule] (rule {self.name!r}) error_update = 'transpose' sets ΔE_l = γ·ΔW_(l+1)ᵀ, which needs "
+                    f"E_l of unit {self.unit_names[l]!r} fed by unit {self.unit_names[l + 1]!r} (no error skip: "
+                    "error_skip_every = 0) and shaped as the transpose of that unit's first weight (a dense layer "
+                    "for dense and channel maps, a 3x3 conv such as a BasicBlock's conv1 for 3x3 maps); "
+                    "use error_update = 'product'")
+            self.tied.append(weight)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
@@ -381,7 +412,8 @@ class LocalRepresentationAlignment(UnitRule):
     def fused(self, l: int) -> bool:
         """Whether unit l's ΔW comes from the fused kernel (a Hebbian dense layer with a dense E)."""
         return (self.options.weight_update == "hebbian" and l < len(self.error_maps)
-                and self.units[l].linear is not None and isinstance(self.error_maps[l], DenseErrorMap))
+                and self.units[l].linear is not None and isinstance(self.error_maps[l], DenseErrorMap)
+                and not self.shortcuts[l])  # the kernel's target has no shortcut term
 
     def signals(self, outputs: list[State], error: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The error units ``e_l`` of every unit (``error`` is the loss gradient, so over N)."""
@@ -398,7 +430,7 @@ class LocalRepresentationAlignment(UnitRule):
             z, a = outputs[l]
             emap, upstream = self.error_maps[l], errors[self.sources[l]]
             beta, alpha, activation = self.options.beta, self.alpha_of(l), self.units[l].activation
-            if isinstance(emap, DenseErrorMap):
+            if isinstance(emap, DenseErrorMap) and not self.shortcuts[l]:
                 n = len(a)
                 signal = local_signal("lra", upstream.reshape(n, -1).contiguous(), emap.weight,
                                       a.reshape(n, -1).contiguous(), None, beta=beta, alpha=alpha,
@@ -407,7 +439,9 @@ class LocalRepresentationAlignment(UnitRule):
             else:
                 with torch.set_grad_enabled(product):
                     d = emap(upstream.detach())
-                errors[l], actions[l] = error_units(d.detach(), a.detach(), z.detach(), beta, alpha, activation), d
+                # the identity shortcut's target moves z_l by -e_{l+1}: y_l = φ(a_l - β·d_l - e_{l+1})
+                pull = d.detach() + errors[l + 1].to(d.dtype) / beta if self.shortcuts[l] else d.detach()
+                errors[l], actions[l] = error_units(pull, a.detach(), z.detach(), beta, alpha, activation), d
         return errors, actions
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
@@ -477,10 +511,9 @@ class LocalRepresentationAlignment(UnitRule):
 
     @torch.no_grad()
     def transpose_error_updates(self) -> None:
-        """ΔE_l = ΔW_{l+1}ᵀ, γ in E's learning rate (E is stored D_{l+1} x D_l, W_{l+1} as nn.Linear's
-        D_{l+1} x D_l)."""
-        for l, emap in enumerate(self.error_maps):
-            emap.weight.grad = self.units[l + 1].linear.weight.grad.float()
+        """ΔE_l = ΔW_{l+1}ᵀ (γ is in E's learning rate), ΔW_{l+1} being the first weight's projected update."""
+        for emap, weight in zip(self.error_maps, self.tied):
+            emap.weight.grad = error_map_layout(emap, weight.grad).float()
 
     def diagnostics(self) -> dict[str, float]:
         """RMS of each hidden unit's error units at the last step (their mean: ``err_rms``)."""
