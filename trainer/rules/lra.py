@@ -46,6 +46,9 @@ to the target's size; from a vector (the output, a dense unit) to a conv unit
 (``vector_error_map``) a dense matrix, or a channel map broadcast over positions (what BP through
 global average pooling gives; the affordable one for ImageNet ResNets, where a dense matrix from
 1000 classes to a 56x56 block would hold 800M entries).
+The transpose E update ties E_l to the first weight of unit l+1, fed back through its transpose:
+a 3x3 map is the transposed conv of a BasicBlock's conv1 (channels swapped, kernel flipped), a
+dense or channel map from the output takes the head's dense weight; E_l must be fed by unit l+1.
 
 The fused kernel (``kernels.local_alignment``) computes, for every unit whose E is a dense matrix,
 ``d``, the target and the error units in one pass (``local_signal``); for dense layers trained by
