@@ -346,7 +346,7 @@ class LocalRepresentationAlignment(UnitRule):
                             getattr(options, "vector_error_map", "dense"))
             for l, src in enumerate(self.sources)
         )
-        self.check_error_update()
+        self.tied = self.tied_weights()  # W_{l+1} of every E_l under the transpose update, else []
         generator = torch.Generator().manual_seed(ctx.seed + 0x5EED)
         self.init_weights(generator)
         if ctx.compile:
@@ -373,11 +373,12 @@ class LocalRepresentationAlignment(UnitRule):
 
     # set-up ----------------------------------------------------------------------------------------------
 
-    def check_error_update(self) -> None:
-        """``error_update = "transpose"`` ties E_l to the first weight of unit l+1 (``self.tied``)."""
-        self.tied: list[nn.Parameter] = []
+    def tied_weights(self) -> list[nn.Parameter]:
+        """``error_update = "transpose"`` ties each E_l to the first weight of unit l+1: those weights
+        (none under the product update), checked to be fed back by E_l in its layout."""
+        tied: list[nn.Parameter] = []
         if self.options.error_update != "transpose":
-            return
+            return tied
         for l, (src, emap) in enumerate(zip(self.sources, self.error_maps)):
             weight = first_weight(self._units[l + 1])
             if src != l + 1 or weight is None or error_map_layout(emap, weight).shape != emap.weight.shape:
@@ -387,7 +388,8 @@ class LocalRepresentationAlignment(UnitRule):
                     "error_skip_every = 0) and shaped as the transpose of that unit's first weight (a dense layer "
                     "for dense and channel maps, a 3x3 conv such as a BasicBlock's conv1 for 3x3 maps); "
                     "use error_update = 'product'")
-            self.tied.append(weight)
+            tied.append(weight)
+        return tied
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
