@@ -278,10 +278,10 @@ def _launch(
     num_warps = 4
     if e is not None:
         block_n = min(64, max(16, triton.next_power_of_2(n)))
-        if seeded and n >= 128:  # taller tiles: each hashed sign serves twice the rows
-            block_n, num_warps = 128, 8
         block_c = min(32, max(16, triton.next_power_of_2(feedback.num_classes)))
         block_d = min(128, max(16, triton.next_power_of_2(dim)))
+        if seeded and n >= 128:  # taller tiles: each hashed sign serves twice the rows; a 128 x 128
+            block_n, block_d, num_warps = 128, min(block_d, 64), 8  # tile spilled on sm_90
         # 16-bit e: tensor-core dot in e's dtype, exact products. float32 e: 3xTF32 on NVIDIA, FMA on
         # AMD. Triton's interpreter multiplies bfloat16 dot operands as raw uint16, so there bfloat16
         # e is upcast (exactly) to float32 first.

@@ -300,7 +300,9 @@ def _launch_signal(
     """Run ``_signal_kernel``, writing the signal into ``g`` (and ``d``, ``y`` when both are given)."""
     N, C = upstream.shape
     D = P.shape[1]
-    block_m, block_d, block_c = _block(N, 16, 64), _block(D, 16, 128), _block(C, 16, 32)
+    # 64 x 64 tiles over 8 warps: the epilogue's fp32 tiles (a, z, target, signal, d) then fit in
+    # registers; 64 x 128 over 4 warps spilled on sm_90 (benchmarks/compile_kernels.py).
+    block_m, block_d, block_c = _block(N, 16, 64), _block(D, 16, 64), _block(C, 16, 32)
     diag = d is not None and y is not None
     grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
     _signal_kernel[grid](
@@ -308,7 +310,7 @@ def _launch_signal(
         N, C, D, _signed_scale(kind, scale), beta, alpha,
         IS_LRA=kind == "lra", ACT=_ACT_CODE[activation], HAS_Z=z is not None, DIAG=diag,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
-        DOT_DTYPE=_TL_DTYPE[_pair_dtype(upstream, P)], PREC=_precision(),
+        DOT_DTYPE=_TL_DTYPE[_pair_dtype(upstream, P)], PREC=_precision(), num_warps=8,
     )
 
 
@@ -365,6 +367,7 @@ def _launch_weight_update(
             BLOCK_D=block_d, BLOCK_DP=block_dp, GROUP_D=_GROUP_D,
             DOT_DTYPE=_TL_DTYPE[_pair_dtype(upstream, P)],
             MM_DTYPE=_TL_DTYPE[_pair_dtype(a, z_prev)], PREC=_precision(),
+            num_warps=8 if fused else 4,  # the prologue's signal tiles spill over 4 warps on sm_90
         )
 
     if max_norm is None:
