@@ -112,6 +112,17 @@ def _cases() -> dict[str, Callable[[], object]]:
         return trace_conv.trace_weight_grad_triton(
             randn(5, 4, h_out, w_out, dtype=dtype), xbar, 1, [9, 11], [3, 3], [stride, stride], [1, 1], [1, 1], 1, probe)
 
+    def with_tf32(call: Callable[[], object]) -> Callable[[], object]:
+        """``call`` with torch's TF32 matmul switch on: the fp32 dots then use PREC=tf32."""
+        def run() -> object:
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return call()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+        return run
+
     return {
         "project fp32, packed": lambda: binary_feedback.binary_feedback_project(randn(37, 10), packed),
         "project bf16, seeded, fp16 mask, N>=128": lambda: binary_feedback.binary_feedback_project(
@@ -128,6 +139,9 @@ def _cases() -> dict[str, Callable[[], object]]:
             diagnostics=True),
         "signal lra identity fp16": lambda: la.local_signal(
             "lra", randn(n, 90, dtype=f16), randn(90, d, dtype=f16), randn(n, d, dtype=f16), activation="identity"),
+        "signal lra relu, TF32": with_tf32(lambda: la.local_signal("lra", randn(n, 90), randn(90, d), randn(n, d))),
+        "update dfa, fused signal, TF32": with_tf32(lambda: la.local_weight_update(
+            "dfa", randn(n, c), randn(c, d), randn(n, d), None, randn(n, dp))),
         "update lra, fused signal, norm-ball": lambda: la.local_weight_update(
             "lra", randn(n, c), randn(c, d), randn(n, d), None, randn(n, dp), max_norm=1.0),
         "update dfa bf16, unfused signal": lambda: la.local_weight_update(
