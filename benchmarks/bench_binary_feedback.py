@@ -8,7 +8,9 @@ Two tables, in the style of the Triton tutorials:
    the fused kernel with packed and with seeded signs, a dense float32 feedback matmul
    ``(e*scale) @ S_f32`` followed by ``* mask``, and PyTorch's unpack-then-matmul of the packed bits.
    GB/s counts the bytes the fused kernel must move: output + mask + e (+ packed bits); "%BW" is that
-   over the bandwidth of a large device-to-device copy measured here.
+   over the bandwidth of a large device-to-device copy measured here. "rel err" compares the op's
+   output (packed and seeded) with the float32 product by the unpacked signs; above tolerance the
+   script exits with an error, so a kernel that compiles wrongly on a GPU is never timed silently.
 2. Feedback memory per model (one C x D matrix per unit below the top): float32 vs packed vs seeded.
 
 On CUDA the timings use ``triton.testing.do_bench``. Without a GPU only a tiny subset runs, on the
@@ -106,6 +108,12 @@ def dense_matmul(e: torch.Tensor, dense: torch.Tensor, scale: float, mask: torch
     return out.mul_(mask) if mask is not None else out
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||, in float32."""
+    got, want = got.float(), want.float()
+    return (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-30)).item()
+
+
 def run_kernel_table(args, device: torch.device, d_units: dict[int, list[str]], hbm: float) -> list[dict]:
     measure = timer(device, args.quick)
     dtype = DTYPES[args.dtype]
@@ -121,6 +129,11 @@ def run_kernel_table(args, device: torch.device, d_units: dict[int, list[str]], 
                 e = torch.randn(n, c, generator=gen, device=device).to(dtype)
                 mask = torch.rand(n, d, generator=gen, device=device).to(dtype) if args.mask else None
                 io_bytes = n * d * dtype.itemsize * (2 if args.mask else 1) + e.nbytes
+                # The op against the float32 product with the unpacked signs (on CUDA: the kernel).
+                mask32 = mask.float() if mask is not None else None
+                error = max(relative_error(binary_feedback_project(e, feedback, 0.5, mask),
+                                           dense_matmul(e.float(), signs_of.float(), 0.5, mask32))
+                            for feedback, signs_of in ((packed, dense), (seeded, seeded.materialize(device))))
                 times = {
                     "packed": measure(lambda: binary_feedback_project(e, packed, 0.5, mask)),
                     "seeded": measure(lambda: binary_feedback_project(e, seeded, 0.5, mask)),
@@ -128,7 +141,7 @@ def run_kernel_table(args, device: torch.device, d_units: dict[int, list[str]], 
                     "unpack_mm": measure(lambda: unpack_then_matmul(e, packed, 0.5, mask)),
                 }
                 row = {"table": "kernel", "D": d, "units": ", ".join(d_units[d]), "N": n, "C": c,
-                       "dtype": args.dtype, "mask": args.mask}
+                       "dtype": args.dtype, "mask": args.mask, "rel_err": error}
                 for name, ms in times.items():
                     row[f"{name}_ms"] = ms
                 for name, extra in (("packed", packed.nbytes), ("seeded", 0)):
@@ -209,16 +222,18 @@ def main() -> None:
                   f"mask {'on' if args.mask else 'off'}")
 
     kernel_rows = run_kernel_table(args, device, d_units, hbm)
+    tolerance = 1e-4 if args.dtype == "float32" else 2e-2  # 16-bit outputs round at about 2^-8
     table = Table(title=f"binary_feedback_project on {name} ({'PyTorch path' if device.type == 'cpu' else 'Triton'})")
     for column in ("D", "units", "N", "C", "packed ms", "GB/s", "%BW", "seeded ms", "GB/s", "%BW",
-                   "dense ms", "unpack+mm ms", "vs dense"):
+                   "dense ms", "unpack+mm ms", "vs dense", "rel err"):
         table.add_column(column, justify="left" if column == "units" else "right")
     for r in kernel_rows:
         units = r["units"] if len(r["units"]) <= 40 else r["units"][:37] + "..."
         table.add_row(str(r["D"]), units, str(r["N"]), str(r["C"]),
                       f"{r['packed_ms']:.3f}", f"{r['packed_GBps']:.0f}", f"{100 * r['packed_bw_share']:.0f}%",
                       f"{r['seeded_ms']:.3f}", f"{r['seeded_GBps']:.0f}", f"{100 * r['seeded_bw_share']:.0f}%",
-                      f"{r['dense_ms']:.3f}", f"{r['unpack_mm_ms']:.3f}", f"{r['speedup_vs_dense']:.2f}x")
+                      f"{r['dense_ms']:.3f}", f"{r['unpack_mm_ms']:.3f}", f"{r['speedup_vs_dense']:.2f}x",
+                      f"[red]{r['rel_err']:.1e}[/red]" if r["rel_err"] > tolerance else f"{r['rel_err']:.1e}")
     console.print(table)
 
     memory_rows = memory_table(sizes)
@@ -236,6 +251,8 @@ def main() -> None:
                 "path": "pytorch" if device.type == "cpu" else "triton", "unit_sizes": sizes}
         write_out(args.out, meta, kernel_rows, memory_rows)
         console.print(f"wrote {args.out}")
+    if any(r["rel_err"] > tolerance for r in kernel_rows):
+        sys.exit(f"binary_feedback_project differs from the float32 product by more than {tolerance:g} (rel err column)")
 
 
 if __name__ == "__main__":
