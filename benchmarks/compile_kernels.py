@@ -6,7 +6,8 @@ a tile needing more shared memory than an SM has) would first show on a GPU. Her
 is replaced by one that reports a CUDA target (default sm_90: H100/H200), the public ops run their
 Triton launchers on small CPU tensors, and every launch becomes a compile-only warm-up, through
 Triton's whole pipeline down to ``ptxas``. For each kernel variant (one per set of constexprs the
-launchers pick) it prints the shared memory, and registers and spills from ``ptxas -v``.
+launchers pick) it prints the shared memory, and the registers and spill stores from the ``ptxas -v``
+log of Triton's own compile (its flags, its binary).
 
 Exits non-zero when a variant fails to compile or needs more shared memory than the target has.
 Run it without ``TRITON_INTERPRET``; nothing is launched and no GPU is needed.
@@ -17,12 +18,12 @@ Run it without ``TRITON_INTERPRET``; nothing is launched and no GPU is needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -55,8 +57,8 @@ class Variant:
     constexprs: str
     num_warps: int
     shared_bytes: int
-    registers: int | None
-    spill_bytes: int | None
+    registers: int
+    spill_bytes: int  # spill stores per thread
 
 
 class _CompileOnlyDriver:
@@ -75,21 +77,12 @@ class _CompileOnlyDriver:
         return self.target
 
 
-def _ptxas_resources(ptx: str, arch: int) -> tuple[int | None, int | None]:
-    """(registers, spill store bytes) of the kernel in ``ptx``, from ``ptxas -v``."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
-        src.write_text(ptx)
-        log = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src),
-             "-o", str(Path(tmp) / "kernel.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr
-    registers = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores", log)
-    return (int(registers.group(1)) if registers else None, int(spills.group(1)) if spills else None)
+def _ptxas_resources(log: str) -> tuple[int, int]:
+    """(registers, spill-store bytes per thread) from the ``ptxas -v`` log of Triton's own compile."""
+    registers, spills = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"no register or spill figures in the ptxas log:\n{log}")
+    return int(registers.group(1)), int(spills.group(1))
 
 
 def _cases() -> dict[str, Callable[[], object]]:
@@ -168,17 +161,25 @@ def compile_all(arch: int) -> list[Variant]:
     current_case = [""]
     launch = JITFunction.run
 
+    resources: dict[int, tuple[int, int]] = {}  # per compiled kernel: a repeated variant is not recompiled
+
     def compile_only(self: JITFunction, *args, grid, warmup, **kwargs):
-        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # Triton prints ptxas' log of each compile here
+            kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        if id(kernel) not in resources:
+            resources[id(kernel)] = _ptxas_resources(log.getvalue())
+        registers, spills = resources[id(kernel)]
         constexprs = ", ".join(f"{self.arg_names[i]}={v}" for (i,), v in kernel.src.constants.items()
                                if self.arg_names[i].isupper())
-        registers, spills = _ptxas_resources(kernel.asm["ptx"], arch)
         variants.append(Variant(current_case[0], self.fn.__name__, constexprs, kernel.metadata.num_warps,
                                 kernel.metadata.shared, registers, spills))
         return kernel
 
     for module in (binary_feedback, local_alignment):
         module.use_triton = lambda tensor: True
+    knobs.nvidia.dump_ptxas_log = True  # ptxas runs with -v; print its log
+    knobs.compilation.always_compile = True  # even for kernels in Triton's on-disk cache
     driver.set_active(_CompileOnlyDriver(arch))
     JITFunction.run = compile_only
     for name, call in _cases().items():
