@@ -1,6 +1,6 @@
 """Fused local-alignment update: DFA / DRTP / LRA signals and the dense weight update built on them.
 
-Notation (see ``ALGORITHMS.md``): a unit has pre-activation ``a`` (N x D) and output ``z = phi(a)``;
+Notation (see ``docs/rules.md``): a unit has pre-activation ``a`` (N x D) and output ``z = phi(a)``;
 its input is ``z_prev`` (N x D_prev). The upstream error units ``u`` (N x C_up) reach it through a
 dense matrix ``P`` (C_up x D): DFA's feedback ``B``, DRTP's target projection, or LRA's error matrix
 ``E``. With the projection ``p = scale * (u @ P)`` (N x D):
@@ -65,6 +65,9 @@ __all__ = [
     "local_weight_update",
     "local_weight_update_reference",
     "fuse_signal_default",
+    "lra_error_units",
+    "norm_ball_factor",
+    "phi",
 ]
 
 LOCAL_KINDS: tuple[str, ...] = ("dfa", "drtp", "lra")
@@ -323,14 +326,6 @@ def fuse_signal_default(c_up: int, d_prev: int) -> bool:
     return c_up <= _BLOCK_DP or d_prev <= _BLOCK_DP
 
 
-def _ball_factor(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
-    """f = c / ||dW|| if ||dW|| >= c else 1, on the device (no host sync)."""
-    if max_norm is None:
-        return torch.ones_like(norm)
-    return torch.where(norm >= max_norm, max_norm / norm.clamp_min(torch.finfo(torch.float32).tiny),
-                       torch.ones_like(norm))
-
-
 def _launch_weight_update(
     kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
     z_prev: torch.Tensor, *, beta: float, alpha: float, activation: str, scale: float,
@@ -373,10 +368,10 @@ def _launch_weight_update(
     if max_norm is None:
         launch(dw is not None, weight is not None, None)
         norm = partials.sum().sqrt()
-        return norm, _ball_factor(norm, None)
+        return norm, norm_ball_factor(norm, None)
     launch(False, False, None)
     norm = partials.sum().sqrt()
-    factor = _ball_factor(norm, max_norm)
+    factor = norm_ball_factor(norm, max_norm)
     launch(dw is not None, weight is not None, factor)
     return norm, factor
 
@@ -386,7 +381,8 @@ def _launch_weight_update(
 # --------------------------------------------------------------------------------------------------
 
 
-def _phi(x: torch.Tensor, activation: str) -> torch.Tensor:
+def phi(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The unit activation ``phi`` by name (relu, tanh, sigmoid, identity), as the kernels apply it."""
     if activation == "relu":
         return x.clamp_min(0)
     if activation == "tanh":
@@ -407,6 +403,31 @@ def _phi_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.ones_like(x)
 
 
+def lra_error_units(
+    d: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None, *, beta: float, alpha: float, activation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LRA's error units and target in float32, from E's action ``d`` (any shape, like ``a``)::
+
+        y = phi(a - beta * d),   e = alpha * (z - y) + (1 - alpha) * sign(z - y)   (z = phi(a) if None)
+
+    The kernels' LRA epilogue; the trainer's LRA rule calls it for the E maps the kernel does not
+    take (convolutions, channel maps), so the tested equation is the one that trains.
+    """
+    a = a.float()
+    y = phi(a - beta * d.float(), activation)
+    diff = (phi(a, activation) if z is None else z.float()) - y
+    return alpha * diff + (1 - alpha) * torch.sign(diff), y
+
+
+def norm_ball_factor(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """The norm-ball factor ``f = c / ||dW|| if ||dW|| >= c else 1`` (c = max_norm; None: f = 1), on
+    the device (no host sync). The projected update is ``f * dW``."""
+    if max_norm is None:
+        return torch.ones_like(norm)
+    return torch.where(norm >= max_norm, max_norm / norm.clamp_min(torch.finfo(torch.float32).tiny),
+                       torch.ones_like(norm))
+
+
 def _signal_math(
     kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
     beta: float, alpha: float, activation: str, scale: float,
@@ -415,10 +436,8 @@ def _signal_math(
     proj = scale * (upstream.float() @ P.float())
     a = a.float()
     if kind == "lra":
-        y = _phi(a - beta * proj, activation)
-        out = _phi(a, activation) if z is None else z.float()
-        diff = out - y
-        return alpha * diff + (1 - alpha) * torch.sign(diff), proj, y
+        e, y = lra_error_units(proj, a, z, beta=beta, alpha=alpha, activation=activation)
+        return e, proj, y
     g = proj * _phi_grad(a, activation)
     return (-g if kind == "drtp" else g), proj, None
 
@@ -450,7 +469,7 @@ def local_weight_update_reference(
     g, _, _ = _signal_math(kind, upstream, P, a, z, beta, alpha, activation, scale)
     dw = g.t() @ z_prev.float()
     norm = torch.linalg.vector_norm(dw)
-    factor = _ball_factor(norm, max_norm)
+    factor = norm_ball_factor(norm, max_norm)
     dw = dw * factor
     if weight is None:
         return WeightUpdate(dw.to(a.dtype), norm, factor)

@@ -1,5 +1,9 @@
-"""Shared fixtures. Triton kernels run under the CPU interpreter in the whole suite, so the
-environment variable is set here, before any test module imports triton."""
+"""Shared fixtures and assertions.
+
+Triton kernels run under the CPU interpreter in the whole suite: ``TRITON_INTERPRET`` is set here,
+and only here, before any test module imports triton (pytest loads this file first). Run with
+``TRITON_INTERPRET=0`` to test the kernels' PyTorch paths instead.
+"""
 
 import os
 
@@ -12,6 +16,32 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same global RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+
+
+def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str = "", *,
+                     norm: str = "max", ignore: torch.Tensor | None = None) -> None:
+    """``got`` equals ``want`` up to a relative error of ``rtol``, with every element finite (so an
+    unwritten output cannot pass). ``norm="max"``: each element's error against the largest
+    ``|want|``; ``"fro"``: ‖got − want‖ / ‖want‖. ``ignore`` masks elements out (e.g. ties at a kink)."""
+    label = f"{what}: " if what else ""
+    assert got.shape == want.shape, f"{label}shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{label}non-finite entries (unwritten output?)"
+    err = got.double() - want.double()
+    if ignore is not None:
+        err = err.masked_fill(ignore, 0)
+    if norm == "fro":
+        rel = (err.norm() / want.double().norm().clamp_min(1e-30)).item()
+        assert rel <= rtol, f"{label}relative error {rel:.3e} > {rtol:.1e}"
+        return
+    tol = rtol * max(want.double().abs().max().item() if want.numel() else 0.0, 1e-8)
+    worst = err.abs().max().item() if err.numel() else 0.0
+    assert worst <= tol, f"{label}max abs error {worst:.3e} > {tol:.3e} (rtol {rtol:.1e} of the largest entry)"
 
 
 def make_pattern_images(n: int, size: int = 12, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

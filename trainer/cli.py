@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -17,44 +16,14 @@ from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
-from trainer.config import ConfigError, Recipe, dump_toml, load_recipe, recipe_from_dict
-from trainer.data import DeviceLoader, Images, build_data, load_images, load_npz
-from trainer.loop import TrainingDiverged, evaluate, resolve_device, stats_of, train
 from trainer.checkpoint import load_checkpoint
-from trainer.models import build_model
+from trainer.config import ConfigError, Recipe, dump_toml
+from trainer.data import DeviceLoader, Images, build_data, load_images, load_npz
+from trainer.loop import TrainingDiverged, evaluate, train
+from trainer.recipes import builtin_recipes, describe, find_recipe, load_recipe
+from trainer.session import trained_model
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
-
-
-def recipe_dirs() -> list[Path]:
-    """Where built-in recipes live: the source checkout, then the installed data files."""
-    return [Path(__file__).resolve().parent.parent / "recipes", Path(sys.prefix) / "share" / "bpfree-trainer" / "recipes"]
-
-
-def builtin_recipes() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for folder in recipe_dirs():
-        for path in sorted(folder.glob("*.toml")):
-            found.setdefault(path.stem, path)
-    return found
-
-
-def find_recipe(name: str) -> Path:
-    """A recipe file path, or the name of a built-in recipe (with or without .toml)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    builtin = builtin_recipes().get(path.name.removesuffix(".toml"))
-    if builtin is None:
-        raise ConfigError(f"{name}: no such recipe file or built-in recipe (see `trainer list`)")
-    return builtin
-
-
-def _describe(path: Path) -> str:
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
@@ -62,7 +31,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     table.add_column("recipe")
     table.add_column("what it does")
     for name, path in builtin_recipes().items():
-        table.add_row(name, _describe(path))
+        table.add_row(name, describe(path))
     console.print(table)
     return 0
 
@@ -99,15 +68,10 @@ def _eval_images(spec: str, recipe: Recipe) -> tuple[Images, str]:
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
-    payload = load_checkpoint(args.run)
-    recipe = recipe_from_dict(payload["recipe"], source=f"{args.run} (saved recipe)")
-    device = resolve_device(recipe.train.device)
-    shape, num_classes = tuple(payload["data"]["input_shape"]), payload["data"]["num_classes"]
-    model = build_model(recipe.model, shape, num_classes).to(device)
-    model.load_state_dict(payload["model"])
-    model.eval()
+    trained = trained_model(load_checkpoint(args.run), source=args.run)
+    recipe, shape, num_classes = trained.recipe, trained.input_shape, trained.num_classes
     if args.data is None and recipe.data.name == "imagefolder":
-        loader, name = build_data(recipe.data, device, 1, recipe.train.eval_batch_size, 0).test, "imagefolder val"
+        loader, name = build_data(recipe.data, trained.device, 1, recipe.train.eval_batch_size, 0).test, "imagefolder val"
     else:
         if args.data:
             images, name = _eval_images(args.data, recipe)
@@ -119,9 +83,9 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
                               f"trained on {shape}")
         if int(images.y.max()) >= num_classes:
             raise ConfigError(f"--data {name}: label {int(images.y.max())} is out of range for {num_classes} classes")
-        loader = DeviceLoader(images, recipe.train.eval_batch_size, device, stats_of(payload), train=False)
-    result = evaluate(model, loader, torch.nn.CrossEntropyLoss())
-    result = {"data": name, "samples": loader.num_samples, **result, "epoch": payload["epoch"], "step": payload["step"]}
+        loader = DeviceLoader(images, recipe.train.eval_batch_size, trained.device, trained.stats, train=False)
+    result = evaluate(trained.model, loader, torch.nn.CrossEntropyLoss())
+    result = {"data": name, "samples": loader.num_samples, **result, "epoch": trained.epoch, "step": trained.step}
     table = Table(title=f"evaluation of {args.run}")
     for key in ("data", "samples", "accuracy", "loss"):
         table.add_column(key, justify="right")

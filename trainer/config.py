@@ -2,8 +2,10 @@
 
 A recipe has the sections ``[data]``, ``[model]``, ``[rule]``, ``[optim]`` and ``[train]``. Each
 maps to a dataclass below; the ``[rule]`` section holds ``name`` plus the options of that rule,
-whose schema each rule declares (see ``trainer.rules``). Every problem raises ``ConfigError``
-naming the file, the key and what is allowed, so the CLI can print it without a traceback.
+whose schema each rule declares and which the caller passes in (``trainer.recipes`` passes the
+trainer's rules), so this module imports nothing of the trainer. Every problem raises
+``ConfigError`` naming the file, the key and what is allowed, so the CLI can print it without a
+traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -259,10 +261,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    """Validate a nested dict (as read from TOML) into a Recipe."""
-    from trainer.rules import rule_options_class  # rules import config; import here to avoid a cycle
+RuleOptions = Callable[[str], type]
+"""The rule-options registry: a rule's name to its options dataclass; KeyError (with the known
+names) for an unknown rule. ``trainer.rules.rule_options_class`` is the trainer's."""
 
+
+def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = "<recipe>") -> Recipe:
+    """Validate a nested dict (as read from TOML) into a Recipe; ``[rule]`` by ``rule_options``."""
     unknown = sorted(set(tree) - {*SECTIONS, "rule"})
     if unknown:
         raise ConfigError(
@@ -275,7 +280,7 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
     rule_values = dict(tree.get("rule", {}))
     rule_name = rule_values.pop("name", "bp")
     try:
-        options_cls = rule_options_class(rule_name)
+        options_cls = rule_options(rule_name)
     except KeyError as err:
         raise ConfigError(f"{source}: [rule] name: {err.args[0]}") from None
     options = build_section(options_cls, rule_values, f"{source}: [rule] (rule {rule_name!r})")
@@ -284,7 +289,7 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def read_recipe(path: str | Path, rule_options: RuleOptions, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a TOML recipe, apply ``section.key=value`` overrides, and validate the result."""
     path = Path(path)
     if not path.is_file():
@@ -296,7 +301,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value, f"--set {text}")
-    return recipe_from_dict(tree, source=str(path))
+    return parse_recipe(tree, rule_options, source=str(path))
 
 
 def _toml_value(value: Any) -> str:

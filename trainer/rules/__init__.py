@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.rules.base import Rule, RuleContext, StepResult, UnitRule
+from trainer.rules.base import Rule, RuleContext, RuleError, StepResult, UnitRule
 from trainer.rules.bp import Backprop
 from trainer.rules.dfa import DFA, BinaryDFA
 from trainer.rules.lra import LocalRepresentationAlignment, RecursiveLRA
@@ -28,4 +28,4 @@ def build_rule(name: str, options: object, model: nn.Module, ctx: RuleContext) -
     return RULES[name](model, options, ctx).to(ctx.device)
 
 
-__all__ = ["RULES", "Rule", "RuleContext", "StepResult", "UnitRule", "build_rule", "rule_options_class"]
+__all__ = ["RULES", "Rule", "RuleContext", "RuleError", "StepResult", "UnitRule", "build_rule", "rule_options_class"]

@@ -24,6 +24,11 @@ from torch import nn
 from trainer.models import State, detach_state, model_units, primary
 
 
+class RuleError(ValueError):
+    """A rule cannot train this model with these options (a unit it cannot use, a bad option
+    combination). The session adds the recipe's file and section to the message."""
+
+
 @dataclass
 class StepResult:
     """What one training step reports: the batch loss and the logits (both detached)."""

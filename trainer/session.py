@@ -1,0 +1,206 @@
+"""A training session built from a recipe, and its checkpoint round trip.
+
+``build_session`` assembles device, data, model, rule, optimizer and schedule in one place;
+``trainer run`` (the loop), ``trainer eval`` and the benchmarks all build through this module, so
+what trains is what gets measured and evaluated. The optimizer belongs to the session: a rule only
+calls ``optimizer.step()`` on the gradients it wrote, and says through ``Rule.lr_scales`` which of
+its own parameters learn at a multiple of ``optim.lr``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.checkpoint import rng_state, set_rng_state
+from trainer.config import ConfigError, OptimConfig, Recipe
+from trainer.data import DataBundle, NormStats, build_data
+from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
+from trainer.models import build_model
+from trainer.recipes import recipe_from_dict
+from trainer.rules import Rule, RuleContext, RuleError, build_rule
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The training device; under torchrun each process takes the GPU of its local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"[train] device = {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
+    """The learning-rate multiplier at ``step`` of ``total``: linear warm-up, then the schedule
+    (constant; cosine to 0; onecycle: from 0.04 up to 1 over the warm-up, 0.3 by default, then cosine)."""
+    t = step / max(1, total)
+    if cfg.schedule == "onecycle":
+        peak = cfg.warmup_fraction or 0.3
+        if t < peak:
+            return 0.04 + 0.96 * t / peak
+        return 0.5 * (1 + math.cos(math.pi * (t - peak) / (1 - peak)))
+    if t < cfg.warmup_fraction:
+        return (t + 1 / max(1, total)) / cfg.warmup_fraction
+    if cfg.schedule == "constant":
+        return 1.0
+    u = (t - cfg.warmup_fraction) / (1 - cfg.warmup_fraction)
+    return 0.5 * (1 + math.cos(math.pi * u))
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, rule: Rule | None = None) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW over the model's parameters and the rule's own.
+
+    Weight decay applies to tensors of dimension >= 2 only (not to norms and biases). Every group
+    learns at ``optim.lr`` times its ``lr_scale``: 1 for the model, ``rule.lr_scales()`` for the
+    rule's parameters (e.g. LRA's γ for its error maps), so the multiple holds under AdamW too.
+    """
+    scales = rule.lr_scales() if rule is not None else {}
+    owned = [("model", p) for p in model.parameters()]
+    if rule is not None:
+        owned += [("rule", p) for p in rule.parameters()]
+    groups: dict[tuple[str, bool, float], list[nn.Parameter]] = {}
+    for owner, p in owned:
+        if p.requires_grad:
+            groups.setdefault((owner, p.dim() >= 2, scales.get(p, 1.0)), []).append(p)
+    param_groups = [
+        {"params": params, "owner": owner, "lr_scale": scale, "lr": cfg.lr * scale,
+         "weight_decay": cfg.weight_decay if decays else 0.0}
+        for (owner, decays, scale), params in groups.items()
+    ]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+@dataclass
+class Session:
+    """Everything built from a recipe: data, model, rule, optimizer and schedule."""
+
+    recipe: Recipe
+    device: torch.device
+    data: DataBundle
+    model: nn.Module
+    rule: Rule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    env: DistEnv
+
+    @property
+    def lr(self) -> float:
+        """``optim.lr`` times the schedule's factor now: the model's learning rate."""
+        return self.recipe.optim.lr * lr_factor(self.recipe.optim, self.scheduler.last_epoch, self.total_steps)
+
+
+def rule_context(recipe: Recipe, device: torch.device, num_classes: int, input_shape: tuple[int, ...]) -> RuleContext:
+    """What a rule is told beyond its options; unset compile/amp mean "on where CUDA is"."""
+    cfg = recipe.train
+    return RuleContext(
+        num_classes=num_classes, input_shape=input_shape, device=device,
+        compile=cfg.compile if cfg.compile is not None else device.type == "cuda",
+        amp=cfg.amp if cfg.amp is not None else device.type == "cuda",
+        label_smoothing=cfg.label_smoothing, seed=cfg.seed,
+    )
+
+
+def build_session(recipe: Recipe) -> Session:
+    """Build everything from a recipe; under torchrun, join the job and shard the data.
+
+    Errors about the data or about what the rule can do with the model come back as ConfigError
+    naming the recipe file and its section.
+    """
+    cfg = recipe.train
+    requested = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+    env = init_distributed(torch.device("cpu" if requested == "auto" else requested).type)
+    device = resolve_device(cfg.device, env.local_rank)
+    torch.manual_seed(cfg.seed)
+    try:
+        data = build_data(recipe.data, device, cfg.batch_size, cfg.eval_batch_size, cfg.seed, env.rank, env.world_size)
+    except ConfigError as err:
+        raise ConfigError(f"{recipe.source}: {err}") from None
+    model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
+    try:
+        rule = build_rule(recipe.rule.name, recipe.rule.options, model,
+                          rule_context(recipe, device, data.num_classes, data.input_shape))
+    except RuleError as err:
+        raise ConfigError(f"{recipe.source}: [rule] (rule {recipe.rule.name!r}): {err}") from None
+    optimizer = build_optimizer(recipe.optim, model, rule)
+    if env.enabled:
+        broadcast_state([model, rule])
+        average_gradients_before_step(optimizer, env.world_size)
+    torch.manual_seed(cfg.seed + env.rank)  # ranks draw different randomness (e.g. probes) from here on
+    total = cfg.epochs * len(data.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
+    return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def gathered_rng_states(env: DistEnv) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (collective: all ranks call it)."""
+    if not env.enabled:
+        return [rng_state()]
+    states: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def checkpoint_payload(s: Session, epoch: int, step: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint holds: enough to resume exactly, and to evaluate without the data."""
+    return {
+        "recipe": s.recipe.to_dict(), "epoch": epoch, "step": step, "world_size": s.env.world_size,
+        "model": s.model.state_dict(), "rule": s.rule.state_dict(),
+        "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "rng": rng,
+        "data": {"mean": list(s.data.stats.mean), "std": list(s.data.stats.std),
+                 "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape)},
+    }
+
+
+def restore(s: Session, payload: dict[str, Any]) -> tuple[int, int]:
+    """Load a checkpoint into a freshly built session; returns (epoch, step) to continue from."""
+    if payload["world_size"] != s.env.world_size:
+        raise ConfigError(f"the checkpoint was written by {payload['world_size']} process(es); resume it with "
+                          f"the same number (got {s.env.world_size})")
+    s.model.load_state_dict(payload["model"])
+    s.rule.load_state_dict(payload["rule"])
+    s.optimizer.load_state_dict(payload["optimizer"])
+    s.scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"][s.env.rank])
+    return payload["epoch"], payload["step"]
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint's model, ready for evaluation, with what is needed to feed it."""
+
+    recipe: Recipe
+    device: torch.device
+    model: nn.Module
+    stats: NormStats  # the training images' normalisation
+    input_shape: tuple[int, ...]
+    num_classes: int
+    epoch: int  # epochs trained
+    step: int
+
+
+def trained_model(payload: dict[str, Any], source: str) -> TrainedModel:
+    """The plain model of a checkpoint in eval mode (every rule's checkpoint loads into it)."""
+    recipe = recipe_from_dict(payload["recipe"], source=f"{source} (saved recipe)")
+    device = resolve_device(recipe.train.device)
+    shape, num_classes = tuple(payload["data"]["input_shape"]), payload["data"]["num_classes"]
+    model = build_model(recipe.model, shape, num_classes).to(device)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    stats = NormStats(tuple(payload["data"]["mean"]), tuple(payload["data"]["std"]))
+    return TrainedModel(recipe, device, model, stats, shape, num_classes, payload["epoch"], payload["step"])
