@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import builtin_recipes, main
-from trainer.config import ConfigError, load_recipe, parse_override
+from trainer.cli import main
+from trainer.config import ConfigError, parse_override
+from trainer.recipes import builtin_recipes, load_recipe
 
 from conftest import write_recipe
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.config import ConfigError, load_recipe
+from trainer.config import ConfigError
+from trainer.recipes import load_recipe
 from trainer.loop import train
 from trainer.rules import RuleContext, build_rule
+from trainer.rules.base import UnitBatch
 from trainer.rules.dfa import DFA, BinaryDFAOptions, DFAOptions
 
 from conftest import write_recipe
@@ -169,7 +171,7 @@ def test_bf16_autocast_signals_in_the_activation_dtype():
     model, (x, y) = three_unit_mlp(), batch()
     rule = make_rule(model, DFAOptions(align_every=1), amp=True)
     outputs = rule.forward_units(x)
-    signals = rule.signals(outputs, output_error(outputs[-1].float(), y), y)
+    signals = rule.signals(UnitBatch(x, y, outputs, output_error(outputs[-1].float(), y)))
     assert [s.dtype for s in signals[:-1]] == [torch.bfloat16, torch.bfloat16]
     recorder = GradientRecorder(model)
     rule.train_step(x, y, recorder)

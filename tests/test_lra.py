@@ -15,11 +15,15 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from conftest import write_recipe
 from trainer.cli import main
-from trainer.config import ConfigError, ModelConfig, OptimConfig, load_recipe
-from trainer.loop import build_optimizer, train
-from trainer.models import build_model, model_units
+from trainer.config import ConfigError, ModelConfig, OptimConfig
+from trainer.loop import train
+from trainer.models import build_model
+from trainer.recipes import load_recipe
+from trainer.session import build_optimizer
+from trainer.units import BlockPreActivation, model_units, split_activation
 from trainer.rules import RuleContext, build_rule, rule_options_class
-from trainer.rules.lra import BlockPreActivation, ChannelErrorMap, ConvErrorMap, DenseErrorMap, split_activation
+from trainer.rules.base import UnitBatch
+from trainer.rules.error_maps import ChannelErrorMap, ConvErrorMap, DenseErrorMap
 
 
 class KeepGrads:
@@ -117,7 +121,7 @@ def test_lra_mlp_matches_the_equations(weight_update, error_update, alpha, max_n
 
     assert rule.sources == [1, 2]
     outputs = rule.forward_units(x)
-    got = rule.signals(outputs, rule.output_error(outputs[-1][0], y)[1], y)
+    got = rule.align(outputs, rule.output_error(outputs[-1][0], y)[1] * len(y))[0]  # the error units
     for l in range(3):
         close(got[l], errors[l], f"error units e_{l}")
     if alpha == 1.0:  # e = z - y: the targets themselves
@@ -160,7 +164,7 @@ def test_gamma_is_the_error_maps_learning_rate_under_sgd_and_adamw():
         torch.manual_seed(2)
         model = build_model(ModelConfig(name="mlp", hidden=[6, 5], activation="tanh"), (1, 3, 3), 3)
         rule = make_rule("lra", model, (1, 3, 3), 3, gamma=0.25, max_norm=0.05, error_update="product")
-        optimizer = build_optimizer(OptimConfig(name=name, lr=lr, momentum=0.0, weight_decay=0.0), [model, rule])
+        optimizer = build_optimizer(OptimConfig(name=name, lr=lr, momentum=0.0, weight_decay=0.0), model, rule)
         E = rule.error_maps[0].weight
         assert {g["lr"] for g in optimizer.param_groups if any(q is E for q in g["params"])} == {0.25 * lr}
         x, y = torch.randn(7, 1, 3, 3), torch.randint(0, 3, (7,))
@@ -181,7 +185,7 @@ def test_gamma_zero_keeps_the_error_maps_fixed_and_skips_their_update():
     torch.manual_seed(3)
     net = tiny_resnet()
     rule = make_rule("rec_lra", net, (1, 8, 8), 3, gamma=0.0)
-    optimizer = build_optimizer(OptimConfig(name="adamw", lr=0.01, weight_decay=0.1), [net, rule])
+    optimizer = build_optimizer(OptimConfig(name="adamw", lr=0.01, weight_decay=0.1), net, rule)
     assert optimizer.param_groups[0]["lr"] == 0.01  # the group whose lr the loop logs is the model's
     before = [p.detach().clone() for p in rule.parameters()]
     stem_weight = net[0][0].weight.detach().clone()

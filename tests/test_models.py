@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models import GRANULARITIES, build_model, model_units, primary, run_units
+from trainer.models import build_model
+from trainer.units import GRANULARITIES, model_units, primary, run_units
 
 CASES = [
     ("mlp", {}, (1, 28, 28)),

@@ -10,9 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import ConfigError, ModelConfig, build_section, load_recipe
-from trainer.loop import build_session, train
-from trainer.models import build_model, primary
+from trainer.config import ConfigError, ModelConfig, build_section
+from trainer.loop import train
+from trainer.models import build_model
+from trainer.recipes import load_recipe
+from trainer.rules.base import UnitBatch
+from trainer.session import build_session
+from trainer.units import primary
 from trainer.rules import RuleContext, build_rule
 from trainer.memory import SavedActivationMeter
 from trainer.rules.target_projection import DRTPOptions, TpSGDOptions
@@ -45,7 +49,7 @@ def test_drtp_signal_is_minus_the_projected_label(init, storage):
     rule, _, x, y = make_rule("drtp", target_init=init, target_storage=storage, target_scale=2.0)
     outputs = rule.forward_units(x)
     _, error = rule.output_error(primary(outputs[-1]), y)
-    signals = rule.signals(outputs, error, y)
+    signals = rule.signals(UnitBatch(x, y, outputs, error))
     for index in range(len(outputs) - 1):
         torch.testing.assert_close(signals[index], -projected_labels(rule, index, y) / len(y))
     torch.testing.assert_close(signals[-1], (F.softmax(primary(outputs[-1]), 1) - F.one_hot(y, CLASSES)) / len(y))

@@ -11,10 +11,11 @@ from torch import nn
 from kernels.compact_batch_norm import CompactBatchNorm2d
 from kernels.trace_conv import PROBES, MaskReLU, TraceConv2d
 from trainer.cli import main
-from trainer.config import ConfigError, ModelConfig, load_recipe
+from trainer.config import ConfigError, ModelConfig
+from trainer.recipes import load_recipe
 from trainer.loop import train
 from trainer.models import build_model
-from trainer.rules import Rule, RuleContext, build_rule, rule_options_class
+from trainer.rules import Rule, RuleContext, RuleError, build_rule, rule_options_class
 from trainer.rules.trace_bp import Probe
 
 from conftest import write_recipe
@@ -168,12 +169,12 @@ def test_bad_options_are_clean_config_errors(tmp_path, tiny_npz, rule, model, me
 
 
 def test_a_model_whose_only_conv_is_kept_exact_is_refused():
-    with pytest.raises(ConfigError, match=r"\(keep_first_exact leaves its only conv exact\)"):
+    with pytest.raises(RuleError, match=r"\(keep_first_exact leaves its only conv exact\)"):
         make_rule(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(CLASSES)))
 
 
 def test_unsupported_conv_is_refused_naming_the_layer():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
-    with pytest.raises(ConfigError, match=r"rule trace_bp: 1: padding_mode='reflect' is not supported"):
+    with pytest.raises(RuleError, match=r"^1: padding_mode='reflect' is not supported"):
         make_rule(model)
     assert type(model[1]) is nn.Conv2d  # nothing swapped

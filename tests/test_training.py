@@ -7,7 +7,7 @@ import torch
 
 import trainer.loop
 from trainer.cli import main
-from trainer.config import load_recipe
+from trainer.recipes import load_recipe
 from trainer.loop import TrainingDiverged, train
 
 from conftest import write_recipe

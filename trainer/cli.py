@@ -119,7 +119,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     console = Console(stderr=args.command == "eval" and args.json)  # keep stdout's last line JSON
-    errors = Console(stderr=True)
+    errors = Console(stderr=True, soft_wrap=True)  # one line per error, never hard-wrapped
     commands = {"run": cmd_run, "eval": cmd_eval, "list": cmd_list, "show": cmd_show}
     try:
         return commands[args.command](args, console)

@@ -1,40 +1,18 @@
-"""Models, and their ordered units at three granularities for the local learning rules.
+"""The models a recipe names: MLP, small CNN, recurrent nets, torchvision and CIFAR ResNets.
 
-A unit is a module whose forward takes one argument and returns one value: a tensor, or a tuple
-whose first element is the unit's output ``h_l`` and whose other elements are carried along
-(inside a residual block at layer granularity, the block input travels to the addition). Running
-the units of a model in order gives exactly the model's output. Units share their parameters
-with the model and are not registered in it, so the model's state_dict stays torchvision's.
+How the local rules split them into units is ``trainer.units``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal, Union
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock
 
 from trainer.config import ModelConfig
-
-Granularity = Literal["layer", "block", "stage"]
-GRANULARITIES: tuple[str, ...] = ("layer", "block", "stage")
-State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
-
-
-def primary(state: State) -> torch.Tensor:
-    """The unit output ``h_l`` of a state (the first element of a carried tuple)."""
-    return state[0] if isinstance(state, tuple) else state
-
-
-def detach_state(state: State) -> State:
-    """Cut the graph at a unit boundary: every tensor of the state is detached."""
-    if isinstance(state, tuple):
-        return tuple(t.detach() for t in state)
-    return state.detach()
-
 
 class LayeredNet(nn.Sequential):
     """A plain feed-forward net stored as stages of layers (no residual connections)."""
@@ -182,109 +160,3 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
     if cfg.name in ("resnet20", "resnet32", "resnet56"):
         return CifarResNet(int(cfg.name[6:]), num_classes, input_shape[0])
     return _torchvision_resnet(cfg.name, num_classes, input_shape[0], cfg.cifar_stem)
-
-
-# --- units -----------------------------------------------------------------------------------
-
-
-class ResNetStem(nn.Module):
-    """A ResNet's first unit: conv1, bn1, relu and maxpool (an Identity with the CIFAR stem)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
-
-
-class _Head(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.avgpool, self.fc = net.avgpool, net.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-class _BlockLayer(nn.Module):
-    """Layer ``index`` of a residual block: conv-BN(-ReLU), carrying the block input to the sum.
-
-    The first layer takes the block input x and returns (h, x); middle layers map (h, x) to
-    (h', x); the last adds the (downsampled) shortcut of x and applies the block's ReLU.
-    """
-
-    def __init__(self, block: nn.Module, index: int):
-        super().__init__()
-        self.block, self.index = block, index
-        self.depth = 3 if isinstance(block, Bottleneck) else 2
-
-    def forward(self, state: State) -> State:
-        x, identity = (state, state) if self.index == 0 else state
-        n = self.index + 1
-        out = getattr(self.block, f"bn{n}")(getattr(self.block, f"conv{n}")(x))
-        if n < self.depth:
-            return self.block.relu(out), identity
-        if self.block.downsample is not None:
-            identity = self.block.downsample(identity)
-        return self.block.relu(out + identity)
-
-
-def _is_resnet(model: nn.Module) -> bool:
-    return isinstance(model, (torchvision.models.ResNet, CifarResNet))
-
-
-def _resnet_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]:
-    stages = [(name, m) for name, m in model.named_children() if name.startswith("layer")]
-    body: list[tuple[str, nn.Module]] = []
-    for stage_name, stage in stages:
-        if granularity == "stage":
-            body.append((stage_name, stage))
-            continue
-        for block_name, block in stage.named_children():
-            if granularity == "block":
-                body.append((f"{stage_name}.{block_name}", block))
-            else:
-                depth = 3 if isinstance(block, Bottleneck) else 2
-                body.extend((f"{stage_name}.{block_name}.conv{i + 1}", _BlockLayer(block, i)) for i in range(depth))
-    return [("stem", ResNetStem(model)), *body, ("head", _Head(model))]
-
-
-def _layered_units(model: LayeredNet, granularity: str) -> list[tuple[str, nn.Module]]:
-    if granularity == "stage":
-        return list(model.named_children())
-    return [
-        (f"{stage_name}.{layer_name}", layer)
-        for stage_name, stage in model.named_children()
-        for layer_name, layer in stage.named_children()
-    ]
-
-
-def model_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]:
-    """The model's ordered (name, unit) pairs at ``granularity``: layer, block or stage.
-
-    ResNets: stem, then residual blocks (block), their conv layers (layer) or their stages
-    (stage), then the head (pooling and classifier). Plain nets (mlp, cnn) have no blocks, so
-    block granularity equals layer granularity. Recurrent nets (an nn.Sequential): each recurrent
-    layer, then the readout, at every granularity. Any other nn.Sequential: its children.
-    """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    if _is_resnet(model):
-        return _resnet_units(model, granularity)
-    if isinstance(model, LayeredNet):
-        return _layered_units(model, granularity)
-    if isinstance(model, nn.Sequential):  # a user's own net: its children are the units
-        return list(model.named_children())
-    raise TypeError(
-        f"cannot split a {type(model).__name__} into units: local rules take the trainer's models "
-        "(mlp, cnn, resnet*, torchvision ResNets) or an nn.Sequential whose children are the units"
-    )
-
-
-def run_units(units: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Run units in order; equals the model's forward."""
-    state: State = x
-    for unit in units:
-        state = unit(state)
-    return primary(state)

@@ -8,7 +8,8 @@ optimizer only move that unit).
 
 ``UnitRule`` is the base of the local rules (DFA, DRTP, LRA, ...): it splits the model into
 units, compiles each one, runs them with detached inputs, and sends all local backwards out in
-one autograd call over the disjoint unit graphs.
+one autograd call over the disjoint unit graphs. A local rule says only how it groups the
+model's units, what signal each unit gets, and what happens after the local backward.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from trainer.models import State, detach_state, model_units, primary
+from trainer.units import Granularity, State, detach_state, model_units, primary
 
 
 class RuleError(ValueError):
@@ -102,53 +103,130 @@ class Rule(nn.Module, abc.ABC):
         optimizer.zero_grad(set_to_none=True)
 
 
+@dataclass
+class UnitOptions:
+    """Options every local rule has.
+
+    granularity: what a unit is (layer, block or stage; see ``trainer.units.model_units``):
+    backprop runs inside a unit, the rule's signal between units.
+    """
+
+    granularity: Granularity = "layer"
+
+
+Unit = tuple[str, nn.Module]
+
+
+@dataclass
+class UnitBatch:
+    """One batch through the units, as a rule's hooks see it."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    outputs: list[State]  # each unit's output, with its graph
+    error: torch.Tensor  # e = ∂loss/∂logits of the top unit (a batch mean: softmax − one-hot over N)
+
+    def input_of(self, index: int) -> torch.Tensor:
+        """What unit ``index`` read: the batch, or the (detached) output of the unit below."""
+        return self.x if index == 0 else primary(self.outputs[index - 1]).detach()
+
+
 class UnitRule(Rule):
     """Base of the local rules: units with detached inputs, each trained by its own signal.
 
-    Subclasses implement ``signals(outputs, logits, y)`` returning one gradient per unit output
-    (``None`` for a unit that is not trained by this rule's signal), or override ``train_step``.
-    ``self.units`` / ``self.unit_names`` are the model's units at ``options.granularity``
-    (or the children of an ``nn.Sequential`` given by a user); ``self.output_shapes`` holds the
-    per-sample shape of each unit's output.
+    One step (``train_step``): every unit runs on the detached output of the one below
+    (``forward_units``); the top unit's output error ``e = ∂loss/∂logits`` is formed; ``signals``
+    gives one gradient per unit; all local backwards run in one autograd call; ``after_backward``
+    may read or change the ``.grad`` they wrote; the optimizer steps once. A rule whose signals
+    need only the labels may set ``forward_only``: then each unit runs forward, gets
+    ``unit_signal``, runs its backward and steps before the next unit runs, and its graph is
+    freed at once (the top unit gets ``e``; there is no ``after_backward``).
+
+    Hooks a rule overrides: ``group_units`` (what the trained units are, from the model's units
+    at ``options.granularity``), ``signals`` (or ``unit_signal`` for forward-only rules),
+    ``signal_point`` (where in a unit's output the signal enters) and ``after_backward``.
+    ``model_units`` are the model's own units, ``units`` / ``unit_names`` the grouped ones (each
+    compiled once when the context asks), ``output_shapes`` the per-sample shape of each grouped
+    unit's output.
     """
 
-    def __init__(self, model: nn.Module, options: object, ctx: RuleContext):
+    Options: ClassVar[type[UnitOptions]]
+    forward_only: bool = False
+    last_loss: torch.Tensor | None = None  # the task loss of the last step
+
+    def __init__(self, model: nn.Module, options: UnitOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
-        named = model_units(model, getattr(options, "granularity", "layer"))
-        self.unit_names = [name for name, _ in named]
-        self._units = [unit for _, unit in named]  # a plain list: the model owns the parameters
+        if not ctx.input_shape:
+            raise ValueError(f"rule {self.name!r} needs RuleContext.input_shape (one sample's shape, e.g. (1, 28, 28))")
+        self.model_units: list[Unit] = model_units(model, options.granularity)
+        grouped = self.group_units(self.model_units)
+        self.unit_names = [name for name, _ in grouped]
+        self.units = [unit for _, unit in grouped]  # a plain list: the model owns the parameters
         self.output_shapes = self._probe_output_shapes()  # before compiling: no extra eval-mode compile
         if ctx.compile:
             # Compiled modules share one code object, so dynamo counts every unit, in train and in
             # eval mode, as a recompile of it: lift the limit, or units past the 8th run eagerly.
             dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(self._units))
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * len(self._units))
-            for unit in self._units:
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(self.units))
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * len(self.units))
+            for unit in self.units:
                 unit.compile()
 
-    @property
-    def units(self) -> list[nn.Module]:
-        return self._units
+    # --- hooks -------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _probe_output_shapes(self) -> list[tuple[int, ...]]:
-        """Per-sample shape of each unit's output ``h_l``, from one dry forward in eval mode
-        (so BatchNorm running statistics are not touched)."""
-        if not self.ctx.input_shape:
-            raise ValueError(f"rule {self.name!r} needs RuleContext.input_shape (one sample's shape, e.g. (1, 28, 28))")
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            state: State = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
-            shapes = []
-            for unit in self.units:
-                state = unit(state)
-                shapes.append(tuple(primary(state).shape[1:]))
-        finally:
-            for module, mode in modes:
-                module.train(mode)
-        return shapes
+    def group_units(self, units: list[Unit]) -> list[Unit]:
+        """The units this rule trains, from the model's units (default: each as it is)."""
+        return units
+
+    def signals(self, batch: UnitBatch) -> Sequence[torch.Tensor | None]:
+        """One signal per unit, the gradient its local backward starts from (None: no backward
+        for that unit). The default: ``unit_signal`` below the top, ``e`` for the top."""
+        below = [self.unit_signal(index, primary(out), batch.y) for index, out in enumerate(batch.outputs[:-1])]
+        return [*below, batch.error]
+
+    def unit_signal(self, index: int, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The signal of unit ``index`` (below the top) from its output and the labels alone."""
+        raise NotImplementedError(f"rule {self.name!r} defines neither signals() nor unit_signal()")
+
+    def signal_point(self, index: int, output: State) -> torch.Tensor:
+        """The tensor of unit ``index``'s output that its signal is the gradient of (default h_l)."""
+        return primary(output)
+
+    def after_backward(self, batch: UnitBatch) -> None:
+        """Runs after the local backwards, before the optimizer step (``.grad`` holds the updates)."""
+
+    # --- the step ----------------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        if self.forward_only:
+            return self._forward_only_step(x, y, optimizer)
+        outputs = self.forward_units(x)
+        logits = primary(outputs[-1])
+        loss, error = self.output_error(logits, y)
+        batch = UnitBatch(x, y, outputs, error)
+        signals = self.signals(batch)
+        self.local_backward([self.signal_point(i, out) for i, out in enumerate(outputs)], signals)
+        self.after_backward(batch)
+        self.step(optimizer)
+        self.last_loss = loss
+        return StepResult(loss, logits.detach())
+
+    def _forward_only_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        """Unit by unit: forward, signal, backward, step; the unit's graph goes with ``out``."""
+        state: State = x
+        top = len(self.units) - 1
+        for index, unit in enumerate(self.units):
+            with self.autocast():
+                out = unit(detach_state(state))
+            if index < top:
+                signal = self.unit_signal(index, primary(out), y)
+            else:
+                loss, signal = self.output_error(primary(out), y)
+            self.local_backward([self.signal_point(index, out)], [signal])
+            self.step(optimizer)
+            state = detach_state(out)
+        self.last_loss = loss
+        return StepResult(loss, primary(state))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: State = x
@@ -168,17 +246,15 @@ class UnitRule(Rule):
         return outputs
 
     @staticmethod
-    def local_backward(outputs: list[State], signals: list[torch.Tensor | None]) -> None:
-        """All local backwards in one autograd call: unit l gets ``signals[l]`` at its output.
+    def local_backward(tensors: Sequence[torch.Tensor], signals: Sequence[torch.Tensor | None]) -> None:
+        """All local backwards in one autograd call: ``tensors[l]`` gets ``signals[l]``.
 
         The unit graphs are disjoint (inputs are detached), so nothing flows between units and
         no gradient is computed for unit inputs.
         """
-        pairs = [(primary(out), g) for out, g in zip(outputs, signals) if g is not None]
-        tensors = [out for out, _ in pairs if out.requires_grad]
-        grads = [g.to(out.dtype) for out, g in pairs if out.requires_grad]
-        if tensors:
-            torch.autograd.backward(tensors, grads)
+        pairs = [(t, g) for t, g in zip(tensors, signals, strict=True) if g is not None and t.requires_grad]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
 
     def output_error(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss and ``e = ∂loss/∂logits`` (softmax − one-hot, over N, with label smoothing)."""
@@ -187,16 +263,19 @@ class UnitRule(Rule):
         (error,) = torch.autograd.grad(loss, leaf)
         return loss.detach(), error
 
-    @abc.abstractmethod
-    def signals(self, outputs: list[State], error: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:
-        """One signal per unit output (None: the unit gets no update from this rule)."""
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        outputs = self.forward_units(x)
-        logits = primary(outputs[-1])
-        loss, error = self.output_error(logits, y)
-        with torch.no_grad():
-            signals = self.signals(outputs, error, y)
-        self.local_backward(outputs, signals)
-        self.step(optimizer)
-        return StepResult(loss, logits.detach())
+    @torch.no_grad()
+    def _probe_output_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shape of each unit's output ``h_l``, from one dry forward in eval mode
+        (so BatchNorm running statistics are not touched)."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            state: State = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
+            shapes = []
+            for unit in self.units:
+                state = unit(state)
+                shapes.append(tuple(primary(state).shape[1:]))
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+        return shapes

@@ -26,17 +26,15 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from trainer.config import ConfigError
-from trainer.models import Granularity, State, detach_state, primary
-from trainer.rules.base import RuleContext, StepResult, UnitRule
+from trainer.rules.base import RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
+from trainer.units import Granularity, State, detach_state, primary
 
 
 @dataclass
-class DFAOptions:
-    """Options of ``dfa``.
+class DFAOptions(UnitOptions):
+    """Options of ``dfa`` (and ``granularity``, see ``UnitOptions``; default block).
 
-    granularity: what a unit is (layer, block, stage); backprop inside a unit, DFA between units.
     bp_units: unit names or name prefixes ("stem", "layer1") trained by backprop inside the
     segment of the first non-BP unit above them (the hybrid).
     feedback_init: entries of B_l, all of unit variance: gaussian N(0, 1), uniform U(-√3, √3) or
@@ -78,10 +76,10 @@ def _matches(unit_name: str, entry: str) -> bool:
 
 def segment_bounds(unit_names: list[str], bp_units: list[str]) -> list[range]:
     """Split units into local-backward segments: each non-BP unit (and the top) closes the run
-    of BP units below it. Raises ConfigError for an entry of ``bp_units`` that names no unit."""
+    of BP units below it. Raises RuleError for an entry of ``bp_units`` that names no unit."""
     unknown = [entry for entry in bp_units if not any(_matches(name, entry) for name in unit_names)]
     if unknown:
-        raise ConfigError(f"[rule] bp_units: {', '.join(map(repr, unknown))} names no unit; "
+        raise RuleError(f"bp_units: {', '.join(map(repr, unknown))} names no unit; "
                           f"units: {', '.join(unit_names)}")
     segments, start = [], 0
     for index, name in enumerate(unit_names):
@@ -126,13 +124,7 @@ class DFA(UnitRule):
 
     def __init__(self, model: nn.Module, options: DFAOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
-        self.model_units, self.model_unit_names = self.units, self.unit_names  # units become segments below
         self.unit_parameters = self._owned_parameters() if options.align_every else []
-        self.segments = segment_bounds(self.model_unit_names, options.bp_units)
-        self._units = [self.model_units[s[0]] if len(s) == 1 else nn.Sequential(*(self.model_units[i] for i in s))
-                       for s in self.segments]
-        self.unit_names = [self.model_unit_names[s[-1]] for s in self.segments]
-        self.output_shapes = [self.output_shapes[s[-1]] for s in self.segments]
         self.feedback = nn.ModuleList(
             FixedProjection(ctx.num_classes, math.prod(shape), init=options.feedback_init,
                             storage=options.feedback_storage, seed=ctx.seed, stream=s[-1],
@@ -142,11 +134,18 @@ class DFA(UnitRule):
         self.steps = 0
         self.angles: dict[str, float] = {}
 
+    def group_units(self, units: list[Unit]) -> list[Unit]:
+        """One unit per segment: a non-BP unit with the BP units below it (``bp_units``), named
+        after its top unit."""
+        self.segments = segment_bounds([name for name, _ in units], self.options.bp_units)
+        return [(units[s[-1]][0], units[s[0]][1] if len(s) == 1 else nn.Sequential(*(units[i][1] for i in s)))
+                for s in self.segments]
+
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model through its units' plain (uncompiled) forwards: the diagnostics' extra passes
         add no recompilations (compiled units share dynamo's recompile limit)."""
         state: State = x
-        for unit in self.model_units:
+        for _, unit in self.model_units:
             state = unit.forward(state)
         return primary(state)
 
@@ -157,7 +156,7 @@ class DFA(UnitRule):
         owned = []
         state: State = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
         with preserved_buffers(self.model), torch.enable_grad():
-            for unit in self.model_units:
+            for _, unit in self.model_units:
                 state = unit.forward(state)  # the plain module, not its compiled wrapper
                 candidates = [p for p in unit.parameters() if p.requires_grad]
                 used = torch.autograd.grad(primary(state).sum(), candidates, allow_unused=True) if candidates else []
@@ -166,24 +165,19 @@ class DFA(UnitRule):
         return owned
 
     @torch.no_grad()
-    def signals(self, outputs: list[State], error: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:
+    def signals(self, batch: UnitBatch) -> list[torch.Tensor]:
         """``scale/√C · e·B_l`` reshaped to unit l's output, in its dtype; ``e`` for the top."""
-        signals: list[torch.Tensor | None] = []
-        for feedback, out in zip(self.feedback, outputs):
+        signals = []
+        for feedback, out in zip(self.feedback, batch.outputs):
             h = primary(out)
-            signals.append(feedback.project(error, out_dtype=h.dtype).view(h.shape))
-        return [*signals, error]
+            signals.append(feedback.project(batch.error, out_dtype=h.dtype).view(h.shape))
+        return [*signals, batch.error]
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        outputs = self.forward_units(x)
-        logits = primary(outputs[-1])
-        loss, error = self.output_error(logits, y)
-        self.local_backward(outputs, self.signals(outputs, error, y))
+    def after_backward(self, batch: UnitBatch) -> None:
+        """Every ``align_every`` steps, the DFA-vs-BP angles of the update now in ``.grad``."""
         self.steps += 1
         if self.options.align_every and self.steps % self.options.align_every == 0:
-            self.angles = self.measure_alignment(x, y)
-        self.step(optimizer)
-        return StepResult(loss, logits.detach())
+            self.angles = self.measure_alignment(batch.x, batch.y)
 
     def measure_alignment(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Angle (degrees) between each unit's update now in ``.grad`` and its BP gradient on
@@ -196,7 +190,7 @@ class DFA(UnitRule):
             true_grads = list(torch.autograd.grad(loss, params, allow_unused=True))
         angles: dict[str, float] = {}
         from_feedback = []
-        for index, (name, owned) in enumerate(zip(self.model_unit_names, self.unit_parameters)):
+        for index, ((name, _), owned) in enumerate(zip(self.model_units, self.unit_parameters)):
             bp_grads, true_grads = true_grads[:len(owned)], true_grads[len(owned):]
             if not owned:
                 continue

@@ -16,8 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kernels import PackedSigns, SeededSigns, binary_feedback_project, pack_signs, project_labels
-from kernels._hash import stream_key
+from kernels import PackedSigns, SeededSigns, binary_feedback_project, pack_signs, project_labels, stream_key
 
 Init = Literal["gaussian", "uniform", "binary"]
 Storage = Literal["dense", "packed", "seeded"]

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models import Granularity, RecurrentLayer, State, detach_state, primary
-from trainer.rules.base import RuleContext, StepResult, UnitRule
+from trainer.models import RecurrentLayer
+from trainer.rules.base import RuleContext, UnitOptions, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
 
 SequenceTarget = Literal["every_step", "last_step"]
@@ -55,10 +55,9 @@ ELEMENTWISE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
 
 @dataclass
-class DRTPOptions:
-    """Options of ``drtp``.
+class DRTPOptions(UnitOptions):
+    """Options of ``drtp`` (and ``granularity``, see ``UnitOptions``; default layer).
 
-    granularity: what a unit is (layer, block or stage; see ``models.model_units``).
     forward_only: update each unit right after its own forward and free its graph (constant
     activation memory); false: all units forward, then one joint backward and step.
     target_init / target_storage / target_scale: P_l as in DFA's feedback (``FixedProjection``):
@@ -69,10 +68,9 @@ class DRTPOptions:
 
     Defaults: layer units (the least memory), forward-only, dense gaussian P_l with
     target_scale = 1 (target entries of standard deviation 1/√C), the target on the last step
-    (on the 2-layer LSTM of recipes/mnist5k_rnn_tpsgd.toml: 97.4% against 95.0% for every step).
+    (it trains the recurrent recipe better; BENCHMARKS.md).
     """
 
-    granularity: Granularity = "layer"
     forward_only: bool = True
     target_init: Init = "gaussian"
     target_storage: Storage = "dense"
@@ -100,6 +98,7 @@ class TargetProjection(UnitRule):
 
     def __init__(self, model: nn.Module, options: DRTPOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
+        self.forward_only = options.forward_only
         self.is_sequence = [isinstance(unit, RecurrentLayer) for unit in self.units]
         self.targets = nn.ModuleList(
             FixedProjection(ctx.num_classes, shape[-1] if sequence else math.prod(shape),
@@ -107,7 +106,7 @@ class TargetProjection(UnitRule):
                             stream=index, scale=options.target_scale, device=ctx.device)
             for index, (shape, sequence) in enumerate(zip(self.output_shapes[:-1], self.is_sequence))
         )
-        self.local_losses: list[torch.Tensor | None] = [None] * len(self.units)
+        self.local_losses: list[torch.Tensor | None] = [None] * (len(self.units) - 1)
 
     def local_loss(self, index: int, z: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``J_l`` of unit ``index`` from its outputs z (N, S, D) and targets (N, 1, D), S = time steps."""
@@ -133,36 +132,12 @@ class TargetProjection(UnitRule):
             self.local_losses[index] = self.local_loss(index, self.target_view(index, output).float(), target, y)
         return signal
 
-    def signals(self, outputs: list[State], error: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:
-        """The joint (not forward-only) path: every unit's signal, and ``e`` for the top."""
-        return [*(self.unit_signal(i, primary(out), y) for i, out in enumerate(outputs[:-1])), error]
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        if not self.options.forward_only:
-            result = super().train_step(x, y, optimizer)
-            self.local_losses[-1] = result.loss
-            return result
-        state: State = x
-        top = len(self.units) - 1
-        for index, unit in enumerate(self.units):
-            with self.autocast():
-                out = unit(detach_state(state))
-            if index < top:
-                signal = self.unit_signal(index, primary(out), y)
-            else:
-                loss, signal = self.output_error(primary(out), y)
-                self.local_losses[index] = loss
-            self.local_backward([out], [signal])
-            self.step(optimizer)
-            state = detach_state(out)  # the last reference to the unit's graph goes with ``out``
-        return StepResult(loss, primary(state))
-
     def diagnostics(self) -> dict[str, float]:
         """Each unit's last local loss J_l (the task loss for the top); "local_loss" is their mean
         over the units below the top (DRTP's J_l = −⟨z_l, t_l⟩/N falls as outputs align with targets)."""
-        if any(loss is None for loss in self.local_losses):
+        if self.last_loss is None:
             return {}
-        losses = torch.stack([loss.float() for loss in self.local_losses]).tolist()
+        losses = torch.stack([loss.float() for loss in (*self.local_losses, self.last_loss)]).tolist()
         out = {f"local_loss/{name}": loss for name, loss in zip(self.unit_names, losses)}
         out["local_loss"] = sum(losses[:-1]) / max(1, len(losses) - 1)
         return out

@@ -20,8 +20,7 @@ from typing import Literal
 from torch import nn
 
 from kernels.trace_conv import TraceConv2d, convert_to_trace_conv
-from trainer.config import ConfigError
-from trainer.rules.base import RuleContext
+from trainer.rules.base import RuleContext, RuleError
 from trainer.rules.bp import Backprop
 
 Probe = Literal["gaussian", "rademacher", "orthogonal"]  # kernels.trace_conv.PROBES
@@ -66,9 +65,9 @@ class TraceBackprop(Backprop):
                                           keep_first_exact=options.keep_first_exact, mask_relu=options.mask_relu,
                                           compact_bn=options.compact_bn)
         except ValueError as err:
-            raise ConfigError(f"rule trace_bp: {err}") from None
+            raise RuleError(str(err)) from None
         if not any(isinstance(m, TraceConv2d) for m in model.modules()):
             has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
             why = "keep_first_exact leaves its only conv exact" if has_conv else "it has no Conv2d"
-            raise ConfigError(f"rule trace_bp: no convolution of the model to estimate ({why}); use rule 'bp'")
+            raise RuleError(f"no convolution of the model to estimate ({why}); use rule 'bp'")
         super().__init__(model, options, ctx)  # compiles the converted model
