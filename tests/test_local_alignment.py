@@ -1,19 +1,17 @@
 """Fused local-alignment update (kernels/local_alignment.py) against the equations written out here.
 
-The Triton kernels run under the interpreter (TRITON_INTERPRET=1, set before torch/triton load),
-in float32. Run: ``python -m pytest tests/test_local_alignment.py``.
+The Triton kernels run under the interpreter (``tests/conftest.py`` sets TRITON_INTERPRET=1), in
+float32. Run: ``python -m pytest tests/test_local_alignment.py``.
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import kernels
+import kernels.local_alignment as la
+from kernels._dispatch import use_triton
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-import kernels.local_alignment as la  # noqa: E402
-from kernels._dispatch import use_triton  # noqa: E402
+from conftest import assert_rel_close
 
 RTOL = 2e-5
 
@@ -54,17 +52,6 @@ def expected_update(kind, u, P, a, z, zp, beta, alpha, act, scale, max_norm):
     norm = dw.norm()
     factor = (max_norm / norm) if (max_norm is not None and norm >= max_norm) else torch.tensor(1.0, dtype=torch.float64)
     return dw * factor, norm, factor
-
-
-def assert_rel(got, want, what, ignore=None):
-    """Every element close to the float64 expectation, relative to the tensor's largest entry."""
-    assert got.shape == want.shape, what
-    assert torch.isfinite(got).all(), f"{what}: non-finite entries"
-    err = (got.double() - want).abs()
-    if ignore is not None:
-        err = err.masked_fill(ignore, 0)
-    tol = RTOL * max(want.abs().max().item(), 1e-6)
-    assert err.max().item() <= tol, f"{what}: max abs err {err.max().item():.3e} > {tol:.3e}"
 
 
 def make(n, c, d, dp=1, seed=0, act="tanh"):
@@ -124,23 +111,23 @@ def test_signal_matches_equations(kind, act, n, c, d, alpha, beta, scale, with_z
     out = la.local_signal(kind, u, P, a, zarg, beta=beta, alpha=alpha, activation=act, scale=scale,
                           diagnostics=kind == "lra")
     if kind == "lra":
-        assert_rel(out.e, want, "e", ignore=near_sign_flip(diff, alpha))
-        assert_rel(out.d, d_want, "d")
-        assert_rel(out.y, y_want, "y")
+        assert_rel_close(out.e, want, RTOL, "e", ignore=near_sign_flip(diff, alpha))
+        assert_rel_close(out.d, d_want, RTOL, "d")
+        assert_rel_close(out.y, y_want, RTOL, "y")
         plain = la.local_signal(kind, u, P, a, zarg, beta=beta, alpha=alpha, activation=act, scale=scale)
         assert plain.d is None and plain.y is None
         assert torch.equal(plain.e, out.e)
     else:
-        assert_rel(out, want, kind)
+        assert_rel_close(out, want, RTOL, kind)
     ref = la.local_signal_reference(kind, u, P, a, zarg, beta=beta, alpha=alpha, activation=act, scale=scale)
-    assert_rel(ref.e if kind == "lra" else ref, want, "reference", ignore=near_sign_flip(diff, alpha))
+    assert_rel_close(ref.e if kind == "lra" else ref, want, RTOL, "reference", ignore=near_sign_flip(diff, alpha))
 
 
 def test_drtp_one_hot_labels():
     u, P, a, _, _ = make(33, 10, 65, act="relu")
     y_star = torch.nn.functional.one_hot(torch.arange(33) % 10, 10).float()
     got = la.local_signal("drtp", y_star, P, a)
-    assert_rel(got, -(P.double()[torch.arange(33) % 10]) * (a > 0).double(), "drtp one-hot")
+    assert_rel_close(got, -(P.double()[torch.arange(33) % 10]) * (a > 0).double(), RTOL, "drtp one-hot")
 
 
 def test_every_signal_element_written():
@@ -172,11 +159,11 @@ def test_weight_update_and_norm(kind, act, n, c, d, dp, alpha, fuse):
     zarg = z if kind == "lra" else None
     want, norm, _ = expected_update(kind, u, P, a, zarg, zp, 0.1, alpha, act, 1.0, None)
     got = la.local_weight_update(kind, u, P, a, zarg, zp, alpha=alpha, activation=act, fuse_signal=fuse)
-    assert_rel(got.dw, want, "dW")
+    assert_rel_close(got.dw, want, RTOL, "dW")
     assert abs(got.norm.item() - norm.item()) <= RTOL * norm.item() + 1e-7
     assert got.factor.item() == 1.0
     ref = la.local_weight_update_reference(kind, u, P, a, zarg, zp, alpha=alpha, activation=act)
-    assert_rel(ref.dw, want, "reference dW")
+    assert_rel_close(ref.dw, want, RTOL, "reference dW")
 
 
 def test_every_weight_update_element_written():
@@ -197,7 +184,7 @@ def test_norm_ball_projection(kind, where):
     c = norm.item() * (2.0 if where == "below" else 0.25)
     want, _, factor = expected_update(kind, u, P, a, zarg, zp, 0.1, 0.19, "tanh", 1.0, c)
     got = la.local_weight_update(kind, u, P, a, zarg, zp, alpha=0.19, activation="tanh", max_norm=c)
-    assert_rel(got.dw, want, "projected dW")
+    assert_rel_close(got.dw, want, RTOL, "projected dW")
     assert abs(got.norm.item() - norm.item()) <= RTOL * norm.item()
     if where == "below":
         assert got.factor.item() == 1.0
@@ -220,7 +207,7 @@ def test_fused_sgd_step(max_norm_scale, fuse):
                                  weight=w, lr=lr, fuse_signal=fuse)
     assert out.dw is None
     assert abs(out.norm.item() - norm.item()) <= RTOL * norm.item()
-    assert_rel(w - w0, -lr * want, "step")
+    assert_rel_close(w - w0, -lr * want, RTOL, "step")
     w_ref = w0.clone()
     la.local_weight_update_reference("lra", u, P, a, z, zp, alpha=0.19, activation="tanh", max_norm=c,
                                      weight=w_ref, lr=lr)
@@ -232,7 +219,8 @@ def test_pytorch_path_and_dtype(monkeypatch):
     monkeypatch.setattr(la, "use_triton", lambda t: False)
     u, P, a, z, zp = make(5, 10, 17, 65)
     want, _, _ = expected_update("dfa", u, P, a, None, zp, 0.1, 1.0, "tanh", 1.0, None)
-    assert_rel(la.local_weight_update("dfa", u, P, a, None, zp, activation="tanh").dw, want, "torch path dW")
+    got = la.local_weight_update("dfa", u, P, a, None, zp, activation="tanh").dw
+    assert_rel_close(got, want, RTOL, "torch path dW")
     ab, zb, zpb = a.bfloat16(), z.bfloat16(), zp.bfloat16()
     s = la.local_signal("lra", u, P, ab, zb, activation="tanh", diagnostics=True)
     assert s.e.dtype == s.d.dtype == s.y.dtype == torch.bfloat16

@@ -1,25 +1,21 @@
 """Tests for kernels.trace_conv: trace-estimated Conv2d weight gradients (Louboutin et al. 2021).
 
-TRITON_INTERPRET=1 is set before torch/triton are imported, so CPU tensors run the Triton kernels
-under the interpreter; tests that need many seeds switch to the PyTorch path with monkeypatch
-(``kernels._dispatch.use_triton`` reads the variable at call time) after the two paths are checked
-against each other.
+``tests/conftest.py`` sets TRITON_INTERPRET=1 before torch/triton are imported, so CPU tensors run
+the Triton kernels under the interpreter; tests that need many seeds switch to the PyTorch path with
+monkeypatch (``kernels._dispatch.use_triton`` reads the variable at call time) after the two paths
+are checked against each other.
 """
 
-import os
+import copy
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torchvision
+from torch import nn
 
-import copy  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from torch import nn  # noqa: E402
-
-from kernels import TraceConv2d, convert_to_trace_conv  # noqa: E402
-from kernels._hash import stream_key  # noqa: E402
-from kernels.trace_conv import (  # noqa: E402
+from kernels import TraceConv2d, convert_to_trace_conv
+from kernels._hash import stream_key
+from kernels.trace_conv import (
     PROBES,
     MaskReLU,
     probe_matrix,
@@ -28,6 +24,8 @@ from kernels.trace_conv import (  # noqa: E402
     trace_weight_grad_torch,
     trace_weight_grad_triton,
 )
+
+from conftest import assert_rel_close
 
 # (C_in, C_out, kernel, stride, padding, dilation, groups, (H, W), bias): every supported kind of
 # geometry on odd and non-square images.
@@ -67,10 +65,6 @@ def _geometry(ref: nn.Conv2d):
     else:
         pad = list(ref.padding)
     return list(ref.kernel_size), list(ref.stride), pad, list(ref.dilation)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -202,7 +196,7 @@ def test_module_gradient_matches_torch_in_expectation(torch_path, probe, cfg):
     ref(x).backward(gy)
     for _ in range(4):
         conv(x).backward(gy)
-    assert _rel(conv.weight.grad / 4, ref.weight.grad) < 0.3
+    assert_rel_close(conv.weight.grad / 4, ref.weight.grad, 0.3, norm="fro")
 
 
 def test_unbiased_error_shrinks_like_inverse_sqrt_of_seeds(torch_path):
