@@ -7,6 +7,7 @@ import pytest
 from trainer.cli import main
 from trainer.config import ConfigError, parse_override
 from trainer.recipes import builtin_recipes, load_recipe
+from trainer.rules import RULES
 
 from conftest import write_recipe
 
@@ -71,7 +72,8 @@ def test_builtin_recipes_all_validate():
     assert "quickstart" in recipes
     for name, path in recipes.items():
         recipe = load_recipe(path)
-        assert recipe.rule.name, name
+        assert recipe.source == str(path), name
+        assert isinstance(recipe.rule.options, RULES[recipe.rule.name].Options), name
 
 
 def test_cli_exit_code_2_without_traceback(tmp_path, tiny_npz, capsys):

@@ -189,7 +189,9 @@ def test_training_improves_accuracy(tmp_path, tiny_npz, rule):
     result = train(load_recipe(path), tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     held_out = [r for r in records if r["split"] == "held-out"]
-    assert held_out[-1]["accuracy"] > 0.9 and held_out[-1]["accuracy"] > held_out[0]["accuracy"] - 0.05
+    assert held_out[-1]["accuracy"] > 0.9  # chance is 0.25
+    first_logged_loss = next(r["loss"] for r in records if r["split"] == "train")
+    assert held_out[-1]["train_loss"] < 0.5 * first_logged_loss
     assert result["accuracy"] == held_out[-1]["accuracy"]
     if rule.get("align_every"):
         assert {"angle", "angle/0.0", "angle/1.0", "angle/2.0"} <= set(records[0])
