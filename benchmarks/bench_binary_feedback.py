@@ -13,29 +13,25 @@ Two tables, in the style of the Triton tutorials:
    script exits with an error, so a kernel that compiles wrongly on a GPU is never timed silently.
 2. Feedback memory per model (one C x D matrix per unit below the top): float32 vs packed vs seeded.
 
-On CUDA the timings use ``triton.testing.do_bench``. Without a GPU only a tiny subset runs, on the
-PyTorch (CPU) path of the op, and the output says so. Results also go to ``--out`` (.json or .csv).
+Timings are ``benchmarks/_harness.time_ops``: ``triton.testing.do_bench`` on CUDA (the median; the
+p20/p80 spread goes to the results). Without a GPU only a tiny subset runs, on the PyTorch (CPU)
+path of the op, and the output says so. Results also go to ``--out`` (.json or .csv).
 
-    python benchmarks/bench_binary_feedback.py [--quick] [--dtype float32] [--no-mask] [--out results.json]
+    python benchmarks/bench_binary_feedback.py [--quick] [--device cuda] [--dtype float32] [--no-mask] [--out results.json]
 """
 
 import argparse
-import csv
-import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._harness import device_name, environment, make_console, relative_error, table, time_ops, write_results  # noqa: E402
 from kernels._dispatch import triton_interpreting  # noqa: E402
 from kernels.binary_feedback import PackedSigns, SeededSigns, binary_feedback_project, pack_signs  # noqa: E402
 
@@ -67,31 +63,12 @@ def unit_sizes(model_name: str) -> list[tuple[str, int]]:
     return [(name, sizes[name]) for name, _ in units]
 
 
-def timer(device: torch.device, quick: bool) -> Callable[[Callable[[], object]], float]:
-    """Milliseconds per call: triton's do_bench on CUDA, a median of wall-clock runs on CPU."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100)
-
-    def cpu_time(fn: Callable[[], object]) -> float:
-        fn()
-        runs = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(runs)
-
-    return cpu_time
-
-
-def copy_bandwidth(device: torch.device, measure: Callable[[Callable[[], object]], float]) -> float:
+def copy_bandwidth(device: torch.device, quick: bool) -> float:
     """GB/s of a large device-to-device copy (read + write)."""
     numel = 2**28 if device.type == "cuda" else 2**24  # 1 GiB on GPU, 64 MiB on CPU
     src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = measure(lambda: dst.copy_(src))
+    ms = time_ops({"copy": lambda: dst.copy_(src)}, device, quick=quick, cpu_repeats=3)["copy"].median_ms
     return 2 * src.nbytes / ms / 1e6
 
 
@@ -108,14 +85,7 @@ def dense_matmul(e: torch.Tensor, dense: torch.Tensor, scale: float, mask: torch
     return out.mul_(mask) if mask is not None else out
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want||, in float32."""
-    got, want = got.float(), want.float()
-    return (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-30)).item()
-
-
 def run_kernel_table(args, device: torch.device, d_units: dict[int, list[str]], hbm: float) -> list[dict]:
-    measure = timer(device, args.quick)
     dtype = DTYPES[args.dtype]
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -134,20 +104,21 @@ def run_kernel_table(args, device: torch.device, d_units: dict[int, list[str]], 
                 error = max(relative_error(binary_feedback_project(e, feedback, 0.5, mask),
                                            dense_matmul(e.float(), signs_of.float(), 0.5, mask32))
                             for feedback, signs_of in ((packed, dense), (seeded, seeded.materialize(device))))
-                times = {
-                    "packed": measure(lambda: binary_feedback_project(e, packed, 0.5, mask)),
-                    "seeded": measure(lambda: binary_feedback_project(e, seeded, 0.5, mask)),
-                    "dense": measure(lambda: dense_matmul(e, dense, 0.5, mask)),
-                    "unpack_mm": measure(lambda: unpack_then_matmul(e, packed, 0.5, mask)),
-                }
-                row = {"table": "kernel", "D": d, "units": ", ".join(d_units[d]), "N": n, "C": c,
+                times = time_ops({
+                    "packed": lambda: binary_feedback_project(e, packed, 0.5, mask),
+                    "seeded": lambda: binary_feedback_project(e, seeded, 0.5, mask),
+                    "dense": lambda: dense_matmul(e, dense, 0.5, mask),
+                    "unpack_mm": lambda: unpack_then_matmul(e, packed, 0.5, mask),
+                }, device, quick=args.quick, cpu_repeats=3)
+                row = {"D": d, "units": ", ".join(d_units[d]), "N": n, "C": c,
                        "dtype": args.dtype, "mask": args.mask, "rel_err": error}
-                for name, ms in times.items():
-                    row[f"{name}_ms"] = ms
+                for name, timing in times.items():
+                    row[f"{name}_ms"] = timing.median_ms
+                    row[f"{name}_spread"] = timing.spread
                 for name, extra in (("packed", packed.nbytes), ("seeded", 0)):
-                    row[f"{name}_GBps"] = (io_bytes + extra) / times[name] / 1e6
+                    row[f"{name}_GBps"] = (io_bytes + extra) / row[f"{name}_ms"] / 1e6
                     row[f"{name}_bw_share"] = row[f"{name}_GBps"] / hbm
-                row["speedup_vs_dense"] = times["dense"] / min(times["packed"], times["seeded"])
+                row["speedup_vs_dense"] = row["dense_ms"] / min(row["packed_ms"], row["seeded_ms"])
                 rows.append(row)
                 del e, mask
             del packed, dense
@@ -164,7 +135,7 @@ def memory_table(sizes: dict[str, list[tuple[str, int]]]) -> list[dict]:
                      for d in dims)
         seeded = sum(SeededSigns(0, c, d).nbytes for d in dims)
         float32 = sum(4 * c * d for d in dims)
-        rows.append({"table": "memory", "model": model, "C": c, "num_units": len(dims), "sum_D": sum(dims),
+        rows.append({"model": model, "C": c, "num_units": len(dims), "sum_D": sum(dims),
                      "float32_bytes": float32, "packed_bytes": packed, "seeded_bytes": seeded,
                      "float32_over_packed": float32 / packed})
     return rows
@@ -177,28 +148,17 @@ def human_bytes(n: int) -> str:
     return f"{n / 1024**exponent:.2f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
-def write_out(path: Path, meta: dict, kernel_rows: list[dict], memory_rows: list[dict]) -> None:
-    if path.suffix == ".csv":
-        rows = kernel_rows + memory_rows
-        fields = list(dict.fromkeys(key for row in rows for key in row))
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        path.write_text(json.dumps({**meta, "kernel": kernel_rows, "memory": memory_rows}, indent=2))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny subset (implied without a GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of e, mask and g")
     parser.add_argument("--no-mask", dest="mask", action="store_false", help="project without the elementwise mask")
     parser.add_argument("--out", type=Path, help="write results here (.json, or .csv)")
     args = parser.parse_args()
-    console = Console(width=max(Console().width, 170))
+    console = make_console(170)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
     if device.type == "cpu":
         if triton_interpreting():
             sys.exit("TRITON_INTERPRET=1 is set: unset it, the interpreted kernel is far too slow to benchmark")
@@ -216,41 +176,42 @@ def main() -> None:
     if args.quick:
         d_units = {d: d_units[d] for d in sorted(d_units)[:2]}
 
-    hbm = copy_bandwidth(device, timer(device, args.quick))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    hbm = copy_bandwidth(device, args.quick)
+    name = device_name(device)
     console.print(f"device: {name}; measured copy bandwidth {hbm:.0f} GB/s; dtype {args.dtype}; "
                   f"mask {'on' if args.mask else 'off'}")
 
     kernel_rows = run_kernel_table(args, device, d_units, hbm)
     tolerance = 1e-4 if args.dtype == "float32" else 2e-2  # 16-bit outputs round at about 2^-8
-    table = Table(title=f"binary_feedback_project on {name} ({'PyTorch path' if device.type == 'cpu' else 'Triton'})")
-    for column in ("D", "units", "N", "C", "packed ms", "GB/s", "%BW", "seeded ms", "GB/s", "%BW",
-                   "dense ms", "unpack+mm ms", "vs dense", "rel err"):
-        table.add_column(column, justify="left" if column == "units" else "right")
+    path = "PyTorch path" if device.type == "cpu" else "Triton"
+    kernels = table(f"binary_feedback_project on {name} ({path}; median ms)",
+                    ["D", "units", "N", "C", "packed ms", "GB/s", "%BW", "seeded ms", "GB/s", "%BW",
+                     "dense ms", "unpack+mm ms", "vs dense", "rel err"], left={"units"})
     for r in kernel_rows:
         units = r["units"] if len(r["units"]) <= 40 else r["units"][:37] + "..."
-        table.add_row(str(r["D"]), units, str(r["N"]), str(r["C"]),
-                      f"{r['packed_ms']:.3f}", f"{r['packed_GBps']:.0f}", f"{100 * r['packed_bw_share']:.0f}%",
-                      f"{r['seeded_ms']:.3f}", f"{r['seeded_GBps']:.0f}", f"{100 * r['seeded_bw_share']:.0f}%",
-                      f"{r['dense_ms']:.3f}", f"{r['unpack_mm_ms']:.3f}", f"{r['speedup_vs_dense']:.2f}x",
-                      f"[red]{r['rel_err']:.1e}[/red]" if r["rel_err"] > tolerance else f"{r['rel_err']:.1e}")
-    console.print(table)
+        kernels.add_row(str(r["D"]), units, str(r["N"]), str(r["C"]),
+                        f"{r['packed_ms']:.3f}", f"{r['packed_GBps']:.0f}", f"{100 * r['packed_bw_share']:.0f}%",
+                        f"{r['seeded_ms']:.3f}", f"{r['seeded_GBps']:.0f}", f"{100 * r['seeded_bw_share']:.0f}%",
+                        f"{r['dense_ms']:.3f}", f"{r['unpack_mm_ms']:.3f}", f"{r['speedup_vs_dense']:.2f}x",
+                        f"[red]{r['rel_err']:.1e}[/red]" if r["rel_err"] > tolerance else f"{r['rel_err']:.1e}")
+    console.print(kernels)
 
     memory_rows = memory_table(sizes)
-    table = Table(title="Feedback memory per model (one C x D matrix per unit: stem + residual blocks)")
-    for column in ("model", "C", "units", "sum D", "float32", "packed", "seeded", "float32 / packed"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    memory = table("Feedback memory per model (one C x D matrix per unit: stem + residual blocks)",
+                   ["model", "C", "units", "sum D", "float32", "packed", "seeded", "float32 / packed"])
     for r in memory_rows:
-        table.add_row(r["model"], str(r["C"]), str(r["num_units"]), str(r["sum_D"]), human_bytes(r["float32_bytes"]),
-                      human_bytes(r["packed_bytes"]), human_bytes(r["seeded_bytes"]),
-                      f"{r['float32_over_packed']:.1f}x")
-    console.print(table)
+        memory.add_row(r["model"], str(r["C"]), str(r["num_units"]), str(r["sum_D"]), human_bytes(r["float32_bytes"]),
+                       human_bytes(r["packed_bytes"]), human_bytes(r["seeded_bytes"]),
+                       f"{r['float32_over_packed']:.1f}x")
+    console.print(memory)
 
-    if args.out:
-        meta = {"device": name, "copy_bandwidth_GBps": hbm, "dtype": args.dtype, "mask": args.mask,
-                "path": "pytorch" if device.type == "cpu" else "triton", "unit_sizes": sizes}
-        write_out(args.out, meta, kernel_rows, memory_rows)
-        console.print(f"wrote {args.out}")
+    headline = {"copy_GBps": hbm, "best_packed_bw_share": max(r["packed_bw_share"] for r in kernel_rows),
+                "best_seeded_bw_share": max(r["seeded_bw_share"] for r in kernel_rows),
+                "median_speedup_vs_dense": statistics.median(r["speedup_vs_dense"] for r in kernel_rows),
+                "max_rel_err": max(r["rel_err"] for r in kernel_rows), "tolerance": tolerance}
+    meta = {**environment(device), "copy_bandwidth_GBps": hbm, "dtype": args.dtype, "mask": args.mask,
+            "path": "pytorch" if device.type == "cpu" else "triton", "unit_sizes": sizes}
+    write_results(args.out, meta, {"kernel": kernel_rows, "memory": memory_rows}, headline, console)
     if any(r["rel_err"] > tolerance for r in kernel_rows):
         sys.exit(f"binary_feedback_project differs from the float32 product by more than {tolerance:g} (rel err column)")
 

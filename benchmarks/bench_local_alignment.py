@@ -9,7 +9,8 @@ and bytes moved and time for
   * fused: ``kernels.local_alignment``. Bytes are modelled from the shapes as the compulsory traffic
     of its kernels: each input read once and each output written once per pass (the norm-ball case
     runs two passes; re-reads of tiles within a pass are assumed to hit L2).
-Times use ``triton.testing.do_bench`` on CUDA. On CPU (``--quick``, small sizes) the fused op runs
+Times come from ``benchmarks/_harness.time_ops``: ``triton.testing.do_bench`` on CUDA; on CPU
+(``--quick``, small sizes) fused and unfused are timed in interleaved repeats, and the fused op runs
 its PyTorch path, so the CPU times compare two PyTorch sequences and only the byte model speaks for
 the kernels.
 
@@ -18,21 +19,17 @@ the kernels.
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._harness import environment, make_console, relative_error, table, time_ops, write_results  # noqa: E402
 from kernels._dispatch import use_triton  # noqa: E402
 from kernels.local_alignment import (  # noqa: E402
     fuse_signal_default,
@@ -225,22 +222,7 @@ def reference_error(c: Case, u, P, a, z, zp, w) -> float:
         else:
             got = local_weight_update(c.kind, u, P, a, z, zp, **kw).dw
             want = local_weight_update_reference(c.kind, u, P, a, z, zp, **kw).dw
-    got, want = got.float(), want.float()
-    return (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-30)).item()
-
-
-def time_ms(fn, device, reps: int) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return relative_error(got, want)
 
 
 def main(argv=None) -> int:
@@ -250,10 +232,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                     help="activation/feedback dtype (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--reps", type=int, default=20, help="CPU timing repetitions (median)")
-    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--out", type=Path, help="write the results here (.json, or .csv)")
     args = ap.parse_args(argv)
 
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = make_console(150)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if device.type == "cpu" and not args.quick:
@@ -266,7 +248,7 @@ def main(argv=None) -> int:
         path = "Triton INTERPRETER (TRITON_INTERPRET=1): times are meaningless, unset it to time the PyTorch path"
     else:
         path = ("CPU: the fused op runs its PyTorch path (no Triton on CPU), so times compare two PyTorch "
-                "sequences; the fused-bytes column is the kernels' model")
+                "sequences (interleaved repeats); the fused-bytes column is the kernels' model")
     console.print(f"[bold]bench_local_alignment[/bold] device={device} dtype={dtype} quick={args.quick}")
     console.print(f"  {path}")
 
@@ -280,10 +262,11 @@ def main(argv=None) -> int:
         act_size = a.element_size()
         fb = fused_bytes(c, act_size, P.element_size(), 4)
         error = reference_error(c, u, P, a, z, zp, w)
-        t_f = time_ms(fused, device, args.reps)
-        t_u = time_ms(unfused, device, args.reps)
+        times = time_ops({"fused": fused, "unfused": unfused}, device, cpu_repeats=args.reps)
+        t_f, t_u = times["fused"].median_ms, times["unfused"].median_ms
         rows.append(dict(asdict(c), unfused_bytes=counter.bytes, fused_bytes=fb,
                          bytes_ratio=counter.bytes / fb, error=error, unfused_ms=t_u, fused_ms=t_f, speedup=t_u / t_f,
+                         fused_spread=times["fused"].spread, unfused_spread=times["unfused"].spread,
                          fused_gbps=fb / (t_f * 1e6),
                          fused_prologue=(c.op == "update" and fuse_signal_default(c.c_up, c.d_prev))))
         del u, P, a, z, zp, w
@@ -292,10 +275,9 @@ def main(argv=None) -> int:
     # differences of O(1) values (5e-5 between the interpreter and the reference at --quick sizes).
     tolerance = 1e-3 if dtype == torch.float32 else 2e-2
     for family in ("MLP", "ResNet-18"):
-        table = Table(title=f"{family} units ({device.type}, {str(dtype).removeprefix('torch.')})")
-        for col in ("case", "N x C_up -> D [x D_prev]", "path", "unfused MB", "fused MB", "bytes ratio",
-                    "rel err", "unfused ms", "fused ms", "speedup", "fused GB/s"):
-            table.add_column(col, justify="left" if col in ("case", "path") else "right")
+        result = table(f"{family} units ({device.type}, {str(dtype).removeprefix('torch.')})",
+                       ["case", "N x C_up -> D [x D_prev]", "path", "unfused MB", "fused MB", "bytes ratio",
+                        "rel err", "unfused ms", "fused ms", "speedup", "fused GB/s"], left={"path"})
         for r in rows:
             if r["family"] != family:
                 continue
@@ -305,20 +287,19 @@ def main(argv=None) -> int:
             else:
                 kernel = "GEMM, g in prologue" if r["fused_prologue"] else "g once, GEMM"
                 kernel += ", 2 passes" if r["max_norm"] else ""
-            table.add_row(r["name"], shape, kernel, f"{r['unfused_bytes'] / 1e6:.2f}", f"{r['fused_bytes'] / 1e6:.2f}",
-                          f"{r['bytes_ratio']:.2f}x",
-                          f"[red]{r['error']:.1e}[/red]" if r["error"] > tolerance else f"{r['error']:.1e}",
-                          f"{r['unfused_ms']:.3f}", f"{r['fused_ms']:.3f}",
-                          f"{r['speedup']:.2f}x", f"{r['fused_gbps']:.1f}")
-        console.print(table)
+            result.add_row(r["name"], shape, kernel, f"{r['unfused_bytes'] / 1e6:.2f}", f"{r['fused_bytes'] / 1e6:.2f}",
+                           f"{r['bytes_ratio']:.2f}x",
+                           f"[red]{r['error']:.1e}[/red]" if r["error"] > tolerance else f"{r['error']:.1e}",
+                           f"{r['unfused_ms']:.3f}", f"{r['fused_ms']:.3f}",
+                           f"{r['speedup']:.2f}x", f"{r['fused_gbps']:.1f}")
+        console.print(result)
 
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    dtype=str(dtype), quick=args.quick, torch=torch.__version__, path=path,
-                    interpret=os.environ.get("TRITON_INTERPRET", "0"))
-        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-        console.print(f"wrote {args.out}")
+    headline = {f"median_speedup_{op}": statistics.median(r["speedup"] for r in rows if r["op"] == op)
+                for op in ("signal", "update")}
+    headline.update(median_bytes_ratio=statistics.median(r["bytes_ratio"] for r in rows),
+                    max_rel_err=max(r["error"] for r in rows), tolerance=tolerance)
+    meta = dict(environment(device), dtype=str(dtype), quick=args.quick, path=path)
+    write_results(args.out, meta, {"cases": rows}, headline, console)
     wrong = [r["name"] for r in rows if r["error"] > tolerance]
     if wrong:
         console.print(f"[red]fused result differs from the reference by more than {tolerance:g}: {', '.join(wrong)}[/red]")

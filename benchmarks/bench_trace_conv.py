@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -37,11 +35,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._harness import PeakMemory, environment, make_console, table, time_interleaved, write_results  # noqa: E402
 from kernels._dispatch import triton_interpreting, use_triton  # noqa: E402
 from kernels.compact_batch_norm import convert_batch_norms  # noqa: E402
 from kernels.trace_conv import PROBES, MaskReLU, TraceConv2d, convert_to_trace_conv  # noqa: E402
@@ -125,12 +123,9 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 def cuda_peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Peak memory allocated during forward+backward above what was allocated before it."""
     model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    model(x).float().logsumexp(1).mean().backward()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    with PeakMemory(x.device) as peak:
+        model(x).float().logsumexp(1).mean().backward()
+    return peak.bytes
 
 
 def memory_table(args: argparse.Namespace, console: Console) -> list[dict]:
@@ -140,12 +135,11 @@ def memory_table(args: argparse.Namespace, console: Console) -> list[dict]:
              ("resnet50-imagenet", resnet50_imagenet, (args.imagenet_batch, 3, args.imagenet_size, args.imagenet_size))]  # fmt: skip
     variants = [("exact", 0), ("exact, fp16 BN", 0)] + [("trace", r) for r in args.r]
     variants += [(v, r) for v in ("trace, fp32 BN", "trace convs only") for r in args.r if r == 16]
-    table = Table(title=f"Saved activations per training step (MiB; storages deduplicated; device {device})")
-    for col in ["model", "batch", "variant", "r", *CATEGORIES, "total", "vs exact", "vs exact fp16 BN"]:
-        table.add_column(col, justify="left" if col in ("model", "variant") else "right")
+    columns = ["model", "batch", "variant", "r", *CATEGORIES, "total", "vs exact", "vs exact fp16 BN"]
     if device.type == "cuda":
-        table.add_column("peak fwd+bwd", justify="right")
-        table.add_column("peak vs exact", justify="right")
+        columns += ["peak fwd+bwd", "peak vs exact"]
+    result = table(f"Saved activations per training step (MiB; storages deduplicated; device {device})",
+                   columns, left={"variant"})
     captions = []
     for name, make, shape in specs:
         measured = []  # (variant, r, bytes by category, total, CUDA peak or None)
@@ -168,33 +162,23 @@ def memory_table(args: argparse.Namespace, console: Console) -> list[dict]:
                 row.update(peak_bytes=peak, peak_ratio_vs_exact=exact_peak / peak)
                 cells += [f"{peak / 2**20:.0f}", f"{exact_peak / peak:.2f}x"]
             rows.append(row)
-            table.add_row(*cells)
+            result.add_row(*cells)
             if variant == "trace, fp32 BN":
                 floor = total - parts["trace Xbar"] - parts["relu"]
                 captions.append(f"{name}: with fp32 BatchNorm inputs, the rest without Xbar and ReLU masks is "
                                 f"{floor / 2**20:.0f} MiB, so no r saves more than {exact / floor:.2f}x")  # fmt: skip
-        table.add_section()
-    table.caption = "\n".join(captions)
-    console.print(table)
+        result.add_section()
+    result.caption = "\n".join(captions)
+    console.print(result)
     return rows
 
 
-def _step_ms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
 
-    step()  # warm-up (Triton compilation, allocator)
-    times = []
-    for _ in range(steps):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return step
 
 
 def time_table(args: argparse.Namespace, console: Console) -> list[dict]:
@@ -203,19 +187,21 @@ def time_table(args: argparse.Namespace, console: Console) -> list[dict]:
     x = torch.randn(args.time_batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.time_batch,), device=device)
     path = "Triton" if use_triton(x) else "PyTorch"
-    table = Table(title=f"resnet18-cifar step time (fwd+bwd, batch {args.time_batch}, {device}, "
-                        f"{path} path, median of {args.steps})")  # fmt: skip
-    for col in ("variant", "r", "ms/step", "overhead vs exact"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
+    variants = [("exact", 0)] + [("trace", r) for r in args.r]
+    steps = {(variant, probes): _step(build(resnet18_cifar, variant, probes, device), x, y)
+             for variant, probes in variants}
+    # one warm-up round (Triton compilation, allocator), then all variants in interleaved rounds
+    times = time_interleaved(steps, device, warmup=1, repeats=args.steps)
+    result = table(f"resnet18-cifar step time (fwd+bwd, batch {args.time_batch}, {device}, "
+                   f"{path} path, median of {args.steps} interleaved)", ["variant", "r", "ms/step", "overhead vs exact"])
     rows = []
-    exact_ms = None
-    for variant, probes in [("exact", 0)] + [("trace", r) for r in args.r]:
-        ms = _step_ms(build(resnet18_cifar, variant, probes, device), x, y, args.steps)
-        exact_ms = exact_ms or ms
-        rows.append({"variant": variant, "r": probes or None, "ms_per_step": ms,
+    exact_ms = times[("exact", 0)].median_ms
+    for (variant, probes), timing in times.items():
+        ms = timing.median_ms
+        rows.append({"variant": variant, "r": probes or None, "ms_per_step": ms, "spread": timing.spread,
                      "overhead": ms / exact_ms - 1, "path": path, "batch": args.time_batch})  # fmt: skip
-        table.add_row(variant, str(probes or "-"), f"{ms:.1f}", f"{100 * (ms / exact_ms - 1):+.0f}%")
-    console.print(table)
+        result.add_row(variant, str(probes or "-"), f"{ms:.1f}", f"{100 * (ms / exact_ms - 1):+.0f}%")
+    console.print(result)
     return rows
 
 
@@ -227,12 +213,8 @@ def error_table(args: argparse.Namespace, console: Console) -> list[dict]:
     exact = build(resnet18_cifar, "exact", 0, device)
     F.cross_entropy(exact(x), y).backward()
     reference = {name: exact.get_submodule(name).weight.grad.clone() for name in ERROR_LAYERS}
-    table = Table(title=f"Weight-gradient error vs exact, resnet18-cifar, batch {args.error_batch} "
-                        f"(mean over {args.error_seeds} draws; rel. error / cosine)")  # fmt: skip
-    table.add_column("probe")
-    table.add_column("r", justify="right")
-    for name in ERROR_LAYERS:
-        table.add_column(name, justify="right")
+    result = table(f"Weight-gradient error vs exact, resnet18-cifar, batch {args.error_batch} "
+                   f"(mean over {args.error_seeds} draws; rel. error / cosine)", ["probe", "r", *ERROR_LAYERS])
     rows = []
     for probe in PROBES:
         for probes in args.r:
@@ -252,10 +234,10 @@ def error_table(args: argparse.Namespace, console: Console) -> list[dict]:
                    "rel_error": {n: statistics.mean(v) for n, v in errs.items()},
                    "cosine": {n: statistics.mean(v) for n, v in cosines.items()}}  # fmt: skip
             rows.append(row)
-            table.add_row(probe, str(probes),
-                          *(f"{row['rel_error'][n]:.2f} / {row['cosine'][n]:.2f}" for n in ERROR_LAYERS))  # fmt: skip
-        table.add_section()
-    console.print(table)
+            result.add_row(probe, str(probes),
+                           *(f"{row['rel_error'][n]:.2f} / {row['cosine'][n]:.2f}" for n in ERROR_LAYERS))  # fmt: skip
+        result.add_section()
+    console.print(result)
     return rows
 
 
@@ -272,7 +254,7 @@ def main() -> None:
     parser.add_argument("--error-batch", type=int, default=None, help="default 128 on cuda, 16 on cpu")
     parser.add_argument("--error-seeds", type=int, default=None, help="default 8 on cuda, 2 on cpu")
     parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "time", "error"])
-    parser.add_argument("--out", type=Path, default=None, help="write all rows as JSON")
+    parser.add_argument("--out", type=Path, default=None, help="write all rows here (.json, or .csv)")
     args = parser.parse_args()
     on_cuda = torch.device(args.device).type == "cuda"
     args.memory_device = args.memory_device or ("cuda" if on_cuda else "meta")
@@ -281,20 +263,23 @@ def main() -> None:
     args.error_batch = args.error_batch or (128 if on_cuda else 16)
     args.error_seeds = args.error_seeds or (8 if on_cuda else 2)
 
-    console = Console(width=max(Console().width, 160))
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_cuda else "cpu",
-           "cpu_threads": torch.get_num_threads(), "triton_interpret": triton_interpreting()}  # fmt: skip
-    console.print(f"[bold]bench_trace_conv[/bold] {env}")
-    results = {"env": env, "args": {k: str(v) for k, v in vars(args).items()}}
+    console = make_console(160)
+    env = environment(args.device)
+    console.print(f"[bold]bench_trace_conv[/bold] {env['device_name']}, torch {env['torch']}, "
+                  f"{env['cpu_threads']} CPU threads, TRITON_INTERPRET={env['triton_interpret']}")
+    tables = {}
     if "memory" not in args.skip:
-        results["memory"] = memory_table(args, console)
+        tables["memory"] = memory_table(args, console)
     if "time" not in args.skip:
-        results["time"] = time_table(args, console)
+        tables["time"] = time_table(args, console)
     if "error" not in args.skip:
-        results["error"] = error_table(args, console)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
-        console.print(f"wrote {args.out}")
+        tables["error"] = error_table(args, console)
+    headline = {f"step_overhead_r{row['r']}": row["overhead"] for row in tables.get("time", []) if row["r"]}
+    for row in tables.get("memory", []):
+        if row["model"] == "resnet18-cifar" and row["variant"] == "trace" and row["r"] == 16:
+            headline["resnet18_exact_over_trace_saved_r16"] = row["ratio_vs_exact"]
+    meta = {**env, "args": {k: str(v) for k, v in vars(args).items()}}
+    write_results(args.out, meta, tables, headline, console)
 
 
 if __name__ == "__main__":
