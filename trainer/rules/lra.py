@@ -16,26 +16,14 @@ Targets travel top-down through learned error maps ``E_l`` instead of ``W^T``, o
          or  γ·ΔW_{l+1}ᵀ                                   error_update = "transpose" (the LRA-E code's)
     every Δ: Δ ← c·Δ/‖Δ‖ if ‖Δ‖ ≥ c                        norm-ball projection, c = max_norm
 
-Conventions. Every Δ is a gradient-like update written into ``.grad`` (a batch mean); the loop's
-optimizer applies θ ← θ - η·Δ. γ is E's learning rate relative to W's: ΔE goes into ``.grad``
-without γ, the E maps get an optimizer group with ``lr = γ·optim.lr`` (``lr_scales``) and a
-norm-ball radius of c/γ, so the step is exactly ``-η·ball_c(γ·ΔE)`` under SGD and γ still acts
-under AdamW; γ = 0 keeps E fixed (its update is not computed). A conv or residual unit's "Hebbian"
-update is its local backward with ``e_l`` at ``a_l`` (for a dense layer exactly ``e_lᵀ z_{l-1}``).
-Error skips every m units (rec_lra): the units at distance m, 2m, … below the output take ``d_l``
-from ``e_{L-1}``, with ``α_l = alpha_skip``. ``shortcut_feedback``: where block l+1 adds its input
-unchanged, moving z_l by -e_{l+1} moves a_{l+1} by exactly its error units, so that is added to
-z_l's target; downsampling shortcuts pass nothing. The transpose E update ties E_l to the first
-weight of unit l+1 (``error_maps.error_map_layout``); E_l must then be fed by unit l+1.
-
-The fused kernel (``kernels.local_alignment``) computes ``d``, the target and the error units of
-every unit whose E is dense in one pass (``local_signal``), and for dense layers under the Hebbian
-form also ``ΔW = e_lᵀ z_{l-1}`` with its norm-ball projection in one GEMM whose prologue recomputes
-the signal (``local_weight_update``). Other maps use the same equation, ``kernels.lra_error_units``.
-
-Defaults are the papers' and the authors' code's values where they give them (``LRAOptions``,
-``RecLRAOptions``); where the recipes depart (α = 1, W's init, E's fan-in scaling, γ = 0 on the CIFAR
-ResNet), BENCHMARKS.md has the measurements.
+Every Δ is a gradient-like update written into ``.grad`` (a batch mean) and applied by the loop's
+optimizer. γ is E's learning rate relative to W's (``lr_scales``; E's norm-ball radius is then
+c/γ, so the SGD step is exactly ``-η·ball_c(γ·ΔE)``); γ = 0 keeps E fixed. A conv or residual
+unit's "Hebbian" update is its local backward with ``e_l`` at ``a_l``. Error skips every m units
+(rec_lra) take ``d_l`` from ``e_{L-1}`` with ``α_l = alpha_skip``. Dense E maps run in the fused
+kernels (``kernels.local_alignment``: the signal, and for dense layers ΔW with its norm-ball in one
+GEMM); other maps use the same equation, ``kernels.lra_error_units``. docs/rules.md §7 has the
+whole specification; BENCHMARKS.md the measurements behind the defaults that depart from the papers.
 """
 
 from __future__ import annotations
