@@ -275,5 +275,39 @@ def cifar_data(npz: Path | None, root: Path | None, synthetic_path: Path, synthe
         raise SystemExit(f"{root}: no cifar-10-batches-py/ there (torchvision's CIFAR-10 layout)")
     write_synthetic_cifar(synthetic_path, synthetic_images)
     return CifarData(("data.name=npz", f"data.path={json.dumps(str(synthetic_path.resolve()))}"),
-                     f"SYNTHETIC CIFAR-shaped images ({synthetic_images}, {synthetic_path}): no CIFAR-10 found "
-                     f"(pass --npz or --cifar-root); speed and memory hold, accuracy means nothing", True)
+                     f"SYNTHETIC CIFAR-shaped images ({synthetic_images}): no CIFAR-10 found (pass --npz or "
+                     f"--cifar-root); speed and memory hold, accuracy means nothing", True)
+
+
+# ---- rules on ResNet-18 (CIFAR stem) for the step benchmarks ----------------------------------------
+
+CIFAR_SHAPE, CIFAR_CLASSES = (3, 32, 32), 10
+
+
+def resnet18_cifar_rule(rule: str, options: Mapping[str, Any], device: torch.device, *, compile: bool = False,
+                        amp: bool = False, optim: Mapping[str, Any] | None = None) -> tuple[Any, torch.optim.Optimizer]:
+    """(rule, optimizer) training a fresh ResNet-18 with the CIFAR stem (10 classes, 32x32 images),
+    built through the recipe schema as ``trainer run`` builds it: validated options, the session's
+    optimizer groups. ``optim``: the recipe's ``[optim]`` keys (default SGD + Nesterov)."""
+    from trainer.models import build_model
+    from trainer.recipes import recipe_from_dict
+    from trainer.rules import build_rule
+    from trainer.session import build_optimizer, rule_context
+
+    recipe = recipe_from_dict({"model": {"name": "resnet18", "cifar_stem": True}, "rule": {"name": rule, **options},
+                               "optim": dict(optim or {}), "train": {"compile": compile, "amp": amp}},
+                              source=f"benchmark rule {rule!r}")
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe.model, CIFAR_SHAPE, CIFAR_CLASSES).to(device)
+    ctx = rule_context(recipe, device, CIFAR_CLASSES, CIFAR_SHAPE)
+    built = build_rule(recipe.rule.name, recipe.rule.options, model, ctx)
+    built.train()
+    return built, build_optimizer(recipe.optim, model, built)
+
+
+def cifar_batch(size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random CIFAR-shaped batch (step time and memory do not depend on the pixel values)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, *CIFAR_SHAPE, generator=gen)
+    y = torch.randint(0, CIFAR_CLASSES, (size,), generator=gen)
+    return x.to(device), y.to(device)

@@ -1,35 +1,38 @@
 """Images/s of a BP training step: the trainer against a plain PyTorch loop of the same model.
 
-Both train torchvision ResNet-18 (CIFAR stem) with SGD + Nesterov on the same real CIFAR images
-kept on the device, with the same batch, precision and compile setting. The trainer's figure
-includes its on-device augmentation and scheduler; the plain loop does neither, so any overhead
-of the trainer shows up as a lower rate. Steps of the two loops alternate, so a change in the
-machine's load hits both alike; each step is timed with a synchronised wall clock.
+Both train torchvision ResNet-18 (CIFAR stem) with SGD + Nesterov on the same CIFAR images kept on
+the device, with the same batch, precision and compile setting. The trainer's figure includes its
+on-device augmentation and scheduler; the plain loop does neither, so any overhead of the trainer
+shows up as a lower rate. Steps of the two loops alternate (``benchmarks/_harness.time_interleaved``),
+so a change in the machine's load hits both alike; each step (fetching its batch included) is timed
+with a synchronised wall clock, and the median is reported.
 
-    python benchmarks/bench_bp_throughput.py --npz ../shared/data/cifar10-mini-train.npz --batch 256
+Images: ``--npz``, else torchvision's CIFAR-10 under ``--cifar-root`` (default data/cifar10, the
+recipes' root) when it is there, else synthetic CIFAR-shaped images (same speed); the output says which.
+
+    python benchmarks/bench_bp_throughput.py --npz path/to/cifar10-train.npz --batch 256
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
-from trainer.config import ModelConfig, load_recipe
-from trainer.data import NormStats, load_npz
-from trainer.loop import build_session, resolve_device
-from trainer.models import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._harness import cifar_data, environment, make_console, table, time_interleaved, write_results  # noqa: E402
+from trainer.data import NormStats, load_images  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+from trainer.recipes import load_recipe  # noqa: E402
+from trainer.session import build_session, resolve_device  # noqa: E402
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_resnet18_bp.toml"
 
 
 def cycle(make_epoch):
@@ -39,26 +42,19 @@ def cycle(make_epoch):
         epoch += 1
 
 
-def plain_loop(args, device: torch.device, amp: bool):
-    """The reference: the textbook PyTorch loop, written out by hand."""
-    images = load_npz(args.npz)
+def plain_loop(recipe, args, device: torch.device, amp: bool):
+    """The reference: the textbook PyTorch loop, written out by hand, on the recipe's images and model."""
+    images = load_images(recipe.data)[0]
     stats = NormStats.of(images.x)
     mean = torch.tensor(stats.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(stats.std, device=device).view(1, -1, 1, 1)
     x_all = ((images.x.to(device).float() / 255) - mean) / std
     y_all = images.y.to(device)
-    model = build_model(ModelConfig(name="resnet18", cifar_stem=True), tuple(x_all.shape[1:]), 10).to(device)
+    model = build_model(recipe.model, tuple(x_all.shape[1:]), 10).to(device)
     if args.compile:
         model.compile()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss()
-
-    def step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = criterion(model(x).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     def epoch_batches(epoch):
         order = torch.randperm(len(y_all), device=device)
@@ -66,63 +62,69 @@ def plain_loop(args, device: torch.device, amp: bool):
             index = order[i * args.batch : (i + 1) * args.batch]
             yield x_all[index], y_all[index]
 
+    batches = cycle(epoch_batches)
+
+    def step():
+        x, y = next(batches)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = criterion(model(x).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     model.train()
-    return step, cycle(epoch_batches)
+    return step
 
 
-def trainer_loop(args, device: torch.device, amp: bool):
+def trainer_loop(recipe):
     """The trainer's own session (data loader, rule, optimizer, schedule) from the BP recipe."""
-    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "cifar10_resnet18_bp.toml", [
-        "data.name=npz", f"data.path={json.dumps(str(args.npz))}", f"train.batch_size={args.batch}",
-        f"train.device={json.dumps(str(device))}", f"train.compile={str(args.compile).lower()}",
-        f"train.amp={str(amp).lower()}", "optim.lr=0.05",
-    ])
     session = build_session(recipe)
     session.model.train()
+    batches = cycle(session.data.train.batches)
 
-    def step(x, y):
-        session.rule.train_step(x, y, session.optimizer)
+    def step():
+        session.rule.train_step(*next(batches), session.optimizer)
         session.scheduler.step()
 
-    return step, cycle(session.data.train.batches)
+    return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--npz", type=Path, default=Path("../shared/data/cifar10-mini-train.npz"))
+    parser.add_argument("--npz", type=Path, help="an .npz of CIFAR images (x uint8 N x 32 x 32 x 3, y labels)")
+    parser.add_argument("--cifar-root", type=Path, help="torchvision's CIFAR-10 folder (default data/cifar10 if there)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, help="write the results here (.json, or .csv)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     amp = device.type == "cuda"
+    console = make_console(100)
+    data = cifar_data(args.npz, args.cifar_root, Path(tempfile.gettempdir()) / "bpfree-bench" / "synthetic-cifar10.npz")
+    console.print(f"data: {data.description}")
+    recipe = load_recipe(RECIPE, [
+        *data.overrides, f"train.batch_size={args.batch}", f"train.device={json.dumps(str(device))}",
+        f"train.compile={str(args.compile).lower()}", f"train.amp={str(amp).lower()}", "optim.lr=0.05",
+    ])
     torch.manual_seed(0)
-    loops = {"plain PyTorch loop": plain_loop(args, device, amp), "trainer (rule bp)": trainer_loop(args, device, amp)}
-    seconds = {name: 0.0 for name in loops}
-    for i in range(args.warmup + args.steps):
-        for name, (step, batches) in loops.items():
-            x, y = next(batches)
-            sync(device)
-            start = time.perf_counter()
-            step(x, y)
-            sync(device)
-            if i >= args.warmup:  # the first steps compile and warm the allocator
-                seconds[name] += time.perf_counter() - start
-    results = {name: args.steps * args.batch / t for name, t in seconds.items()}
-    table = Table(title=f"BP ResNet-18 (CIFAR stem), batch {args.batch}, {device}, compile={args.compile}, amp={amp}")
-    table.add_column("loop")
-    table.add_column("images/s", justify="right")
-    table.add_column("vs plain", justify="right")
-    base = results["plain PyTorch loop"]
-    for name, rate in results.items():
-        table.add_row(name, f"{rate:,.1f}", f"{rate / base:.3f}x")
-    Console().print(table)
-    if args.out:
-        args.out.write_text(json.dumps({"device": str(device), "batch": args.batch, "compile": args.compile,
-                                        "amp": amp, "steps": args.steps, "images_per_s": results}, indent=2))
+    loops = {"plain PyTorch loop": plain_loop(recipe, args, device, amp), "trainer (rule bp)": trainer_loop(recipe)}
+    times = time_interleaved(loops, device, warmup=args.warmup, repeats=args.steps)
+    rates = {name: 1000 * args.batch / timing.median_ms for name, timing in times.items()}
+    result = table(f"BP ResNet-18 (CIFAR stem), batch {args.batch}, {device}, compile={args.compile}, amp={amp}, "
+                   f"median of {args.steps} interleaved steps", ["loop", "images/s", "vs plain"])
+    base = rates["plain PyTorch loop"]
+    for name, rate in rates.items():
+        result.add_row(name, f"{rate:,.1f}", f"{rate / base:.3f}x")
+    console.print(result)
+    rows = [{"loop": name, **times[name].to_dict(), "images_per_s": rate} for name, rate in rates.items()]
+    headline = {"plain_images_per_s": base, "trainer_images_per_s": rates["trainer (rule bp)"],
+                "trainer_over_plain": rates["trainer (rule bp)"] / base}
+    meta = {**environment(device), "data": data.description, "batch": args.batch, "compile": args.compile,
+            "amp": amp, "steps": args.steps}
+    write_results(args.out, meta, {"loops": rows}, headline, console)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,19 @@ each with ``OMP_NUM_THREADS = cores / N`` unless that is set (for CPU machines a
 ``--reuse`` reads the runs that already finished in ``--out`` with the same recipe, so an interrupted
 comparison, or one that adds seeds or rules, trains only what is missing.
 
+The cifar suite trains on ``--npz`` (split into train and held-out), else on torchvision's CIFAR-10
+under ``--cifar-root`` (default data/cifar10, the recipes' root) when it is there, else on synthetic
+CIFAR-shaped images written to ``--out`` (speed and memory hold, accuracy means nothing); the table
+title and every CSV row say which.
+
     python benchmarks/compare_rules.py --suite mnist5k --epochs 8 --out bench_out/mnist5k
-    python benchmarks/compare_rules.py --suite cifar --npz ../shared/data/cifar10-mini-train.npz \
+    python benchmarks/compare_rules.py --suite cifar --npz path/to/cifar10-train.npz \
         --epochs 4 --seeds 0 1 2 --jobs 2 --out bench_out/cifar
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -30,10 +34,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import load_recipe
+from benchmarks._harness import cifar_data, make_console, table, write_csv, write_json  # noqa: E402
+from trainer.recipes import load_recipe  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -146,6 +150,7 @@ def main() -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), required=True)
     parser.add_argument("--epochs", type=int, required=True, help="the same budget for every rule")
     parser.add_argument("--npz", type=Path, help="cifar suite: the .npz of CIFAR images to split and train on")
+    parser.add_argument("--cifar-root", type=Path, help="cifar suite: torchvision's CIFAR-10 folder (default data/cifar10)")
     parser.add_argument("--rules", help="comma-separated labels to run (default: the whole suite)")
     parser.add_argument("--set", action="append", default=[], help="an override for every run, e.g. train.batch_size=64")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values; each rule runs once per seed")
@@ -163,16 +168,19 @@ def main() -> None:
         flag = {"train.seed": "--seeds", "train.epochs": "--epochs"}.get(key)
         if flag:
             parser.error(f"--set {key}=… conflicts with {flag} (one of them would silently win); use {flag}")
-    common = [f"train.epochs={args.epochs}", *args.set]
-    if args.suite == "cifar":
-        if args.npz is None:
-            parser.error("--suite cifar needs --npz PATH")
-        common += ["data.name=npz", f"data.path={json.dumps(str(args.npz.resolve()))}", "data.val_fraction=0.1"]
     args.out.mkdir(parents=True, exist_ok=True)
+    console = make_console(140)
+    data, data_overrides = "the recipes' own", []
+    if args.suite == "cifar":
+        chosen = cifar_data(args.npz, args.cifar_root, args.out / "synthetic-cifar10.npz")
+        data, data_overrides = chosen.description, list(chosen.overrides)
+        if "data.name=npz" in data_overrides:  # an .npz has no test split: hold out 10 %
+            data_overrides.append("data.val_fraction=0.1")
+        console.print(f"data: {data}")
+    common = [f"train.epochs={args.epochs}", *data_overrides, *args.set]
     env = dict(os.environ)
     if args.jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
-    console = Console(width=max(Console().width, 140))
     jobs = [(label, recipe, seed, [*common, *overrides]) for label, recipe, overrides in entries for seed in args.seeds]
 
     def launch(job: tuple[str, str, int, list[str]]) -> dict:
@@ -187,30 +195,24 @@ def main() -> None:
     rows = [summarize(label, recipe, [r for r in runs if r["label"] == label]) for label, recipe, _ in entries]
 
     seeds = ", ".join(map(str, args.seeds))
-    table = Table(title=f"{args.suite}: {args.epochs} epochs each, seed{'s' if len(args.seeds) > 1 else ''} {seeds}")
-    columns = ["rule", "recipe", "held-out acc", "per seed", "images/s", "peak MB", "rule state MB", "wall s"]
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("rule", "recipe", "per seed") else "right")
+    result = table(f"{args.suite}: {args.epochs} epochs each, seed{'s' if len(args.seeds) > 1 else ''} {seeds}; "
+                   f"data: {data}", ["rule", "recipe", "held-out acc", "per seed", "images/s", "peak MB",
+                                     "rule state MB", "wall s"], left={"recipe", "per seed"})
     for r in rows:
         if "accuracy" not in r:
-            table.add_row(r["label"], r["recipe"], "failed: " + "; ".join(r["errors"]), "", "", "", "", "")
+            result.add_row(r["label"], r["recipe"], "failed: " + "; ".join(r["errors"]), "", "", "", "", "")
             continue
         spread = f" ± {100 * r['accuracy_sd']:.2f}" if len(r["accuracy_per_seed"]) > 1 else ""
-        table.add_row(r["label"], r["recipe"], f"{100 * r['accuracy']:.2f}%{spread}",
-                      " ".join(f"{100 * a:.1f}" for a in r["accuracy_per_seed"]) + (" (+failures)" if r["errors"] else ""),
-                      f"{r['images_per_s']:,.0f}", f"{r['peak_memory_mb']:,.0f}", f"{r['rule_state_mb']:.2f}",
-                      f"{r['wall_s']:.0f}")  # fmt: skip
-    with (args.out / "results.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rule", "recipe", "seed", "accuracy", "images_per_s", "peak_memory_mb", "rule_state_mb", "wall_s", "error"])
-        for r in runs:
-            if "error" in r:
-                writer.writerow([r["label"], r["recipe"], r["seed"], "", "", "", "", f"{r['wall_s']:.1f}", " ".join(r["error"])])
-            else:
-                writer.writerow([r["label"], r["recipe"], r["seed"], r["accuracy"], r["images_per_s"], r["peak_memory_mb"],
-                                 r["rule_state_mb"], r["wall_s"], ""])  # fmt: skip
-    (args.out / "curves.json").write_text(json.dumps(rows, indent=2))
-    console.print(table)
+        result.add_row(r["label"], r["recipe"], f"{100 * r['accuracy']:.2f}%{spread}",
+                       " ".join(f"{100 * a:.1f}" for a in r["accuracy_per_seed"]) + (" (+failures)" if r["errors"] else ""),
+                       f"{r['images_per_s']:,.0f}", f"{r['peak_memory_mb']:,.0f}", f"{r['rule_state_mb']:.2f}",
+                       f"{r['wall_s']:.0f}")  # fmt: skip
+    columns = ("accuracy", "images_per_s", "peak_memory_mb", "rule_state_mb", "wall_s")
+    write_csv(args.out / "results.csv", [{"rule": r["label"], "recipe": r["recipe"], "seed": r["seed"],
+                                          **{key: r.get(key, "") for key in columns},
+                                          "error": " ".join(r.get("error", [])), "data": data} for r in runs])
+    write_json(args.out / "curves.json", rows)
+    console.print(result)
     if plot(rows, args.out / "accuracy.png", f"{args.suite}: held-out accuracy, {args.epochs} epochs, seeds {seeds}"):
         console.print(f"curves: {args.out / 'accuracy.png'}")
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import dump_toml, load_recipe
+from trainer.config import dump_toml
+from trainer.recipes import load_recipe
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_rules.py"
 _SPEC = importlib.util.spec_from_file_location("compare_rules", _PATH)
