@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -43,6 +44,7 @@ class DataConfig:
     flip: bool | None = None  # random horizontal flips; unset: the source's default
     image_size: int = 224  # imagefolder: training crop and evaluation size
     num_workers: int = 4  # imagefolder: DataLoader workers
+    num_classes: int = 0  # 0: the data set's own (10 for mnist/cifar10, ...; npz: inferred from the labels)
 
 
 @dataclass
@@ -185,14 +187,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"unsupported config annotation {annotation!r}")  # a schema bug, not a user error
 
 
-def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Make the dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+def build_section(cls: type, values: dict[str, Any], where: str, origins: dict[str, str] | None = None) -> Any:
+    """Make the dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types.
+
+    ``where`` prefixes every message (file and section); a key in ``origins`` is blamed on the
+    prefix given there instead (the ``--set`` it came from, and the section)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name in hints]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where} {k}") for k, v in values.items()}
+    origins = origins or {}
+    for key in sorted(set(values) - set(names)):
+        allowed = f"allowed keys: {', '.join(names)}" if names else "it takes no keys"
+        raise ConfigError(f"{origins.get(key, where)}: unknown key {key!r}; {allowed}")
+    kwargs = {k: _coerce(v, hints[k], f"{origins.get(k, where)} {k}") for k, v in values.items()}
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
@@ -203,50 +209,58 @@ def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     return obj
 
 
-def _check_ranges(recipe: Recipe) -> None:
+Where = Callable[[str, str], str]
+"""The prefix of a message about ``[section] key``: the file, or the ``--set`` that set the key."""
+
+
+def _check_ranges(recipe: Recipe, where: Where) -> None:
     """Values that type-check but cannot work."""
-    src = recipe.source
-    rules: list[tuple[bool, str]] = [
-        (recipe.train.epochs >= 1, "[train] epochs: must be at least 1"),
-        (recipe.train.batch_size >= 1, "[train] batch_size: must be at least 1"),
-        (recipe.train.eval_batch_size >= 1, "[train] eval_batch_size: must be at least 1"),
-        (0.0 <= recipe.train.label_smoothing < 1.0, "[train] label_smoothing: must be in [0, 1)"),
-        (recipe.train.log_every >= 1, "[train] log_every: must be at least 1"),
-        (recipe.train.eval_every >= 1, "[train] eval_every: must be at least 1"),
-        (recipe.optim.lr > 0, "[optim] lr: must be positive"),
-        (0.0 <= recipe.optim.momentum < 1.0, "[optim] momentum: must be in [0, 1)"),
-        (recipe.optim.weight_decay >= 0, "[optim] weight_decay: must be non-negative"),
-        (len(recipe.optim.betas) == 2 and all(0 <= b < 1 for b in recipe.optim.betas),
-         "[optim] betas: must be two numbers in [0, 1)"),
-        (0.0 <= recipe.optim.warmup_fraction < 1.0, "[optim] warmup_fraction: must be in [0, 1)"),
-        (0.0 < recipe.data.val_fraction < 1.0, "[data] val_fraction: must be in (0, 1)"),
-        (recipe.data.crop_padding >= -1, "[data] crop_padding: must be -1 (default) or >= 0"),
-        (recipe.data.image_size >= 8, "[data] image_size: must be at least 8"),
-        (recipe.data.num_workers >= 0, "[data] num_workers: must be non-negative"),
-        (all(h >= 1 for h in recipe.model.hidden), "[model] hidden: widths must be at least 1"),
-        (recipe.model.width >= 1, "[model] width: must be at least 1"),
-        (recipe.model.rnn_hidden >= 1, "[model] rnn_hidden: must be at least 1"),
-        (recipe.model.rnn_layers >= 1, "[model] rnn_layers: must be at least 1"),
-        (recipe.train.device in ("auto", "cpu", "cuda") or recipe.train.device.startswith("cuda:"),
-         "[train] device: must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    r = recipe
+    checks: list[tuple[bool, str, str, str]] = [
+        (r.train.epochs >= 1, "train", "epochs", "must be at least 1"),
+        (r.train.batch_size >= 1, "train", "batch_size", "must be at least 1"),
+        (r.train.eval_batch_size >= 1, "train", "eval_batch_size", "must be at least 1"),
+        (0.0 <= r.train.label_smoothing < 1.0, "train", "label_smoothing", "must be in [0, 1)"),
+        (r.train.log_every >= 1, "train", "log_every", "must be at least 1"),
+        (r.train.eval_every >= 1, "train", "eval_every", "must be at least 1"),
+        (r.optim.lr > 0, "optim", "lr", "must be positive"),
+        (0.0 <= r.optim.momentum < 1.0, "optim", "momentum", "must be in [0, 1)"),
+        (r.optim.weight_decay >= 0, "optim", "weight_decay", "must be non-negative"),
+        (len(r.optim.betas) == 2 and all(0 <= b < 1 for b in r.optim.betas), "optim", "betas",
+         "must be two numbers in [0, 1)"),
+        (0.0 <= r.optim.warmup_fraction < 1.0, "optim", "warmup_fraction", "must be in [0, 1)"),
+        (0.0 < r.data.val_fraction < 1.0, "data", "val_fraction", "must be in (0, 1)"),
+        (r.data.crop_padding >= -1, "data", "crop_padding", "must be -1 (default) or >= 0"),
+        (r.data.image_size >= 8, "data", "image_size", "must be at least 8"),
+        (r.data.num_workers >= 0, "data", "num_workers", "must be non-negative"),
+        (r.data.num_classes >= 0, "data", "num_classes", "must be 0 (the data set's own) or the number of classes"),
+        (all(h >= 1 for h in r.model.hidden), "model", "hidden", "widths must be at least 1"),
+        (r.model.width >= 1, "model", "width", "must be at least 1"),
+        (r.model.rnn_hidden >= 1, "model", "rnn_hidden", "must be at least 1"),
+        (r.model.rnn_layers >= 1, "model", "rnn_layers", "must be at least 1"),
+        (re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", r.train.device) is not None, "train", "device",
+         f"must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a device index), got {r.train.device!r}"),
+        (r.data.name != "npz" or bool(r.data.path), "data", "path", "name = 'npz' needs path = the .npz file"),
+        (r.data.name not in ("mnist", "cifar10", "cifar100", "imagefolder") or bool(r.data.root), "data", "root",
+         f"name = {r.data.name!r} needs root = its data folder"),
     ]
-    for ok, message in rules:
+    for ok, section, key, message in checks:
         if not ok:
-            raise ConfigError(f"{src}: {message}")
-    if recipe.data.name == "npz" and not recipe.data.path:
-        raise ConfigError(f"{src}: [data] path: name = 'npz' needs path = the .npz file")
-    if recipe.data.name in ("mnist", "cifar10", "cifar100", "imagefolder") and not recipe.data.root:
-        raise ConfigError(f"{src}: [data] root: name = {recipe.data.name!r} needs root = its data folder")
+            raise ConfigError(f"{where(section, key)}: [{section}] {key}: {message}")
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, where: str) -> tuple[str, str]:
     parts = dotted.split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"{where}: override key {dotted!r} must look like section.key, e.g. train.epochs")
     section, key = parts
     if section not in (*SECTIONS, "rule"):
         raise ConfigError(f"{where}: unknown section {section!r}; sections: data, model, rule, optim, train")
-    tree.setdefault(section, {})[key] = value
+    table = tree.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: {section} in the recipe is not a table [{section}]")
+    table[key] = value
+    return section, key
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -266,8 +280,16 @@ RuleOptions = Callable[[str], type]
 names) for an unknown rule. ``trainer.rules.rule_options_class`` is the trainer's."""
 
 
-def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = "<recipe>") -> Recipe:
-    """Validate a nested dict (as read from TOML) into a Recipe; ``[rule]`` by ``rule_options``."""
+def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = "<recipe>",
+                 overrides: dict[tuple[str, str], str] | None = None) -> Recipe:
+    """Validate a nested dict (as read from TOML) into a Recipe; ``[rule]`` by ``rule_options``.
+    ``overrides`` maps (section, key) to the ``--set`` text that set it: its errors name that."""
+    overrides = overrides or {}
+
+    def where(section: str, key: str) -> str:
+        text = overrides.get((section, key))
+        return f"--set {text}" if text is not None else source
+
     unknown = sorted(set(tree) - {*SECTIONS, "rule"})
     if unknown:
         raise ConfigError(
@@ -276,16 +298,26 @@ def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = 
     for name, value in tree.items():
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {name} must be a table [{name}], got {value!r}")
-    sections = {name: build_section(cls, tree.get(name, {}), f"{source}: [{name}]") for name, cls in SECTIONS.items()}
+
+    def section(cls: type, name: str, values: dict[str, Any], label: str) -> Any:
+        origins = {key: f"{where(name, key)}: {label}" for key in values if (name, key) in overrides}
+        return build_section(cls, values, f"{source}: {label}", origins)
+
+    sections = {name: section(cls, name, tree.get(name, {}), f"[{name}]") for name, cls in SECTIONS.items()}
     rule_values = dict(tree.get("rule", {}))
     rule_name = rule_values.pop("name", "bp")
+    if not isinstance(rule_name, str):
+        raise ConfigError(f"{where('rule', 'name')}: [rule] name: expected a string, got {rule_name!r}")
     try:
         options_cls = rule_options(rule_name)
     except KeyError as err:
-        raise ConfigError(f"{source}: [rule] name: {err.args[0]}") from None
-    options = build_section(options_cls, rule_values, f"{source}: [rule] (rule {rule_name!r})")
+        raise ConfigError(f"{where('rule', 'name')}: [rule] name: {err.args[0]}") from None
+    if rule_values and not dataclasses.fields(options_cls):
+        key = sorted(rule_values)[0]
+        raise ConfigError(f"{where('rule', key)}: [rule] {key}: rule {rule_name!r} has no options; remove the key")
+    options = section(options_cls, "rule", rule_values, f"[rule] (rule {rule_name!r})")
     recipe = Recipe(rule=RuleConfig(name=rule_name, options=options), source=source, **sections)
-    _check_ranges(recipe)
+    _check_ranges(recipe, where)
     return recipe
 
 
@@ -295,13 +327,18 @@ def read_recipe(path: str | Path, rule_options: RuleOptions, overrides: list[str
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found (see `trainer list` for the built-in recipes)")
     try:
-        tree = tomllib.loads(path.read_text())
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                          "save the recipe as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    origins: dict[tuple[str, str], str] = {}
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value, f"--set {text}")
-    return parse_recipe(tree, rule_options, source=str(path))
+        section, name = _set_dotted(tree, key, value, f"--set {text}")
+        origins[(section, name)] = text
+    return parse_recipe(tree, rule_options, source=str(path), overrides=origins)
 
 
 def _toml_value(value: Any) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -24,6 +25,7 @@ from trainer.config import ConfigError, DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLASSES = {"mnist5k": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}  # by the data sets' definitions
 
 
 @dataclass
@@ -139,6 +141,21 @@ def random_crop(x: torch.Tensor, padding: int, shifts: torch.Tensor) -> torch.Te
     return padded[batch, chan, rows, cols]
 
 
+class UnreadableImage(ConfigError):
+    """An image file of an image folder that PIL cannot read."""
+
+
+def load_image(path: str) -> "PIL.Image.Image":
+    """torchvision's default loader (PIL, RGB), naming the file when it is not a readable image."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as err:  # PIL's UnidentifiedImageError is an OSError; so are truncated files
+        raise UnreadableImage(f"[data] root: {path} is not a readable image ({err}); remove or replace it") from None
+
+
 class StreamLoader:
     """A DataLoader with workers for image folders too large to keep on the device."""
 
@@ -167,8 +184,11 @@ class StreamLoader:
             drop_last=self.train, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             generator=_generator(self.seed, epoch), persistent_workers=False,
         )
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        try:
+            for x, y in loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except UnreadableImage as err:  # from a worker, the message is the worker's traceback: keep its last line
+            raise ConfigError(str(err).strip().splitlines()[-1].split("UnreadableImage: ", 1)[-1]) from None
 
 
 @dataclass
@@ -181,6 +201,7 @@ class DataBundle:
     input_shape: tuple[int, int, int]
     stats: NormStats
     test_name: str  # "test" (official split) or "held-out" (split off the training images)
+    notes: tuple[str, ...] = ()  # what was decided for the user (e.g. classes inferred from labels)
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -209,58 +230,90 @@ def load_npz(path: str | Path, key: str = "[data] path") -> Images:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{key}: {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as f:
+            what = "a single .npy array" if f.read(6) == b"\x93NUMPY" else "not an .npz archive"
+        raise ConfigError(f"{key}: {path} is {what}; write the images and labels with numpy.savez(path, x=x, y=y)")
     try:
-        with np.load(path) as arrays:
+        with np.load(path, allow_pickle=False) as arrays:
             if "x" not in arrays or "y" not in arrays:
                 raise ConfigError(f"{key}: {path} must hold arrays 'x' and 'y', found {sorted(arrays.files)}")
             x, y = arrays["x"], arrays["y"]
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{key}: {path} is not a readable .npz file ({err})") from None
-    if x.dtype != np.uint8 or x.ndim not in (3, 4):
-        raise ConfigError(f"{key}: {path}: x must be uint8 of shape (N, H, W) or (N, H, W, C), got {x.dtype} {x.shape}")
+    except ConfigError:
+        raise
+    except Exception as err:  # a damaged archive fails in zipfile, zlib or numpy's header parser
+        raise ConfigError(f"{key}: {path} is not a readable .npz file ({type(err).__name__}: {err}); "
+                          "write it again with numpy.savez(path, x=x, y=y)") from None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or 0 in x.shape[1:]:
+        raise ConfigError(f"{key}: {path}: x must be uint8 of shape (N, H, W) or (N, H, W, C) with H, W, C >= 1, "
+                          f"got {x.dtype} {x.shape}")
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"{key}: {path}: y must be integer labels of shape ({len(x)},), got {y.dtype} {y.shape}")
-    if y.min() < 0:
+    if len(y) and y.min() < 0:
         raise ConfigError(f"{key}: {path}: labels must be non-negative, found {int(y.min())}")
     images = torch.from_numpy(np.ascontiguousarray(x))
     images = images.unsqueeze(1) if x.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
     return Images(images, torch.from_numpy(y.astype(np.int64)))
 
 
-def _torchvision_split(name: str, root: str, train: bool, download: bool) -> Images:
+def _torchvision_split(name: str, root: str, train: bool, download: bool, can_download: bool = True) -> Images:
+    """One split of a torchvision data set; ``can_download``: whether to suggest data.download."""
     import torchvision
 
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10,
            "cifar100": torchvision.datasets.CIFAR100}[name]
+    where = {"mnist": f"{root}/MNIST/raw/ (the four *-ubyte files)",
+             "cifar10": f"{root}/cifar-10-batches-py/", "cifar100": f"{root}/cifar-100-python/"}[name]
     try:
         ds = cls(root, train=train, download=download)
-    except RuntimeError as err:
-        where = {"mnist": f"{root}/MNIST/raw/ (the four *-ubyte files)",
-                 "cifar10": f"{root}/cifar-10-batches-py/", "cifar100": f"{root}/cifar-100-python/"}[name]
-        raise ConfigError(
-            f"[data] root: {name} not found under {root!r} ({err}). Put the data set in {where}, "
-            f"or set data.download=true to let torchvision fetch it"
-        ) from None
+    except Exception as err:  # RuntimeError when missing; URLError, OSError, ... when a download fails
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if download:
+            raise ConfigError(f"[data] download: fetching {name} into {root!r} failed ({reason}); without a "
+                              f"network, put the data set in {where} and set data.download=false") from None
+        fix = ", or set data.download=true to let torchvision fetch it" if can_download else ""
+        raise ConfigError(f"[data] root: {name} not found under {root!r} ({reason}). Put the data set in {where}{fix}"
+                          ) from None
     x = torch.as_tensor(np.asarray(ds.data))
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
     return Images(x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64))
 
 
 def held_out_split(images: Images, fraction: float, seed: int) -> tuple[Images, Images]:
-    """A fixed, seeded (train, held-out) split."""
+    """A fixed, seeded (train, held-out) split; both parts hold at least one image."""
+    if len(images.y) < 2:
+        raise ConfigError(f"[data]: {len(images.y)} image(s): at least 2 are needed, one to train on and one held out")
     order = torch.randperm(len(images.y), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(fraction * len(order)))
+    n_val = min(max(1, round(fraction * len(order))), len(order) - 1)
     return images.subset(order[n_val:]), images.subset(order[:n_val])
 
 
-def load_images(cfg: DataConfig) -> tuple[Images, Images, str]:
+def load_images(cfg: DataConfig, can_download: bool = True) -> tuple[Images, Images, str]:
     """(train, test, test_name) for the small sources."""
     if cfg.name in ("mnist", "cifar10", "cifar100"):
-        return (_torchvision_split(cfg.name, cfg.root, True, cfg.download),
-                _torchvision_split(cfg.name, cfg.root, False, cfg.download), "test")
+        return (_torchvision_split(cfg.name, cfg.root, True, cfg.download, can_download),
+                _torchvision_split(cfg.name, cfg.root, False, cfg.download, can_download), "test")
     images = load_mnist5k() if cfg.name == "mnist5k" else load_npz(cfg.path)
     train, test = held_out_split(images, cfg.val_fraction, cfg.split_seed)
     return train, test, "held-out"
+
+
+def class_count(cfg: DataConfig, labels: list[torch.Tensor]) -> tuple[int, str | None]:
+    """The number of classes, and a note when it was inferred: ``[data] num_classes``, else the data
+    set's definition, else (npz) the largest label + 1. Every label must be below it."""
+    if cfg.num_classes:
+        count, origin = cfg.num_classes, "[data] num_classes"
+    elif cfg.name in CLASSES:
+        count, origin = CLASSES[cfg.name], f"{cfg.name}'s {CLASSES[cfg.name]} classes"
+    else:
+        count = int(max(int(y.max()) for y in labels if len(y))) + 1
+        return count, (f"{count} classes, inferred from the labels of {cfg.path} (0 … {count - 1}); "
+                       "set [data] num_classes if the data holds more")
+    for y in labels:
+        if len(y) and int(y.max()) >= count:
+            raise ConfigError(f"[data]: label {int(y.max())} is out of range for {origin} (labels 0 … {count - 1}); "
+                              "fix the labels or set [data] num_classes")
+    return count, None
 
 
 def default_augmentation(cfg: DataConfig, channels: int) -> tuple[int, bool]:
@@ -284,11 +337,18 @@ def _imagefolder(cfg: DataConfig, device: torch.device, batch_size: int, eval_ba
     train_tf = T.Compose([T.RandomResizedCrop(size), *([T.RandomHorizontalFlip()] if cfg.flip is not False else []),
                           T.ToTensor(), norm])
     test_tf = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
-    train = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
-    test = torchvision.datasets.ImageFolder(str(root / "val"), test_tf)
+    try:
+        train = torchvision.datasets.ImageFolder(str(root / "train"), train_tf, loader=load_image)
+        test = torchvision.datasets.ImageFolder(str(root / "val"), test_tf, loader=load_image)
+    except FileNotFoundError as err:  # no class folders, or class folders without images
+        raise ConfigError(f"[data] root: {err}; imagefolder expects ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg"
+                          ) from None
     if train.classes != test.classes:
         raise ConfigError(f"[data] root: {root}/train and {root}/val have different class folders")
-    return DataBundle(
+    if cfg.num_classes and cfg.num_classes != len(train.classes):
+        raise ConfigError(f"[data] num_classes = {cfg.num_classes}, but {root}/train has {len(train.classes)} class "
+                          "folders; set num_classes = 0 to take the folders' count")
+    bundle = DataBundle(
         train=StreamLoader(train, batch_size, device, train=True, num_workers=cfg.num_workers, seed=seed,
                            rank=rank, world_size=world_size),
         test=StreamLoader(test, eval_batch_size, device, train=False, num_workers=cfg.num_workers,
@@ -296,6 +356,8 @@ def _imagefolder(cfg: DataConfig, device: torch.device, batch_size: int, eval_ba
         num_classes=len(train.classes), input_shape=(3, size, size),
         stats=NormStats(IMAGENET_MEAN, IMAGENET_STD), test_name="val",
     )
+    _check_one_batch(bundle, len(train), world_size)
+    return bundle
 
 
 def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batch_size: int, seed: int,
@@ -305,12 +367,22 @@ def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batc
     if cfg.name == "imagefolder":
         return _imagefolder(cfg, device, batch_size, eval_batch_size, seed, rank, world_size)
     train, test, test_name = load_images(cfg)
+    num_classes, note = class_count(cfg, [train.y, test.y])
     stats = NormStats.of(train.x)
     padding, flip = default_augmentation(cfg, train.x.shape[1])
-    num_classes = int(max(train.y.max(), test.y.max())) + 1
-    return DataBundle(
+    bundle = DataBundle(
         train=DeviceLoader(train, batch_size, device, stats, train=True, crop_padding=padding, flip=flip, seed=seed,
                            rank=rank, world_size=world_size),
         test=DeviceLoader(test, eval_batch_size, device, stats, train=False, rank=rank, world_size=world_size),
         num_classes=num_classes, input_shape=tuple(train.x.shape[1:]), stats=stats, test_name=test_name,
+        notes=(note,) if note else (),
     )
+    _check_one_batch(bundle, len(train.y), world_size)
+    return bundle
+
+
+def _check_one_batch(bundle: DataBundle, train_images: int, world_size: int) -> None:
+    """Training needs at least one full batch on every rank."""
+    if len(bundle.train) == 0:
+        raise ConfigError(f"[data]: {train_images} training image(s) make no batch on {world_size} process(es); "
+                          "use more images or a smaller train.batch_size")
