@@ -52,7 +52,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_npz
     with pytest.raises(KeyboardInterrupt):
         train(load_recipe(path), tmp_path / "cut")
     monkeypatch.setattr(trainer.loop, "save_checkpoint", original)
-    with pytest.raises(Exception, match="already holds a run; pass --resume"):
+    with pytest.raises(Exception, match="already holds a run; continue it with --resume"):
         train(load_recipe(path), tmp_path / "cut")
     train(load_recipe(path), tmp_path / "cut", resume=True)
     results = (tmp_path / "cut" / "results.json").read_text()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +14,26 @@ from trainer.config import ConfigError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
+PAYLOAD_KEYS = ("recipe", "epoch", "step", "world_size", "model", "rule", "optimizer", "scheduler", "rng", "data")
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder, flush it to disk, then rename: a crash, a full
+    disk or a signal never leaves half a file, and the previous checkpoint stays until the rename."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):  # torch's serializer reports a full disk as RuntimeError
+            kept = f"the previous checkpoint {path} is kept" if path.exists() else "no checkpoint was written yet"
+            raise ConfigError(f"{path}: could not write the checkpoint ({' '.join(str(err).split())}); {kept}; "
+                              "free some space or choose another --out") from None
+        raise
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -33,12 +48,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint onto the CPU (tensors only: no arbitrary objects are unpickled)."""
     file = resolve_checkpoint(path)
+    if file.stat().st_size == 0:
+        raise ConfigError(f"{file}: the checkpoint is empty (0 bytes); it was never completely written")
+    if not zipfile.is_zipfile(file):
+        raise ConfigError(f"{file}: not a checkpoint of this trainer (not a file written by torch.save)")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged or foreign file
-        raise ConfigError(f"{file}: not a readable checkpoint ({err})") from None
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{file}: checkpoint format {payload.get('format_version')!r}, expected {FORMAT_VERSION}")
+    except pickle.UnpicklingError:  # weights_only refuses objects other than tensors and plain containers
+        raise ConfigError(f"{file}: not a checkpoint of this trainer (it holds Python objects, not only tensors)"
+                          ) from None
+    except Exception as err:  # truncated or damaged archives fail in several ways
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ConfigError(f"{file}: the checkpoint is damaged ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        found = payload.get("format_version") if isinstance(payload, dict) else type(payload).__name__
+        raise ConfigError(f"{file}: not a checkpoint of this trainer (format {found!r}, expected {FORMAT_VERSION})")
+    missing = [key for key in PAYLOAD_KEYS if key not in payload]
+    if missing:
+        raise ConfigError(f"{file}: the checkpoint lacks {', '.join(missing)}; it is not one of this trainer's")
     return payload
 
 

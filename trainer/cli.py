@@ -1,57 +1,73 @@
-"""The ``trainer`` command: run, eval, list and show recipes.
+"""The ``trainer`` command: run, eval, list, show, runs and plot.
 
-Exit codes: 0 success, 2 bad input (recipe, override, file, data), 3 training diverged,
-130 interrupted. Bad input is reported in one line, without a traceback.
+Exit codes: 0 success, 2 bad input (recipe, override, file, data, run folder), 3 training
+diverged, 130 interrupted (SIGINT), 143 terminated (SIGTERM). Bad input is reported in one line,
+without a traceback. ``--help``, ``--version`` and ``list`` do not import torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
-from trainer.checkpoint import load_checkpoint
+from trainer import __version__
 from trainer.config import ConfigError, Recipe, dump_toml
-from trainer.data import DeviceLoader, Images, build_data, load_images, load_npz
-from trainer.loop import TrainingDiverged, evaluate, train
+from trainer.errors import RunInterrupted, TrainingDiverged
 from trainer.recipes import builtin_recipes, describe, find_recipe, load_recipe
-from trainer.session import trained_model
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    recipes = builtin_recipes()
+    if not console.is_terminal:  # one line per recipe, for grep and logs
+        width = max(map(len, recipes), default=0)
+        for name, path in recipes.items():
+            console.print(f"{name:<{width}}  {describe(path)}", soft_wrap=True, highlight=False, markup=False)
+        return 0
     table = Table(title="built-in recipes")
     table.add_column("recipe")
     table.add_column("what it does")
-    for name, path in builtin_recipes().items():
+    for name, path in recipes.items():
         table.add_row(name, describe(path))
     console.print(table)
     return 0
 
 
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    from trainer.session import effective_recipe
+
     recipe = load_recipe(find_recipe(args.recipe), args.set)
-    console.print(Syntax(dump_toml(recipe.to_dict()), "toml", theme="ansi_dark"))
+    text = f"# {recipe.source}, as a run on this machine uses it (unset values resolved)\n"
+    console.print(Syntax(text + dump_toml(effective_recipe(recipe)), "toml", theme="ansi_dark", word_wrap=True))
     return 0
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from trainer.loop import train
+    from trainer.run_folder import auto_out
+
     path = find_recipe(args.recipe)
     recipe = load_recipe(path, args.set)
-    out = Path(args.out) if args.out else Path("runs") / path.stem
+    if args.out == "auto":
+        out = auto_out(path.stem)
+    else:
+        out = Path(args.out) if args.out else Path("runs") / path.stem
     train(recipe, out, resume=args.resume, console=console)
     return 0
 
 
-def _eval_images(spec: str, recipe: Recipe) -> tuple[Images, str]:
+def _eval_images(spec: str, recipe: Recipe) -> tuple["Images", str]:
     """The images named by ``--data`` (a whole .npz file, or another source's test split)."""
+    from trainer.data import load_images, load_npz
+
     kind, _, arg = spec.partition(":")
     if kind == "npz":
         if not arg:
@@ -62,12 +78,22 @@ def _eval_images(spec: str, recipe: Recipe) -> tuple[Images, str]:
         raise ConfigError(f"--data {spec!r}: expected npz:PATH, mnist5k, or mnist|cifar10|cifar100:ROOT")
     if kind != "mnist5k" and not arg:
         raise ConfigError(f"--data {kind}:ROOT needs the folder that holds the data set")
-    data_cfg = recipe.data.__class__(**{**recipe.data.__dict__, "name": kind, "root": arg, "download": False})
-    _, test, split = load_images(data_cfg)
+    data_cfg = dataclasses.replace(recipe.data, name=kind, root=arg, download=False)
+    try:
+        _, test, split = load_images(data_cfg, can_download=False)
+    except ConfigError as err:
+        raise ConfigError(f"--data {spec}: {err}") from None
     return test, f"{kind} {split}"
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.data import DeviceLoader, build_data, load_images
+    from trainer.loop import evaluate
+    from trainer.session import trained_model
+
     trained = trained_model(load_checkpoint(args.run), source=args.run)
     recipe, shape, num_classes = trained.recipe, trained.input_shape, trained.num_classes
     if args.data is None and recipe.data.name == "imagefolder":
@@ -76,13 +102,16 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         if args.data:
             images, name = _eval_images(args.data, recipe)
         else:
-            _, images, split = load_images(recipe.data)
+            _, images, split = load_images(recipe.data, can_download=False)
             name = f"{recipe.data.name} {split}"
+        if not len(images.y):
+            raise ConfigError(f"--data {name}: holds no images")
         if tuple(images.x.shape[1:]) != shape:
             raise ConfigError(f"--data {name}: images are {tuple(images.x.shape[1:])} (C, H, W) but the model was "
                               f"trained on {shape}")
         if int(images.y.max()) >= num_classes:
-            raise ConfigError(f"--data {name}: label {int(images.y.max())} is out of range for {num_classes} classes")
+            raise ConfigError(f"--data {name}: label {int(images.y.max())} is out of range for the model's "
+                              f"{num_classes} classes")
         loader = DeviceLoader(images, recipe.train.eval_batch_size, trained.device, trained.stats, train=False)
     result = evaluate(trained.model, loader, torch.nn.CrossEntropyLoss())
     result = {"data": name, "samples": loader.num_samples, **result, "epoch": trained.epoch, "step": trained.step}
@@ -96,31 +125,69 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace, console: Console) -> int:
+    from trainer.runs import find_runs, summarize
+
+    runs = [summarize(path) for path in find_runs(Path(args.dir))]
+    table = Table(title=f"runs under {args.dir}")
+    for column in ("run", "recipe", "rule", "epochs", "best acc", "last acc", "images/s", "state"):
+        table.add_column(column, justify="right" if column in ("epochs", "best acc", "last acc", "images/s") else "left")
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    for r in runs:
+        table.add_row(str(r.path), r.recipe, r.rule, f"{r.epochs_done}/{r.epochs or '?'}", pct(r.best), pct(r.last),
+                      "-" if r.images_per_s is None else f"{r.images_per_s:,.0f}", r.state)
+    console.print(table)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, console: Console) -> int:
+    from trainer.runs import plot_runs
+
+    runs = [Path(run) for run in args.runs]
+    out = Path(args.out) if args.out else runs[0] / f"{args.metric}.png"
+    plot_runs(runs, args.metric, out)
+    console.print(f"wrote {escape(str(out))}", soft_wrap=True, highlight=False)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="trainer", description="Train, evaluate and compare recipes of backprop-free and low-memory learning rules.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a recipe")
     run.add_argument("recipe", help="a recipe file, or the name of a built-in recipe")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
-    run.add_argument("--out", help="run folder (default: runs/RECIPE_NAME)")
+    run.add_argument("--out", help="run folder (default: runs/RECIPE_NAME; 'auto': runs/RECIPE_NAME-TIMESTAMP)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint")
     ev.add_argument("run", help="a run folder or a checkpoint file")
     ev.add_argument("--data", help="another data set: npz:PATH, mnist5k, mnist:ROOT, cifar10:ROOT, cifar100:ROOT")
     ev.add_argument("--json", action="store_true", help="print the result as a JSON object on the last line")
     sub.add_parser("list", help="list the built-in recipes")
-    show = sub.add_parser("show", help="print a recipe as resolved (defaults filled in)")
+    show = sub.add_parser("show", help="print a recipe as a run on this machine uses it (defaults filled in)")
     show.add_argument("recipe")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    runs = sub.add_parser("runs", help="a table of the runs under a folder, with their states")
+    runs.add_argument("dir", nargs="?", default="runs", help="the folder to search (default: runs)")
+    plot = sub.add_parser("plot", help="training and held-out curves of one or more runs (needs matplotlib)")
+    plot.add_argument("runs", nargs="+", help="run folders")
+    plot.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy")
+    plot.add_argument("--out", help="the PNG to write (default: RUN/METRIC.png of the first run)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     console = Console(stderr=args.command == "eval" and args.json)  # keep stdout's last line JSON
+    if not console.is_terminal:
+        console = Console(stderr=console.stderr, width=160, soft_wrap=True)  # logs: no 80-column wrapping
     errors = Console(stderr=True, soft_wrap=True)  # one line per error, never hard-wrapped
-    commands = {"run": cmd_run, "eval": cmd_eval, "list": cmd_list, "show": cmd_show}
+    commands = {"run": cmd_run, "eval": cmd_eval, "list": cmd_list, "show": cmd_show, "runs": cmd_runs,
+                "plot": cmd_plot}
     try:
         return commands[args.command](args, console)
     except ConfigError as err:
@@ -129,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         errors.print(f"[bold red]stopped:[/] {escape(str(err))}", highlight=False)
         return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        errors.print("[yellow]interrupted[/]: the last epoch's checkpoint is kept; continue with --resume")
+    except RunInterrupted as stop:
+        errors.print(f"[yellow]interrupted[/]: {escape(stop.message)}", highlight=False)
+        return stop.exit_code
+    except KeyboardInterrupt:  # outside a run (loading data, evaluating)
+        errors.print("[yellow]interrupted[/]")
         return EXIT_INTERRUPTED

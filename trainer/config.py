@@ -341,6 +341,23 @@ def read_recipe(path: str | Path, rule_options: RuleOptions, overrides: list[str
     return parse_recipe(tree, rule_options, source=str(path), overrides=origins)
 
 
+RESUMABLE_KEYS = frozenset({"train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size",
+                            "train.compile", "train.device", "data.num_workers"})
+"""Recipe keys that ``--resume`` may change and applies truly (epochs re-stretch the schedule);
+any other change (seed, batch size, lr, model, rule, data, ...) is refused."""
+
+
+def recipe_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two recipes in ``Recipe.to_dict`` form."""
+    changed = []
+    for section in sorted(set(saved) | set(new)):
+        old_values, new_values = saved.get(section, {}), new.get(section, {})
+        for key in sorted(set(old_values) | set(new_values)):
+            if old_values.get(key) != new_values.get(key):
+                changed.append(f"{section}.{key}")
+    return changed
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -316,6 +316,27 @@ def class_count(cfg: DataConfig, labels: list[torch.Tensor]) -> tuple[int, str |
     return count, None
 
 
+def source_facts(cfg: DataConfig) -> tuple[int | None, int | None]:
+    """(channels, classes) of the recipe's source where they are known without loading the images
+    (for ``trainer show``); None where they are not."""
+    if cfg.name in ("mnist5k", "mnist", "cifar10", "cifar100"):
+        return (1 if "mnist" in cfg.name else 3), cfg.num_classes or CLASSES[cfg.name]
+    if cfg.name == "imagefolder":
+        train = Path(cfg.root) / "train"
+        folders = sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else None
+        return 3, cfg.num_classes or folders
+    try:
+        with zipfile.ZipFile(cfg.path) as archive, archive.open("x.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape = read(f)[0]
+        with np.load(cfg.path, allow_pickle=False) as arrays:
+            labels = arrays["y"]
+        return (shape[3] if len(shape) == 4 else 1), cfg.num_classes or int(labels.max()) + 1
+    except Exception:  # not readable here: the run itself will say why
+        return None, cfg.num_classes or None
+
+
 def default_augmentation(cfg: DataConfig, channels: int) -> tuple[int, bool]:
     """Crop padding and flips: colour images get 4 px and flips, grey digits 2 px and no flips."""
     padding = cfg.crop_padding if cfg.crop_padding >= 0 else (4 if channels == 3 else 2)

@@ -3,28 +3,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import resource
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from trainer.config import ConfigError, Recipe, dump_toml
+from trainer.config import RESUMABLE_KEYS, ConfigError, Recipe, dump_toml, recipe_changes
 from trainer.data import Loader
 from trainer.distributed import DistEnv, all_reduce_sum, average_buffers, finish
+from trainer.errors import RunInterrupted, TrainingDiverged
+from trainer.recipes import recipe_from_dict
 from trainer.report import MetricsLog, Reporter
 from trainer.rules import Rule
+from trainer.run_folder import RunFolder
 from trainer.session import Session, build_session, checkpoint_payload, gathered_rng_states, restore
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def rule_state_mb(rule: Rule) -> float:
@@ -58,10 +62,10 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Loader, cr
     return {"loss": total_loss / count, "accuracy": correct / count}
 
 
-def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter, ckpt_path: Path) -> tuple[int, dict[str, Any]]:
+def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[int, dict[str, Any]]:
     """One epoch of training steps; returns the step count and the epoch's summary. Image rates are
     global (all ranks); losses are this rank's, averaged over ranks when logged."""
-    cfg, device, world = s.recipe.train, s.device, s.env.world_size
+    cfg, device, world, steps = s.recipe.train, s.device, s.env.world_size, len(s.data.train)
     s.model.train()
     s.rule.train()
     loss_sum = torch.zeros((), device=device)
@@ -76,19 +80,15 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter, ckpt_path
         correct += (out.logits.argmax(1) == y).sum()
         seen += len(y)
         window_images += len(y) * world
-        if step % cfg.log_every == 0 or i + 1 == len(s.data.train):
+        if step % cfg.log_every == 0 or i + 1 == steps:
             loss_now = out.loss.item()  # syncs the device: the timer below is honest
             if s.env.enabled:  # every rank takes the same decision on divergence
                 loss_now = all_reduce_sum([loss_now])[0] / world
             if not math.isfinite(loss_now):
-                raise TrainingDiverged(
-                    f"loss became {loss_now} at step {step} (epoch {epoch + 1}); the last good checkpoint "
-                    f"is kept in {ckpt_path if ckpt_path.exists() else 'none (first epoch)'}. "
-                    "Lower optim.lr or check the data."
-                )
+                raise TrainingDiverged(f"loss became {loss_now} at step {step} (epoch {epoch + 1})")
             reporter.step({"step": step, "epoch": epoch + 1, "split": "train", "loss": loss_now, "lr": s.lr,
                            "images_per_s": window_images / (time.perf_counter() - window_start),
-                           "peak_memory_mb": peak_memory_mb(device), **s.rule.diagnostics()})
+                           "peak_memory_mb": peak_memory_mb(device), **s.rule.diagnostics()}, i + 1, steps)
             window_images, window_start = 0, time.perf_counter()
         reporter.advance()
     if device.type == "cuda":
@@ -102,41 +102,116 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter, ckpt_path
                   "train_seconds": train_time, "peak_memory_mb": peak_memory_mb(device)}
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, schedulers) stops a run as Ctrl-C does: ``RunInterrupted("SIGTERM")``."""
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise RunInterrupted("SIGTERM")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def resume_notes(recipe: Recipe, payload: dict[str, Any], out_dir: Path) -> list[str]:
+    """What ``--resume`` changes, refused unless every changed key is in ``RESUMABLE_KEYS``."""
+    saved = recipe_from_dict(payload["recipe"], source=f"{out_dir} (saved recipe)").to_dict()
+    new = recipe.to_dict()
+    changed = recipe_changes(saved, new)
+
+    def value(tree: dict[str, Any], dotted: str) -> Any:
+        section, key = dotted.split(".")
+        return tree.get(section, {}).get(key)
+
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    if refused:
+        listed = "; ".join(f"{k}: {value(saved, k)!r} → {value(new, k)!r}" for k in refused)
+        raise ConfigError(f"{out_dir}: --resume with a changed recipe ({listed}); these keys cannot change "
+                          f"mid-run (only {', '.join(sorted(RESUMABLE_KEYS))} can): put them back, or start a "
+                          "new run with another --out")
+    notes = [f"{k}: {value(saved, k)!r} → {value(new, k)!r}" for k in changed]
+    if "train.epochs" in changed:
+        notes.append(f"the learning-rate schedule is re-stretched over {recipe.train.epochs} epochs")
+    return notes
+
+
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Train a recipe into ``out_dir`` (checkpoint, metrics.jsonl, recipe.toml, results.json).
 
-    Under torchrun every rank trains its shard; rank 0 alone prints, logs and writes files.
+    The folder is checked and locked before anything is built. Under torchrun every rank trains
+    its shard; rank 0 alone prints, logs and writes files. SIGINT and SIGTERM end the run with
+    ``RunInterrupted`` saying what was kept; a NaN loss with ``TrainingDiverged``.
     """
+    main = int(os.environ.get("RANK", "0")) == 0
     ckpt_path = out_dir / CHECKPOINT_NAME
-    if ckpt_path.exists() and not resume:
-        raise ConfigError(f"{out_dir}: already holds a run; pass --resume to continue it, or --out to choose another folder")
-    if resume and not ckpt_path.exists():
-        raise ConfigError(f"{out_dir}: --resume given but there is no {CHECKPOINT_NAME} to resume from")
-    payload = load_checkpoint(ckpt_path) if resume else None
-    if payload is not None and payload["epoch"] >= recipe.train.epochs:  # before building anything
-        raise ConfigError(f"{out_dir}: the run already finished {payload['epoch']} of train.epochs = "
-                          f"{recipe.train.epochs}; set train.epochs higher to train it on, or use --out to start another")
+    with RunFolder(out_dir) as folder, sigterm_interrupts():
+        if main:
+            folder.claim(resume, CHECKPOINT_NAME)
+        payload = load_checkpoint(ckpt_path) if resume else None
+        notes = list(folder.notes)
+        if payload is not None:
+            if payload["epoch"] >= recipe.train.epochs:
+                raise ConfigError(f"{out_dir}: the run already finished {payload['epoch']} of train.epochs = "
+                                  f"{recipe.train.epochs}; set train.epochs higher to train it on, or use --out to "
+                                  "start another")
+            notes += resume_notes(recipe, payload, out_dir)
+        reporter = Reporter(console if main and console else Console(quiet=not main), None)
+        saved = [payload["epoch"]] if payload is not None else []  # epochs of the checkpoints on disk
+        try:
+            return _run(recipe, out_dir, payload, reporter, notes, saved)
+        except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM through sigterm_interrupts
+            name = stop.signal_name if isinstance(stop, RunInterrupted) else "SIGINT"
+            kept = (f"the checkpoint of epoch {saved[-1]} is kept in {ckpt_path}; continue with --resume --out "
+                    f"{out_dir}") if saved else \
+                "no checkpoint was written yet (stopped during the first epoch): run it again to start over"
+            raise RunInterrupted(name, f"stopped by {name}: {kept}") from None
+        except TrainingDiverged as err:
+            kept = f"the last good checkpoint is kept in {ckpt_path}" if ckpt_path.exists() else \
+                "no checkpoint was written yet (it diverged in the first epoch)"
+            if main:
+                _write_results(out_dir, {"state": "diverged", "recipe": recipe.source, "rule": recipe.rule.name,
+                                         "message": str(err)})
+            raise TrainingDiverged(f"{err}; {kept}. Lower optim.lr or check the data.") from None
+
+
+def _write_results(out_dir: Path, results: dict[str, Any]) -> None:
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out_dir / "results.json")
+
+
+def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter: Reporter,
+         notes: list[str], saved: list[int]) -> dict[str, Any]:
+    """Build the session, restore the checkpoint, train the remaining epochs, write the results;
+    ``saved`` gains the epoch of every checkpoint written."""
+    ckpt_path = out_dir / CHECKPOINT_NAME
     s = build_session(recipe)
     main = s.env.is_main
     epoch, step = restore(s, payload) if payload is not None else (0, 0)
     if s.env.enabled:
         torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 rewrites files
-    log = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.toml").write_text(dump_toml(recipe.to_dict()))
-        log = MetricsLog(out_dir / "metrics.jsonl", step if resume else None)
-    reporter = Reporter(console if main and console else Console(quiet=not main), log)
-    cfg = recipe.train
-    reporter.header(
-        f"[bold]{recipe.rule.name}[/] on {recipe.data.name} · {recipe.model.name} · {s.device} × {s.env.world_size} · "
-        f"compile={s.rule.ctx.compile} · {len(s.data.train)} steps/epoch · out: {out_dir}"
-    )
     history: list[dict[str, Any]] = []
+    if main:
+        (out_dir / "recipe.toml").write_text(dump_toml(recipe.to_dict()))
+        reporter.log = MetricsLog(out_dir / "metrics.jsonl", step if payload is not None else None)
+        history = [r for r in reporter.log.kept if r.get("split") != "train"]
+        notes += reporter.log.notes
+    cfg = recipe.train
+    reporter.say(f"[bold]{recipe.rule.name}[/] on {recipe.data.name} · {recipe.model.name} · {s.device} × "
+                 f"{s.env.world_size} · compile={s.rule.ctx.compile} · {len(s.data.train)} steps/epoch · "
+                 f"out: {escape(str(out_dir))}")
+    if payload is not None:
+        reporter.say(f"resumed from epoch {epoch}, step {step}")
+    for text in [*s.data.notes, *notes]:
+        reporter.note(text)
     with reporter.running(len(s.data.train)):
         for epoch in range(epoch, cfg.epochs):
             reporter.start_epoch(epoch, cfg.epochs, len(s.data.train))
-            step, summary = train_epoch(s, epoch, step, reporter, ckpt_path)
+            step, summary = train_epoch(s, epoch, step, reporter)
             if s.env.enabled:
                 average_buffers(s.model, s.env.world_size)  # one set of BatchNorm statistics
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -148,11 +223,14 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
             rng = gathered_rng_states(s.env)
             if main:
                 save_checkpoint(ckpt_path, checkpoint_payload(s, epoch + 1, step, rng))
+                saved.append(epoch + 1)
     reporter.summary(history, s.data.test_name)
-    results = {"recipe": recipe.source, "rule": recipe.rule.name, "epochs": cfg.epochs, "steps": step,
-               "device": str(s.device), "world_size": s.env.world_size, "rule_state_mb": rule_state_mb(s.rule),
-               **(history[-1] if history else {})}
+    epoch_seconds = [r["train_seconds"] for r in history]
+    results = {"state": "finished", "recipe": recipe.source, "rule": recipe.rule.name, "epochs": cfg.epochs,
+               "steps": step, "device": str(s.device), "world_size": s.env.world_size,
+               "rule_state_mb": rule_state_mb(s.rule), **(history[-1] if history else {}),
+               "train_seconds": sum(epoch_seconds), "epoch_seconds": epoch_seconds}
     if main:
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _write_results(out_dir, results)
     finish(s.env)
     return results

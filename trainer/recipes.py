@@ -13,17 +13,22 @@ from typing import Any
 
 from trainer import config
 from trainer.config import ConfigError, Recipe
-from trainer.rules import rule_options_class
+
+
+def _rule_options(name: str) -> type:
+    from trainer.rules import rule_options_class  # imported on first use: `trainer list` needs no torch
+
+    return rule_options_class(name)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a TOML recipe, apply ``section.key=value`` overrides, and validate the result."""
-    return config.read_recipe(path, rule_options_class, overrides)
+    return config.read_recipe(path, _rule_options, overrides)
 
 
 def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
     """Validate a nested dict (as read from TOML, or saved in a checkpoint) into a Recipe."""
-    return config.parse_recipe(tree, rule_options_class, source)
+    return config.parse_recipe(tree, _rule_options, source)
 
 
 def recipe_dirs() -> list[Path]:

@@ -1,32 +1,57 @@
-"""What a run shows and writes while it trains: the header, a progress bar, metrics.jsonl lines and
-the summary table. The loop hands it records; it decides how they look."""
+"""What a run shows and writes while it trains: the header, progress, metrics.jsonl lines and the
+summary table. The loop hands it records; it decides how they look.
+
+In a terminal the progress is a rich bar with throughput; anywhere else (CI, ``nohup``, a log
+file) it is one plain line every ``train.log_every`` steps and one per epoch, never clipped.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+CORE_KEYS = frozenset({"step", "epoch", "split", "loss", "lr", "images_per_s", "peak_memory_mb", "time"})
+
+
+def now() -> str:
+    """A wall-clock timestamp for records (UTC, ISO 8601)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object a line. On resume, lines past the checkpoint are dropped."""
+    """metrics.jsonl: one JSON object a line. On resume, lines past the checkpoint are dropped, and
+    so is a line that a killed run left half-written (``notes`` says so)."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None:
+        self.kept: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        if resume_step is None or not path.exists():
             path.write_text("")
+            return
+        lines = path.read_text(errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                self.notes.append(f"dropped line {number} of {path}: not a complete record (a run killed mid-write)")
+                continue
+            if step <= resume_step:
+                self.kept.append(record)
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "time": now()}) + "\n")
 
 
 def summary_table(history: list[dict[str, Any]], test_name: str) -> Table:
@@ -43,21 +68,33 @@ def summary_table(history: list[dict[str, Any]], test_name: str) -> Table:
     return table
 
 
+def _extras(record: dict[str, Any]) -> str:
+    """Diagnostics for people: keys without a "/" (per-unit keys are logged only)."""
+    return "".join(f" · {k} {v:.3g}" for k, v in record.items() if k not in CORE_KEYS and "/" not in k
+                   and isinstance(v, (int, float)))
+
+
 class Reporter:
     """The run's output: ``console`` for people (quiet on ranks other than 0), ``log`` for machines
     (None where this rank writes no files)."""
 
     def __init__(self, console: Console, log: MetricsLog | None):
         self.console, self.log = console, log
+        self.live = console.is_terminal
         self._progress: Progress | None = None
         self._task: Any = None
+        self._epoch = ""
 
-    def header(self, text: str) -> None:
-        self.console.print(text)
+    def say(self, text: str) -> None:
+        """One line, never wrapped (paths and keys stay whole)."""
+        self.console.print(text, soft_wrap=True, highlight=False)
 
     @contextlib.contextmanager
     def running(self, steps_per_epoch: int) -> Iterator["Reporter"]:
-        """The progress bar's lifetime: one bar, reset at every epoch."""
+        """The progress bar's lifetime (a terminal only): one bar, reset at every epoch."""
+        if not self.live:
+            yield self
+            return
         progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -71,28 +108,38 @@ class Reporter:
                 self._progress = None
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        self._progress.reset(self._task, total=steps, description=f"epoch {epoch + 1}/{epochs}", stats="")
+        self._epoch = f"epoch {epoch + 1}/{epochs}"
+        if self._progress is not None:
+            self._progress.reset(self._task, total=steps, description=self._epoch, stats="")
 
-    def step(self, record: dict[str, Any]) -> None:
-        """A training record every ``log_every`` steps: to the log whole; to the bar the rate, loss,
-        learning rate and the diagnostics whose keys have no "/" (per-unit keys are logged only)."""
+    def step(self, record: dict[str, Any], step_in_epoch: int, steps: int) -> None:
+        """A training record every ``log_every`` steps: to the log whole, to people in short."""
         if self.log:
             self.log.write(record)
-        core = {"step", "epoch", "split", "loss", "lr", "images_per_s", "peak_memory_mb"}
-        extra = "".join(f" · {k} {v:.3g}" for k, v in record.items() if k not in core and "/" not in k)
-        self._progress.update(self._task, stats=f"{record['images_per_s']:,.0f} img/s · loss {record['loss']:.4f} · "
-                                                f"lr {record['lr']:.3g}{extra}")
+        stats = (f"{record['images_per_s']:,.0f} img/s · loss {record['loss']:.4f} · lr {record['lr']:.3g}"
+                 f"{_extras(record)}")
+        if self._progress is not None:
+            self._progress.update(self._task, stats=stats)
+        else:
+            self.say(f"{self._epoch} · step {step_in_epoch}/{steps} · {stats}")
 
     def advance(self) -> None:
-        self._progress.advance(self._task)
+        if self._progress is not None:
+            self._progress.advance(self._task)
 
     def end_epoch(self, summary: dict[str, Any], test_name: str) -> None:
         if self.log:
             self.log.write({"split": test_name, **summary})
         shown = f" · {test_name} acc {100 * summary['accuracy']:.2f}%" if "accuracy" in summary else ""
-        self._progress.update(self._task, stats=f"{summary['images_per_s']:,.0f} img/s · "
-                                                f"loss {summary['train_loss']:.4f}{shown}")
+        stats = f"{summary['images_per_s']:,.0f} img/s · loss {summary['train_loss']:.4f}{shown}"
+        if self._progress is not None:
+            self._progress.update(self._task, stats=stats)
+        else:
+            self.say(f"{self._epoch} done · {stats} · {summary['train_seconds']:.1f} s")
 
     def summary(self, history: list[dict[str, Any]], test_name: str) -> None:
         if history:
             self.console.print(summary_table(history, test_name))
+
+    def note(self, text: str) -> None:
+        self.say(f"[dim]note:[/] {escape(text)}")

@@ -18,7 +18,7 @@ from torch import nn
 
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.config import ConfigError, OptimConfig, Recipe
-from trainer.data import DataBundle, NormStats, build_data
+from trainer.data import DataBundle, NormStats, build_data, default_augmentation, source_facts
 from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
 from trainer.models import build_model
 from trainer.recipes import recipe_from_dict
@@ -111,6 +111,27 @@ def rule_context(recipe: Recipe, device: torch.device, num_classes: int, input_s
         amp=cfg.amp if cfg.amp is not None else device.type == "cuda",
         label_smoothing=cfg.label_smoothing, seed=cfg.seed,
     )
+
+
+def effective_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as a run on this machine will use it: unset and automatic values resolved
+    (device, compile, amp; augmentation and class count from the data source)."""
+    tree = recipe.to_dict()
+    train, data = tree["train"], tree["data"]
+    device = "cuda" if train["device"] == "auto" and torch.cuda.is_available() else train["device"]
+    device = "cpu" if device == "auto" else device
+    on_cuda = device.startswith("cuda")
+    train["device"] = device
+    train["compile"] = on_cuda if train["compile"] is None else train["compile"]
+    train["amp"] = on_cuda if train["amp"] is None else train["amp"]
+    channels, classes = source_facts(recipe.data)
+    if channels is not None and recipe.data.name != "imagefolder":
+        data["crop_padding"], data["flip"] = default_augmentation(recipe.data, channels)
+    elif recipe.data.name == "imagefolder":
+        data["flip"] = recipe.data.flip is not False
+    if classes is not None:
+        data["num_classes"] = classes
+    return tree
 
 
 def build_session(recipe: Recipe) -> Session:
