@@ -1,15 +1,49 @@
-"""Shared plumbing for the ops in this package: when to launch Triton, and input checks.
+"""The dispatch policy every op in this package follows, stated once here, and its input checks.
 
-CUDA tensors always run the Triton kernels. CPU tensors run the PyTorch path, except when
+Where. CUDA tensors always run the Triton kernels. CPU tensors run the PyTorch path, except when
 ``TRITON_INTERPRET=1`` is set (before Triton is first imported): then the Triton kernels run
 under Triton's interpreter, which is how the test suite checks them on a machine without a GPU.
+
+CPU paths may fuse their elementwise work with ``torch.compile`` (:func:`compiled_on_cpu`); it
+falls back to eager PyTorch, with one warning, wherever compiling is unavailable or fails.
+
+Tiles. Each tile side is ``tile(n, lo, hi)``: the next power of two of the dimension ``n`` it
+covers, clamped to ``[lo, hi]`` (``lo`` = 16 where the side feeds ``tl.dot``; ``hi`` is the kernel's
+register budget; sizes chosen against spills are commented at the call and checked by
+``benchmarks/compile_kernels.py``).
+
+Dot products. Operands go to ``tl.dot`` in their common 16-bit dtype when they share one (exact
+products, float32 accumulation), else in float32 (:func:`dot_operands`); under the interpreter
+bfloat16 operands are upcast to float32 first, because Triton's interpreter multiplies bfloat16 dot
+operands as raw uint16. Float32 operands use the precision of the PyTorch op the kernel stands in
+for (:func:`dot_precision`): ``"tf32"`` where torch allows TF32 for it, else ``"ieee"`` -- matmul
+kernels follow ``torch.backends.cuda.matmul.allow_tf32``, convolution kernels
+``torch.backends.cudnn.allow_tf32`` -- except kernels whose products must stay near float32
+whatever torch allows (``"fp32"``: 3xTF32, or IEEE on ROCm, which has no 3xTF32).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
+from typing import Callable, Literal, TypeVar
 
 import torch
+import triton
+import triton.language as tl
+
+TL_DTYPES: dict[torch.dtype, tl.dtype] = {torch.float32: tl.float32, torch.float16: tl.float16,
+                                          torch.bfloat16: tl.bfloat16}
+"""Triton dtype of each torch dtype the kernels take."""
+FLOAT_DTYPES: tuple[torch.dtype, ...] = tuple(TL_DTYPES)
+"""Floating dtypes the ops accept: float32, float16, bfloat16."""
+HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+
+_Fn = TypeVar("_Fn", bound=Callable[..., torch.Tensor])
+
+DotRule = Literal["matmul", "conv", "fp32"]
+"""Which precision a kernel's float32 dots take: like torch's matmuls, like its convolutions, or near fp32."""
 
 
 def triton_interpreting() -> bool:
@@ -20,6 +54,56 @@ def triton_interpreting() -> bool:
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether an op given ``tensor`` should launch its Triton kernel rather than the PyTorch path."""
     return tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreting())
+
+
+def compiled_on_cpu(fn: _Fn) -> _Fn:
+    """``fn`` compiled by ``torch.compile`` (one fused C++ loop from inductor) when its tensor
+    arguments are on the CPU; ``fn`` itself otherwise, under a TorchDispatchMode (dynamo skips the
+    frame) and from the first failure to compile on (no C++ compiler, no dynamo), after a warning.
+    Compiling happens on the first CPU call (importing dynamo costs a second: not at import);
+    ``dynamic=True`` keeps it to one graph for all shapes."""
+    compiled: list[Callable[..., torch.Tensor]] = []  # [the compiled fn] once made, [fn] after a failure
+
+    @functools.wraps(fn)
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        if (compiled and compiled[0] is fn) or any(a.device.type != "cpu" for a in args):
+            return fn(*args)
+        try:
+            if not compiled:
+                compiled.append(torch.compile(fn, dynamic=True))
+            return compiled[0](*args)
+        except Exception as error:  # noqa: BLE001 -- whatever failed to compile, eager is correct
+            compiled[:] = [fn]
+            warnings.warn(f"{fn.__name__} runs eagerly: torch.compile failed ({type(error).__name__}: {error})",
+                          RuntimeWarning, stacklevel=2)
+            return fn(*args)
+
+    return run  # type: ignore[return-value]
+
+
+def tile(n: int, lo: int, hi: int) -> int:
+    """The tile side for a dimension of size ``n``: its next power of two, clamped to ``[lo, hi]``."""
+    return min(hi, max(lo, triton.next_power_of_2(n)))
+
+
+def dot_operands(*dtypes: torch.dtype) -> tl.dtype:
+    """The dtype ``tl.dot`` takes for operands loaded as ``dtypes``: their common 16-bit dtype, else
+    float32; bfloat16 is float32 under the interpreter (which gets bfloat16 dots wrong)."""
+    common = dtypes[0] if dtypes[0] in HALF_DTYPES and all(d == dtypes[0] for d in dtypes) else torch.float32
+    if common == torch.bfloat16 and triton_interpreting():
+        common = torch.float32
+    return TL_DTYPES[common]
+
+
+def dot_precision(operands: tl.dtype, rule: DotRule) -> str | None:
+    """``input_precision`` for a ``tl.dot`` of ``operands`` under ``rule`` (module docstring);
+    None (Triton's default) for 16-bit operands, whose products are exact anyway."""
+    if operands != tl.float32:
+        return None
+    if rule == "fp32":
+        return "ieee" if torch.version.hip else "tf32x3"
+    allowed = torch.backends.cuda.matmul.allow_tf32 if rule == "matmul" else torch.backends.cudnn.allow_tf32
+    return "tf32" if allowed else "ieee"
 
 
 def check_tensor(

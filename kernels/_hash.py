@@ -43,8 +43,9 @@ def mix32_torch(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hash2_torch(key: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """hash(key, row, col) in [0, 2**32) as int64, broadcasting ``rows`` against ``cols``."""
+def hash2_torch(key: int | torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """hash(key, row, col) in [0, 2**32) as int64, broadcasting ``rows`` against ``cols`` (``key``
+    may be a 0-d int64 tensor, so that ``torch.compile`` does not specialise on it)."""
     return mix32_torch(mix32_torch(rows.to(torch.int64) ^ key) ^ cols.to(torch.int64))
 
 

@@ -6,10 +6,12 @@ reference-path tests below run either way).
 """
 
 import math
+import warnings
 
 import pytest
 import torch
 
+from kernels import _dispatch
 from kernels import binary_feedback as bf
 from kernels._dispatch import triton_interpreting
 from kernels._hash import hash2_torch, sign_from_hash_torch, stream_key
@@ -123,17 +125,43 @@ def test_pytorch_path_matches_reference(kind):
     assert torch.equal(out, 0.5 * signs[labels].float())
 
 
-def test_large_chunked_materialize_and_projection(monkeypatch):
-    """Row-chunked paths: force tiny chunks so several chunks (and a ragged last one) are used."""
+@pytest.mark.parametrize("kind", ["packed", "seeded"])
+def test_large_chunked_materialize_and_projection(monkeypatch, kind):
+    """Blocked CPU paths: tiny blocks, so several blocks of rows and of columns (and ragged last
+    ones) are made; 16-bit outputs go through a float32 buffer and are rounded once."""
     monkeypatch.setattr(bf, "_CHUNK_ELEMENTS", 64)
     gen = torch.Generator().manual_seed(4)
-    signs = random_signs(10, 33, gen)
-    packed = pack_signs(signs)
-    assert torch.equal(packed.materialize(), signs)
+    feedback, signs = make_feedback(kind, 10, 33, gen)
+    assert torch.equal(feedback.materialize(), signs)
     e = torch.randn(3, 10, generator=gen)
     out = torch.empty(3, 33)
-    bf._torch_project(e, packed, None, 1.0, out)
+    bf._torch_project(e, feedback, None, 1.0, out)
     assert_rel_close(out, reference(e, signs), 1e-6, norm="fro")
+    mask = torch.rand(3, 33, generator=gen).to(torch.float16)
+    out = torch.full((3, 33), float("nan"), dtype=torch.bfloat16)
+    bf._torch_project(e, feedback, mask, 0.5, out)
+    assert torch.equal(out, reference(e, signs, 0.5, mask).to(torch.bfloat16))
+    labels = torch.randint(0, 10, (5,), generator=gen)
+    out = torch.full((5, 33), float("nan"))
+    bf._torch_labels(labels, feedback, 0.5, out)
+    assert torch.equal(out, 0.5 * signs[labels].float())
+
+
+def test_sign_generators_fall_back_to_eager(monkeypatch):
+    """Without torch.compile (no C++ compiler, no dynamo) the CPU path warns once and runs eagerly."""
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    gen = torch.Generator().manual_seed(10)
+    words = torch.randint(-2**31, 2**31 - 1, (3, 2), dtype=torch.int32, generator=gen)
+    unpack = _dispatch.compiled_on_cpu(bf._unpack_signs)
+    with pytest.warns(RuntimeWarning, match="_unpack_signs runs eagerly: torch.compile failed"):
+        first = unpack(words)
+    assert torch.equal(first, bf._unpack_signs(words))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(unpack(words), first)
 
 
 def test_empty_batch():
