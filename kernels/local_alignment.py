@@ -39,8 +39,11 @@ the GEMM's reduction, and it is small (a minibatch), so the update is memory-bou
 tensors: recomputing the tile FLOPs is cheaper than writing ``dW`` and reading it back for scaling,
 and the fused step moves exactly the SGD floor (read W, write W) and never materialises ``dW``.
 
-CPU tensors without the interpreter run the pure-PyTorch references (``local_signal_reference``,
-``local_weight_update_reference``), which compute in float32 and cast like the kernels do.
+Dots take the inputs' common 16-bit dtype, else float32; float32 dots use TF32 only where torch
+allows it for matmuls (``torch.backends.cuda.matmul.allow_tf32``; the "matmul" rule of
+``kernels._dispatch``), like the PyTorch path. CPU tensors without the interpreter run the
+pure-PyTorch references (``local_signal_reference``, ``local_weight_update_reference``), which
+compute in float32 and cast like the kernels do.
 The ops are registered as ``torch.ops.bpfree.local_signal``, ``torch.ops.bpfree.local_weight_update``
 and ``torch.ops.bpfree.local_sgd_step_`` with fake implementations, so they trace inside
 ``torch.compile(fullgraph=True)`` without a graph break. They compute updates, not differentiable
@@ -53,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_tensor, use_triton
+from kernels._dispatch import FLOAT_DTYPES, check_tensor, dot_operands, dot_precision, tile, use_triton
 
 __all__ = [
     "LOCAL_KINDS",
@@ -73,8 +76,6 @@ __all__ = [
 LOCAL_KINDS: tuple[str, ...] = ("dfa", "drtp", "lra")
 LOCAL_ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "identity")
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 _ACT_CODE = {name: code for code, name in enumerate(LOCAL_ACTIVATIONS)}
 
 # Tile sizes of the weight-update GEMM; BLOCK_DP also sets when the signal prologue is fused.
@@ -224,7 +225,8 @@ def _weight_update_kernel(
     IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr, FUSED_SIGNAL: tl.constexpr,
     WRITE_DW: tl.constexpr, STEP: tl.constexpr, HAS_FACTOR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr,
-    GROUP_D: tl.constexpr, DOT_DTYPE: tl.constexpr, MM_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    GROUP_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
+    MM_PREC: tl.constexpr,
 ):
     """One (BLOCK_D x BLOCK_DP) tile of dW = g^T z_prev; g's tile is made in the prologue (or loaded)."""
     pid = tl.program_id(0)
@@ -249,14 +251,14 @@ def _weight_update_kernel(
         offs = rows64[:, None] * D + cols[None, :]
         if FUSED_SIGNAL:
             proj = _project_tile(u_ptr, p_ptr, rows, cols, row_mask, col_mask, C, D, scale,
-                                 BLOCK_N, BLOCK_D, BLOCK_C, DOT_DTYPE, PREC)
+                                 BLOCK_N, BLOCK_D, BLOCK_C, DOT_DTYPE, DOT_PREC)
             g, _ = _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha, IS_LRA, ACT, HAS_Z)
             g = tl.where(mask, g, 0.0)  # padded columns would otherwise leak into the norm
         else:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)
         zp = tl.load(zp_ptr + rows64[:, None] * DP + cols_p[None, :],
                      mask=row_mask[:, None] & colp_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(g.to(MM_DTYPE)), zp.to(MM_DTYPE), acc, input_precision=PREC)
+        acc = tl.dot(tl.trans(g.to(MM_DTYPE)), zp.to(MM_DTYPE), acc, input_precision=MM_PREC)
 
     tl.store(partial_ptr + pid, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
     if HAS_FACTOR:
@@ -274,23 +276,6 @@ def _weight_update_kernel(
 # Launchers (write into given buffers)
 # --------------------------------------------------------------------------------------------------
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _block(n: int, lo: int, hi: int) -> int:
-    return min(hi, max(lo, triton.next_power_of_2(n)))
-
-
-def _pair_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
-    """The tensor-core input dtype for x @ y: their common 16-bit dtype, else float32."""
-    return x.dtype if x.dtype == y.dtype and x.dtype in _HALF_DTYPES else torch.float32
-
-
-def _precision() -> str:
-    """fp32 dots follow torch's matmul TF32 setting, like the PyTorch path."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _signed_scale(kind: str, scale: float) -> float:
     return -scale if kind == "drtp" else scale
 
@@ -305,15 +290,16 @@ def _launch_signal(
     D = P.shape[1]
     # 64 x 64 tiles over 8 warps: the epilogue's fp32 tiles (a, z, target, signal, d) then fit in
     # registers; 64 x 128 over 4 warps spilled on sm_90 (benchmarks/compile_kernels.py).
-    block_m, block_d, block_c = _block(N, 16, 64), _block(D, 16, 64), _block(C, 16, 32)
+    block_m, block_d, block_c = tile(N, 16, 64), tile(D, 16, 64), tile(C, 16, 32)
     diag = d is not None and y is not None
     grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
+    dot_dtype = dot_operands(upstream.dtype, P.dtype)
     _signal_kernel[grid](
         upstream, P, a, a if z is None else z, g, d if diag else g, y if diag else g,
         N, C, D, _signed_scale(kind, scale), beta, alpha,
         IS_LRA=kind == "lra", ACT=_ACT_CODE[activation], HAS_Z=z is not None, DIAG=diag,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
-        DOT_DTYPE=_TL_DTYPE[_pair_dtype(upstream, P)], PREC=_precision(), num_warps=8,
+        DOT_DTYPE=dot_dtype, PREC=dot_precision(dot_dtype, "matmul"), num_warps=8,
     )
 
 
@@ -346,7 +332,8 @@ def _launch_weight_update(
         g = torch.empty_like(a)
         _launch_signal(kind, upstream, P, a, z, g, None, None,
                        beta=beta, alpha=alpha, activation=activation, scale=scale)
-    block_d, block_dp = _block(D, 16, _BLOCK_D), _block(DP, 16, _BLOCK_DP)
+    block_d, block_dp = tile(D, 16, _BLOCK_D), tile(DP, 16, _BLOCK_DP)
+    dot_dtype, mm_dtype = dot_operands(upstream.dtype, P.dtype), dot_operands(a.dtype, z_prev.dtype)
     n_programs = triton.cdiv(D, block_d) * triton.cdiv(DP, block_dp)
     partials = torch.empty(n_programs, device=a.device, dtype=torch.float32)
 
@@ -358,10 +345,10 @@ def _launch_weight_update(
             N, C, D, DP, _signed_scale(kind, scale), beta, alpha, lr,
             IS_LRA=kind == "lra", ACT=_ACT_CODE[activation], HAS_Z=z is not None, FUSED_SIGNAL=fused,
             WRITE_DW=write_dw, STEP=step, HAS_FACTOR=factor is not None,
-            BLOCK_N=_block(N, 16, _BLOCK_N), BLOCK_C=_block(C, 16, 32),
+            BLOCK_N=tile(N, 16, _BLOCK_N), BLOCK_C=tile(C, 16, 32),
             BLOCK_D=block_d, BLOCK_DP=block_dp, GROUP_D=_GROUP_D,
-            DOT_DTYPE=_TL_DTYPE[_pair_dtype(upstream, P)],
-            MM_DTYPE=_TL_DTYPE[_pair_dtype(a, z_prev)], PREC=_precision(),
+            DOT_DTYPE=dot_dtype, DOT_PREC=dot_precision(dot_dtype, "matmul"),
+            MM_DTYPE=mm_dtype, MM_PREC=dot_precision(mm_dtype, "matmul"),
             num_warps=8 if fused else 4,  # the prologue's signal tiles spill over 4 warps on sm_90
         )
 
@@ -567,10 +554,10 @@ def _check_signal_args(
     if activation not in LOCAL_ACTIVATIONS:
         raise ValueError(
             f"{op}: unknown activation {activation!r}; expected one of {', '.join(LOCAL_ACTIVATIONS)}")
-    check_tensor(op, "upstream", upstream, ndim=2, dtypes=_FLOAT_DTYPES)
+    check_tensor(op, "upstream", upstream, ndim=2, dtypes=FLOAT_DTYPES)
     device = upstream.device
-    check_tensor(op, "P", P, ndim=2, dtypes=_FLOAT_DTYPES, device=device)
-    check_tensor(op, "a", a, ndim=2, dtypes=_FLOAT_DTYPES, device=device)
+    check_tensor(op, "P", P, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor(op, "a", a, ndim=2, dtypes=FLOAT_DTYPES, device=device)
     n, c_up = upstream.shape
     if P.shape[0] != c_up:
         raise ValueError(f"{op}: P must be C_up x D with C_up = {c_up} (upstream is {tuple(upstream.shape)}), "
@@ -582,7 +569,7 @@ def _check_signal_args(
     if z is not None:
         if kind != "lra":
             raise ValueError(f"{op}: z is only used by kind='lra'; pass z=None for kind={kind!r}")
-        check_tensor(op, "z", z, ndim=2, dtypes=_FLOAT_DTYPES, device=device)
+        check_tensor(op, "z", z, ndim=2, dtypes=FLOAT_DTYPES, device=device)
         if z.shape != a.shape:
             raise ValueError(f"{op}: z must have a's shape {tuple(a.shape)}, got {tuple(z.shape)}")
     if diagnostics and kind != "lra":
@@ -595,7 +582,7 @@ def _check_update_args(
     weight: torch.Tensor | None, lr: float | None,
 ) -> None:
     _check_signal_args(op, kind, upstream, P, a, z, activation)
-    check_tensor(op, "z_prev", z_prev, ndim=2, dtypes=_FLOAT_DTYPES, device=a.device)
+    check_tensor(op, "z_prev", z_prev, ndim=2, dtypes=FLOAT_DTYPES, device=a.device)
     if z_prev.shape[0] != a.shape[0] or z_prev.shape[1] == 0:
         raise ValueError(f"{op}: z_prev must be N x D_prev with N = {a.shape[0]} and D_prev >= 1, "
                          f"got {tuple(z_prev.shape)}")
@@ -604,7 +591,7 @@ def _check_update_args(
     if (weight is None) != (lr is None):
         raise ValueError(f"{op}: pass weight and lr together (the SGD step W -= lr * dW) or neither")
     if weight is not None:
-        check_tensor(op, "weight", weight, ndim=2, dtypes=_FLOAT_DTYPES, device=a.device)
+        check_tensor(op, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=a.device)
         expected = (a.shape[1], z_prev.shape[1])
         if tuple(weight.shape) != expected:
             raise ValueError(f"{op}: weight must be D x D_prev = {expected}, got {tuple(weight.shape)}")

@@ -123,6 +123,18 @@ def test_signal_matches_equations(kind, act, n, c, d, alpha, beta, scale, with_z
     assert_rel_close(ref.e if kind == "lra" else ref, want, RTOL, "reference", ignore=near_sign_flip(diff, alpha))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_kernels(dtype):
+    """16-bit inputs: the dots take them as they are (bfloat16 as float32 under the interpreter)."""
+    u, P, a, z, zp = (t.to(dtype) for t in make(33, 37, 130, 65))
+    want = expected_signal("dfa", u, P, a, None, 0.1, 1.0, "tanh", 1.0)[0]
+    got = la.local_signal("dfa", u, P, a, activation="tanh")
+    assert got.dtype == dtype
+    assert_rel_close(got, want, 1e-2, "16-bit signal")
+    want_dw = expected_update("dfa", u, P, a, None, zp, 0.1, 1.0, "tanh", 1.0, None)[0]
+    assert_rel_close(la.local_weight_update("dfa", u, P, a, None, zp, activation="tanh").dw, want_dw, 1e-2, "16-bit dW")
+
+
 def test_drtp_one_hot_labels():
     u, P, a, _, _ = make(33, 10, 65, act="relu")
     y_star = torch.nn.functional.one_hot(torch.arange(33) % 10, 10).float()
