@@ -182,10 +182,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    console = Console(stderr=args.command == "eval" and args.json)  # keep stdout's last line JSON
+    console = Console(stderr=args.command == "eval" and args.json, emoji=False)  # keep stdout's last line JSON
     if not console.is_terminal:
-        console = Console(stderr=console.stderr, width=160, soft_wrap=True)  # logs: no 80-column wrapping
-    errors = Console(stderr=True, soft_wrap=True)  # one line per error, never hard-wrapped
+        console = Console(stderr=console.stderr, width=160, soft_wrap=True, emoji=False)  # logs: no 80-column wraps
+    errors = Console(stderr=True, soft_wrap=True, emoji=False)  # one line per error, never hard-wrapped
     commands = {"run": cmd_run, "eval": cmd_eval, "list": cmd_list, "show": cmd_show, "runs": cmd_runs,
                 "plot": cmd_plot}
     try:

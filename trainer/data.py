@@ -307,11 +307,11 @@ def class_count(cfg: DataConfig, labels: list[torch.Tensor]) -> tuple[int, str |
         count, origin = CLASSES[cfg.name], f"{cfg.name}'s {CLASSES[cfg.name]} classes"
     else:
         count = int(max(int(y.max()) for y in labels if len(y))) + 1
-        return count, (f"{count} classes, inferred from the labels of {cfg.path} (0 … {count - 1}); "
+        return count, (f"{count} classes, inferred from the labels of {cfg.path} (labels 0 to {count - 1}); "
                        "set [data] num_classes if the data holds more")
     for y in labels:
         if len(y) and int(y.max()) >= count:
-            raise ConfigError(f"[data]: label {int(y.max())} is out of range for {origin} (labels 0 … {count - 1}); "
+            raise ConfigError(f"[data]: label {int(y.max())} is out of range for {origin} (labels 0 to {count - 1}); "
                               "fix the labels or set [data] num_classes")
     return count, None
 

@@ -159,7 +159,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
                                   f"{recipe.train.epochs}; set train.epochs higher to train it on, or use --out to "
                                   "start another")
             notes += resume_notes(recipe, payload, out_dir)
-        reporter = Reporter(console if main and console else Console(quiet=not main), None)
+        reporter = Reporter(console if main and console else Console(quiet=not main, emoji=False), None)
         saved = [payload["epoch"]] if payload is not None else []  # epochs of the checkpoints on disk
         try:
             return _run(recipe, out_dir, payload, reporter, notes, saved)
