@@ -259,24 +259,23 @@ class CifarData:
 
     overrides: tuple[str, ...]
     description: str
-    synthetic: bool
 
 
 def cifar_data(npz: Path | None, root: Path | None, synthetic_path: Path, synthetic_images: int = 5000) -> CifarData:
     """``npz`` if given; else torchvision's CIFAR-10 under ``root`` (default ``data/cifar10``, the
     recipes' own) when it is there; else synthetic CIFAR-shaped images written to ``synthetic_path``."""
     if npz is not None:
-        return CifarData(("data.name=npz", f"data.path={json.dumps(str(npz.resolve()))}"), f"npz {npz}", False)
+        return CifarData(("data.name=npz", f"data.path={json.dumps(str(npz.resolve()))}"), f"npz {npz}")
     folder = root if root is not None else CIFAR_ROOT
     if (folder / "cifar-10-batches-py").is_dir():
         return CifarData(("data.name=cifar10", f"data.root={json.dumps(str(folder.resolve()))}"),
-                         f"CIFAR-10 (torchvision) under {folder}", False)
+                         f"CIFAR-10 (torchvision) under {folder}")
     if root is not None:
         raise SystemExit(f"{root}: no cifar-10-batches-py/ there (torchvision's CIFAR-10 layout)")
     write_synthetic_cifar(synthetic_path, synthetic_images)
     return CifarData(("data.name=npz", f"data.path={json.dumps(str(synthetic_path.resolve()))}"),
                      f"SYNTHETIC CIFAR-shaped images ({synthetic_images}): no CIFAR-10 found (pass --npz or "
-                     f"--cifar-root); speed and memory hold, accuracy means nothing", True)
+                     f"--cifar-root); speed and memory hold, accuracy means nothing")
 
 
 # ---- rules on ResNet-18 (CIFAR stem) for the step benchmarks ----------------------------------------

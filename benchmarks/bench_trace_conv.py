@@ -39,7 +39,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._harness import PeakMemory, environment, make_console, table, time_interleaved, write_results  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
+    PeakMemory,
+    cifar_batch,
+    environment,
+    make_console,
+    table,
+    time_interleaved,
+    write_results,
+)
 from kernels._dispatch import triton_interpreting, use_triton  # noqa: E402
 from kernels.compact_batch_norm import convert_batch_norms  # noqa: E402
 from kernels.trace_conv import PROBES, MaskReLU, TraceConv2d, convert_to_trace_conv  # noqa: E402
@@ -183,9 +191,7 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], No
 
 def time_table(args: argparse.Namespace, console: Console) -> list[dict]:
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    x = torch.randn(args.time_batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.time_batch,), device=device)
+    x, y = cifar_batch(args.time_batch, device)
     path = "Triton" if use_triton(x) else "PyTorch"
     variants = [("exact", 0)] + [("trace", r) for r in args.r]
     steps = {(variant, probes): _step(build(resnet18_cifar, variant, probes, device), x, y)
@@ -207,9 +213,7 @@ def time_table(args: argparse.Namespace, console: Console) -> list[dict]:
 
 def error_table(args: argparse.Namespace, console: Console) -> list[dict]:
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    x = torch.randn(args.error_batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.error_batch,), device=device)
+    x, y = cifar_batch(args.error_batch, device)
     exact = build(resnet18_cifar, "exact", 0, device)
     F.cross_entropy(exact(x), y).backward()
     reference = {name: exact.get_submodule(name).weight.grad.clone() for name in ERROR_LAYERS}
