@@ -13,12 +13,12 @@ raises (each is recorded and the rest still run).
   the in-place SGD step) against ``local_signal_reference`` / ``local_weight_update_reference``
   (α = 1: with α < 1 the sign term flips wherever z - y rounds differently, in any summation order);
 * ``TraceConv2d`` against ``nn.Conv2d``: output, input and bias gradients are exact; the weight
-  gradient is an unbiased estimate, so its two kernels are checked against the module's own
-  PyTorch references (``trace_compress_torch``, ``trace_weight_grad_torch``) with the same seed;
+  gradient is an unbiased estimate, so it is checked against the same module's PyTorch path (its
+  torch references, float32, on the CPU) with the same probe seed;
 * ``CompactBatchNorm2d`` against ``nn.BatchNorm2d`` (output, gradients, running statistics).
 
 PyTorch's own float32 matmuls and convolutions run without TF32 here, so the references are float32;
-Triton's float32 ``tl.dot`` in the trace-conv kernels uses TF32 (its default): a looser tolerance.
+Triton's float32 ``tl.dot`` in the trace-conv kernels may use TF32: a looser tolerance there.
 Under the interpreter the local-alignment ops skip bfloat16: Triton 3.8's interpreter computes
 ``tl.dot`` of bfloat16 operands wrongly (results of order 1e10 for a 16x16x16 product; float16 and
 float32 agree), so only a GPU checks those kernels in bfloat16.
@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -57,19 +59,13 @@ from kernels import (  # noqa: E402
 )
 from kernels._dispatch import triton_interpreting, use_triton  # noqa: E402
 from kernels.local_alignment import phi  # noqa: E402
-from kernels.trace_conv import (  # noqa: E402
-    PROBES,
-    trace_compress_torch,
-    trace_compress_triton,
-    trace_weight_grad_torch,
-    trace_weight_grad_triton,
-)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # max-norm relative error: 16-bit outputs round at 2^-8 (bf16) and 2^-11 (fp16) of each element
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 TF32_TOLERANCE = 1e-2  # Triton's float32 tl.dot (TF32: 10 mantissa bits)
 FP16_XHAT_TOLERANCE = 2e-3  # CompactBatchNorm2d keeps xhat in float16 (about 5e-4 relative)
+TRACE_PROBES = ("gaussian", "rademacher", "orthogonal")  # TraceConv2d's probe kinds
 
 Pairs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # output name -> (got, want)
 
@@ -87,6 +83,7 @@ def max_rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want| in float64; infinite if got has a non-finite entry (unwritten)."""
     if got.shape != want.shape:
         raise ValueError(f"shape {tuple(got.shape)} != reference {tuple(want.shape)}")
+    want = want.to(got.device)
     if not torch.isfinite(got).all():
         return float("inf")
     if got.numel() == 0:
@@ -242,13 +239,13 @@ def trace_conv_checks(device: torch.device, dtypes: list[torch.dtype], quick: bo
                         lambda cfg=cfg, dtype=dtype: _trace_conv_exact(device, dtype, cfg))
         if not use_triton(torch.empty(0, device=device)):
             continue  # the PyTorch path of the weight gradient is the reference itself
-        for probe in PROBES:
+        for probe in TRACE_PROBES:
             for probes in (5,) if quick else (5, 70):
                 for cfg in configs:
-                    yield Check("trace_conv kernels", f"{probe} r={probes} {_conv_name(cfg)}", dtype,
+                    yield Check("TraceConv2d weight grad", f"{probe} r={probes} {_conv_name(cfg)}", dtype,
                                 max(TOLERANCE[dtype], TF32_TOLERANCE),
                                 lambda cfg=cfg, dtype=dtype, probe=probe, probes=probes:
-                                _trace_kernels(device, dtype, cfg, probe, probes))
+                                _trace_conv_weight_grad(device, dtype, cfg, probe, probes))
 
 
 def _conv_name(cfg) -> str:
@@ -256,37 +253,64 @@ def _conv_name(cfg) -> str:
     return f"{c_in}->{c_out} k{k} s{s} p{p} d{d} g{g} {h}x{w}"
 
 
-def _trace_conv_exact(device: torch.device, dtype: torch.dtype, cfg) -> Pairs:
-    c_in, c_out, k, s, p, d, g, (h, w), bias = cfg
+def _trace_conv_pair(cfg, device: torch.device, dtype: torch.dtype, probes: int = 5, probe: str = "gaussian",
+                     reference: type[nn.Conv2d] = nn.Conv2d) -> tuple[TraceConv2d, nn.Conv2d]:
+    """A TraceConv2d in ``dtype`` on ``device`` and a float32 ``reference`` with the same weights."""
+    c_in, c_out, k, s, p, d, g, _, bias = cfg
     kw = dict(stride=s, padding=p, dilation=d, groups=g, bias=bias)
-    module = TraceConv2d(c_in, c_out, k, probes=5, **kw).to(device, dtype).train()
-    reference = nn.Conv2d(c_in, c_out, k, **kw).to(device)
-    reference.load_state_dict({key: value.float() for key, value in module.state_dict().items()})
-    inputs = Inputs(device, seed=c_in * c_out)
-    x = inputs.randn(3, c_in, h, w, dtype=dtype).requires_grad_()
+    module = TraceConv2d(c_in, c_out, k, probes=probes, probe=probe, **kw).to(device, dtype).train()
+    extra = dict(probes=probes, probe=probe) if reference is TraceConv2d else {}
+    twin = reference(c_in, c_out, k, **kw, **extra).train()
+    twin.load_state_dict({key: value.float().cpu() for key, value in module.state_dict().items()})
+    return module, twin
+
+
+def _trace_conv_exact(device: torch.device, dtype: torch.dtype, cfg) -> Pairs:
+    """Output, input and bias gradients: exact, so against nn.Conv2d in float32 on the same device."""
+    module, reference = _trace_conv_pair(cfg, device, dtype)
+    reference.to(device)
+    inputs = Inputs(device, seed=cfg[0] * cfg[1])
+    x = inputs.randn(3, cfg[0], *cfg[7], dtype=dtype).requires_grad_()
     x32 = x.detach().float().requires_grad_()
     y, y32 = module(x), reference(x32)
     dy = inputs.randn(*y32.shape)
     y.backward(dy.to(dtype))
     y32.backward(dy)
     pairs = {"output": (y, y32), "input grad": (x.grad, x32.grad)}
-    if bias:
+    if module.bias is not None:
         pairs["bias grad"] = (module.bias.grad, reference.bias.grad)
     return pairs
 
 
-def _trace_kernels(device: torch.device, dtype: torch.dtype, cfg, probe: str, probes: int) -> Pairs:
-    c_in, c_out, k, s, p, d, g, (h, w), _ = cfg
-    inputs = Inputs(device, seed=probes + c_in)
-    seed = 12345 + probes
-    x = inputs.randn(3, c_in, h, w, dtype=dtype)
-    xbar = trace_compress_torch(x.float(), seed, probes, probe)
-    out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size in (h, w)]
-    dy = inputs.randn(3, c_out, *out_hw, dtype=dtype)
-    geometry = ([h, w], [k, k], [s, s], [p, p], [d, d], g, probe)
-    return {"xbar": (trace_compress_triton(x, seed, probes, probe), xbar),
-            "weight grad": (trace_weight_grad_triton(dy, xbar, seed, *geometry),
-                            trace_weight_grad_torch(dy.float(), xbar, seed, *geometry))}
+@contextmanager
+def pytorch_path() -> Iterator[None]:
+    """CPU tensors take the ops' PyTorch references inside this block, even under the interpreter
+    (``kernels._dispatch.use_triton`` reads TRITON_INTERPRET at each call)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def _trace_conv_weight_grad(device: torch.device, dtype: torch.dtype, cfg, probe: str, probes: int) -> Pairs:
+    """The estimated weight gradient (the kernels) against the same module's PyTorch path on the
+    CPU in float32, with the same probe seed (drawn from torch's CPU generator at each forward)."""
+    module, reference = _trace_conv_pair(cfg, device, dtype, probes, probe, reference=TraceConv2d)
+    inputs = Inputs(device, seed=probes + cfg[0])
+    x = inputs.randn(3, cfg[0], *cfg[7], dtype=dtype)
+    torch.manual_seed(probes)
+    y = module(x)
+    dy = inputs.randn(*y.shape)
+    y.backward(dy.to(dtype))
+    with pytorch_path():
+        torch.manual_seed(probes)
+        reference(x.float().cpu()).backward(dy.cpu())
+    return {"weight grad": (module.weight.grad, reference.weight.grad)}
 
 
 # ---- compact batch norm ---------------------------------------------------------------------------

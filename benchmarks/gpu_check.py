@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -123,6 +124,7 @@ def run_logged(argv: list[str], log: Path, timeout: float, env: dict[str, str]) 
 def run_script(check: Check, name: str, argv: list[str], timeout: float, env: dict[str, str],
                out_json: Path) -> dict[str, Any]:
     """Run a benchmark script and collect the headline of its JSON; Failed on a non-zero exit."""
+    out_json.unlink(missing_ok=True)  # a previous run's results must not pass for this one's
     returncode = run_logged([sys.executable, *argv, "--out", str(out_json)], check.log(name), timeout, env)
     result: dict[str, Any] = {"log": str(check.log(name).relative_to(check.out))}
     if out_json.exists():
@@ -246,6 +248,7 @@ def training(check: Check, timeout: float) -> dict[str, Any]:
         if left < MIN_TIMEOUT_S:
             return {**row, "status": "failed", "error": "not started: the part's budget was spent"}
         run_dir = check.out / "train" / recipe.stem
+        shutil.rmtree(run_dir, ignore_errors=True)  # the trainer refuses a folder that holds a run
         argv = [sys.executable, "-m", "trainer", "run", str(recipe), "--out", str(run_dir)]
         for item in overrides:
             argv += ["--set", item]
