@@ -19,7 +19,8 @@ operands as raw uint16. Float32 operands use the precision of the PyTorch op the
 for (:func:`dot_precision`): ``"tf32"`` where torch allows TF32 for it, else ``"ieee"`` -- matmul
 kernels follow ``torch.backends.cuda.matmul.allow_tf32``, convolution kernels
 ``torch.backends.cudnn.allow_tf32`` -- except kernels whose products must stay near float32
-whatever torch allows (``"fp32"``: 3xTF32, or IEEE on ROCm, which has no 3xTF32).
+whatever torch allows (``"fp32"``: 3xTF32). On ROCm float32 dots are always ``"ieee"`` (Triton's
+AMD backend has no 3xTF32, and TF32 only on gfx942).
 """
 
 from __future__ import annotations
@@ -100,8 +101,10 @@ def dot_precision(operands: tl.dtype, rule: DotRule) -> str | None:
     None (Triton's default) for 16-bit operands, whose products are exact anyway."""
     if operands != tl.float32:
         return None
+    if torch.version.hip:
+        return "ieee"
     if rule == "fp32":
-        return "ieee" if torch.version.hip else "tf32x3"
+        return "tf32x3"
     allowed = torch.backends.cuda.matmul.allow_tf32 if rule == "matmul" else torch.backends.cudnn.allow_tf32
     return "tf32" if allowed else "ieee"
 
