@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels.binary_feedback as binary_feedback  # noqa: E402
 import kernels.local_alignment as local_alignment  # noqa: E402
 import kernels.trace_conv as trace_conv  # noqa: E402
+from kernels.conv_geometry import ConvGeometry  # noqa: E402
 
 # Shared memory an sm_XX block may use (bytes), from the CUDA programming guide's table.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -100,21 +101,28 @@ def _cases() -> dict[str, Callable[[], object]]:
     x = randn(5, 3, 9, 11)
 
     def weight_grad(stride: int, probe: str, probes: int, dtype: torch.dtype) -> torch.Tensor:
-        h_out, w_out = (9 + 2 - 3) // stride + 1, (11 + 2 - 3) // stride + 1
+        geometry = ConvGeometry((9, 11), (3, 3), (stride, stride), (1, 1))
         xbar = trace_conv.trace_compress_torch(x, 1, probes, probe)
-        return trace_conv.trace_weight_grad_triton(
-            randn(5, 4, h_out, w_out, dtype=dtype), xbar, 1, [9, 11], [3, 3], [stride, stride], [1, 1], [1, 1], 1, probe)
+        return trace_conv.trace_weight_grad_triton(randn(5, 4, *geometry.output_hw(), dtype=dtype), xbar, 1, geometry,
+                                                   probe)
 
-    def with_tf32(call: Callable[[], object]) -> Callable[[], object]:
-        """``call`` with torch's TF32 matmul switch on: the fp32 dots then use PREC=tf32."""
+    def tf32(backend: object, allowed: bool, call: Callable[[], object]) -> Callable[[], object]:
+        """``call`` with ``backend.allow_tf32`` (torch's matmul or cudnn switch) set to ``allowed``:
+        the fp32 dots that follow it then use PREC=tf32 or PREC=ieee (kernels._dispatch)."""
         def run() -> object:
-            previous = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
+            previous = backend.allow_tf32
+            backend.allow_tf32 = allowed
             try:
                 return call()
             finally:
-                torch.backends.cuda.matmul.allow_tf32 = previous
+                backend.allow_tf32 = previous
         return run
+
+    def with_tf32(call: Callable[[], object]) -> Callable[[], object]:
+        return tf32(torch.backends.cuda.matmul, True, call)
+
+    def without_conv_tf32(call: Callable[[], object]) -> Callable[[], object]:
+        return tf32(torch.backends.cudnn, False, call)
 
     return {
         "project fp32, packed": lambda: binary_feedback.binary_feedback_project(randn(37, 10), packed),
@@ -149,6 +157,10 @@ def _cases() -> dict[str, Callable[[], object]]:
         "trace weight grad stride 1": lambda: weight_grad(1, "rademacher", 16, torch.float32),
         "trace weight grad stride 2, bf16": lambda: weight_grad(2, "gaussian", 4, bf16),
         "trace weight grad orthogonal": lambda: weight_grad(1, "orthogonal", 64, torch.float32),
+        "trace compress orthogonal, r=64, IEEE": without_conv_tf32(
+            lambda: trace_conv.trace_compress_triton(x, 1, 64, "orthogonal")),
+        "trace weight grad orthogonal, IEEE": without_conv_tf32(lambda: weight_grad(1, "orthogonal", 64, torch.float32)),
+        "trace weight grad gaussian, IEEE": without_conv_tf32(lambda: weight_grad(2, "gaussian", 16, torch.float32)),
     }
 
 

@@ -6,6 +6,8 @@ This package is usable on its own: it never imports ``trainer``.
 from kernels._hash import stream_key
 from kernels.binary_feedback import PackedSigns, SeededSigns, binary_feedback_project, pack_signs, project_labels
 from kernels.compact_batch_norm import CompactBatchNorm2d, convert_batch_norms
+from kernels.conv_geometry import ConvGeometry
+from kernels.convert import convert_to_trace_conv
 from kernels.local_alignment import (
     LRASignal,
     WeightUpdate,
@@ -16,11 +18,20 @@ from kernels.local_alignment import (
     lra_error_units,
     norm_ball_factor,
 )
-from kernels.trace_conv import TraceConv2d, convert_to_trace_conv
+from kernels.mask_relu import MaskReLU
+from kernels.probes import PROBES, probe_matrix
+from kernels.trace_conv import (
+    TraceConv2d,
+    trace_compress_torch,
+    trace_compress_triton,
+    trace_weight_grad_torch,
+    trace_weight_grad_triton,
+)
 
 __all__ = [
-    "CompactBatchNorm2d", "LRASignal", "PackedSigns", "SeededSigns", "TraceConv2d", "WeightUpdate", "binary_feedback_project",
-    "convert_batch_norms", "convert_to_trace_conv", "local_signal", "local_signal_reference", "local_weight_update",
-    "local_weight_update_reference", "lra_error_units", "norm_ball_factor", "pack_signs", "project_labels",
-    "stream_key",
+    "PROBES", "CompactBatchNorm2d", "ConvGeometry", "LRASignal", "MaskReLU", "PackedSigns", "SeededSigns",
+    "TraceConv2d", "WeightUpdate", "binary_feedback_project", "convert_batch_norms", "convert_to_trace_conv",
+    "local_signal", "local_signal_reference", "local_weight_update", "local_weight_update_reference",
+    "lra_error_units", "norm_ball_factor", "pack_signs", "probe_matrix", "project_labels", "stream_key",
+    "trace_compress_torch", "trace_compress_triton", "trace_weight_grad_torch", "trace_weight_grad_triton",
 ]

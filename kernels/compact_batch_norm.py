@@ -1,6 +1,6 @@
 """BatchNorm2d that keeps its normalized input in float16 for backward: half the bytes of fp32 BN.
 
-Why. Trace-estimated convs (:mod:`kernels.trace_conv`) and :class:`~kernels.trace_conv.MaskReLU`
+Why. Trace-estimated convs (:mod:`kernels.trace_conv`) and :class:`~kernels.mask_relu.MaskReLU`
 shrink what convs and ReLUs keep for backward, after which BatchNorm's saved inputs are most of a
 ResNet's activation memory: every exact BatchNorm keeps one full fp32 tensor, so no rule that leaves
 BN exact can save more than about 1.9x on a ResNet-18. An exact BN backward needs its normalized

@@ -1,4 +1,5 @@
-"""Tests for kernels.trace_conv: trace-estimated Conv2d weight gradients (Louboutin et al. 2021).
+"""Tests for kernels.trace_conv (trace-estimated Conv2d weight gradients, Louboutin et al. 2021) and
+what goes with it: kernels.probes, kernels.conv_geometry, kernels.mask_relu, kernels.convert.
 
 ``tests/conftest.py`` sets TRITON_INTERPRET=1 before torch/triton are imported, so CPU tensors run
 the Triton kernels under the interpreter; tests that need many seeds switch to the PyTorch path with
@@ -13,12 +14,10 @@ import torch
 import torchvision
 from torch import nn
 
-from kernels import TraceConv2d, convert_to_trace_conv
+from kernels import ConvGeometry, MaskReLU, TraceConv2d, convert_to_trace_conv
 from kernels._hash import stream_key
+from kernels.probes import PROBES, probe_matrix
 from kernels.trace_conv import (
-    PROBES,
-    MaskReLU,
-    probe_matrix,
     trace_compress_torch,
     trace_compress_triton,
     trace_weight_grad_torch,
@@ -56,15 +55,15 @@ def _make(cfg, probes=16, probe="gaussian"):
     return conv, ref
 
 
-def _geometry(ref: nn.Conv2d):
-    """(kernel, stride, int padding, dilation) lists of a plain nn.Conv2d."""
+def _geometry(ref: nn.Conv2d, input_hw) -> ConvGeometry:
+    """The geometry of a plain nn.Conv2d on an ``input_hw`` image, its padding made ints here."""
     if ref.padding == "valid":
         pad = [0, 0]
     elif ref.padding == "same":
         pad = [d * (k - 1) // 2 for d, k in zip(ref.dilation, ref.kernel_size)]
     else:
         pad = list(ref.padding)
-    return list(ref.kernel_size), list(ref.stride), pad, list(ref.dilation)
+    return ConvGeometry(list(input_hw), list(ref.kernel_size), list(ref.stride), pad, list(ref.dilation), ref.groups)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -144,11 +143,32 @@ def test_weight_grad_triton_matches_torch(probe, cfg):
     x = torch.randn(2, cfg[0], *cfg[7])
     gy = torch.randn_like(ref(x))
     xbar = trace_compress_torch(x, 21, 9, probe)
-    args = (21, list(cfg[7]), *_geometry(ref), ref.groups, probe)
-    got = trace_weight_grad_triton(gy, xbar, *args)
-    want = trace_weight_grad_torch(gy, xbar, *args)
+    got = trace_weight_grad_triton(gy, xbar, 21, _geometry(ref, cfg[7]), probe)
+    want = trace_weight_grad_torch(gy, xbar, 21, _geometry(ref, cfg[7]), probe)
     assert got.shape == ref.weight.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_geometry_output_size_is_the_convs(cfg):
+    _, ref = _make(cfg)
+    geometry = _geometry(ref, cfg[7])
+    assert geometry.output_hw() == tuple(ref(torch.zeros(1, cfg[0], *cfg[7])).shape[2:])
+    assert geometry.taps == ref.kernel_size[0] * ref.kernel_size[1]
+    assert isinstance(geometry.stride, tuple) and hash(geometry) == hash(_geometry(ref, cfg[7]))
+
+
+def test_geometry_and_weight_grad_errors():
+    with pytest.raises(ValueError, match=r"ConvGeometry: stride must be 2 ints, got \[1\]"):
+        ConvGeometry((5, 5), (3, 3), stride=[1])
+    x, gy = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 3, 3)
+    xbar = trace_compress_torch(x, 0, 4, "rademacher")
+    with pytest.raises(ValueError, match="grad_output is 3x3 but the conv geometry gives 5x5"):
+        trace_weight_grad_torch(gy, xbar, 0, ConvGeometry((5, 5), (3, 3), padding=(1, 1)), "rademacher")
+    with pytest.raises(ValueError, match="groups=2 must divide C_in=3 and C_out=4"):
+        trace_weight_grad_torch(gy, xbar, 0, ConvGeometry((5, 5), (3, 3), groups=2), "rademacher")
+    with pytest.raises(ValueError, match="xbar holds 2 samples but grad_output 1"):
+        trace_weight_grad_torch(gy[:1], xbar, 0, ConvGeometry((5, 5), (3, 3)), "rademacher")
 
 
 # ----------------------------------------------------------------------------- estimator
@@ -178,10 +198,9 @@ def test_estimator_is_exact_when_probes_resolve_identity(cfg):
     y = ref(x)
     gy = torch.randn_like(y)
     y.backward(gy)
-    args = (seed, [h, w], *_geometry(ref), ref.groups, "orthogonal")
     for compress, weight_grad in ((trace_compress_torch, trace_weight_grad_torch),
                                   (trace_compress_triton, trace_weight_grad_triton)):  # fmt: skip
-        got = weight_grad(gy, compress(x, seed, probes, "orthogonal"), *args)
+        got = weight_grad(gy, compress(x, seed, probes, "orthogonal"), seed, _geometry(ref, (h, w)), "orthogonal")
         torch.testing.assert_close(got, ref.weight.grad, rtol=1e-4, atol=1e-4)
 
 
@@ -206,9 +225,9 @@ def test_unbiased_error_shrinks_like_inverse_sqrt_of_seeds(torch_path):
     x = torch.randn(2, 4, 9, 7)
     gy = torch.randn_like(ref(x))
     ref(x).backward(gy)
-    args = ([9, 7], *_geometry(ref), ref.groups, "gaussian")
+    geometry = _geometry(ref, (9, 7))
     estimates = torch.stack([
-        trace_weight_grad_torch(gy, trace_compress_torch(x, seed, 4, "gaussian"), seed, *args)
+        trace_weight_grad_torch(gy, trace_compress_torch(x, seed, 4, "gaussian"), seed, geometry, "gaussian")
         for seed in range(512)
     ])  # fmt: skip
 
