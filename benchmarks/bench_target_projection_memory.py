@@ -43,6 +43,7 @@ from benchmarks._harness import (  # noqa: E402
     time_interleaved,
     write_results,
 )
+from trainer.rules import Rule  # noqa: E402
 from trainer.session import resolve_device  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def variants(granularities: list[str]) -> list[Variant]:
     return out
 
 
-def step_peak(rule, optimizer: torch.optim.Optimizer, batch: int, device: torch.device) -> PeakMemory:
+def step_peak(rule: Rule, optimizer: torch.optim.Optimizer, batch: int, device: torch.device) -> PeakMemory:
     """The peak of one step at ``batch``, after one step that creates the optimizer state."""
     x, y = cifar_batch(batch, device)
     rule.train_step(x, y, optimizer)
