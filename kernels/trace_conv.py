@@ -37,10 +37,12 @@ dilation, groups (depthwise included), bias or not, non-square kernels, padding_
 float32/float16/bfloat16. Transposed convs, other padding modes, 1-d/3-d convs and ``nn.Conv2d``
 subclasses are refused with an error naming the layer.
 
-Kernels: CUDA tensors run the Triton kernels, CPU tensors the PyTorch references, except under
-``TRITON_INTERPRET=1`` where CPU tensors run the Triton kernels (``kernels._dispatch``). Both
-kernels take float32 dot operands, in TF32 where torch allows it for convolutions
-(``torch.backends.cudnn.allow_tf32``, True by default: the "conv" rule of ``kernels._dispatch``).
+Kernels: CUDA tensors run the Triton kernel, CPU tensors the PyTorch references, except under
+``TRITON_INTERPRET=1`` where CPU tensors run the Triton kernel (``kernels._dispatch``). One
+kernel does both products with Z: stage 1, and the forward's ``X Z``, which is stage 1 of a 1x1
+stride-1 conv (``S_0 = I``). Its dots take float32 operands, in TF32 where torch allows it for
+convolutions (``torch.backends.cudnn.allow_tf32``, True by default: the "conv" rule of
+``kernels._dispatch``).
 The ops are registered as ``torch.ops.bpfree.trace_compress`` and ``torch.ops.bpfree.trace_weight_grad``
 (custom ops with fake implementations), so models with TraceConv2d go through ``torch.compile``.
 """
@@ -73,7 +75,7 @@ _SEED_HIGH = 2**31 - 1
 
 
 def _launch_config(probes: int) -> dict[str, object]:
-    """Tiles, dot precision and warps of both kernels: 64 rows, the probe columns in [16, 64]
+    """Tiles, dot precision and warps of the kernel: 64 rows, the probe columns in [16, 64]
     (``tl.dot`` needs >= 16; masked beyond r), and 64 positions over 4 warps for TF32 dots; IEEE
     dots (cudnn's TF32 off) keep their operands in registers, so 16 positions over 8 warps (64 or
     32 spilled on sm_90, ``benchmarks/compile_kernels.py``)."""
@@ -84,88 +86,12 @@ def _launch_config(probes: int) -> dict[str, object]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward: probe compression Xbar = X Z
+# Stage 1 of the weight gradient (and, for S_0 = I, the forward's Xbar = X Z): A = dY S_k Z
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["r", "key1", "key2"])
-def _compress_kernel(
-    x_ptr, out_ptr, M, P, C, N, r, key1, key2, scale,
-    PROBE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREC: tl.constexpr,
-):  # fmt: skip
-    """out[c, n, j] = sum_p x[n, c, p] Z[p, j] for rows m = n*C + c; Z is generated per tile."""
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    k1 = key1.to(tl.uint32)
-    k2 = key2.to(tl.uint32)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        pos = p0 + tl.arange(0, BLOCK_P)
-        pos_ok = pos < P
-        x = tl.load(
-            x_ptr + rows[:, None].to(tl.int64) * P + pos[None, :],
-            mask=row_ok[:, None] & pos_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        z = probe_tile(k1, k2, pos[:, None], cols[None, :], pos_ok[:, None], r, scale, PROBE)
-        acc = tl.dot(x, z, acc, input_precision=PREC)
-    n = rows // C
-    c = rows % C
-    out = out_ptr + ((c.to(tl.int64) * N + n) * r)[:, None] + cols[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & (cols < r)[None, :])
-
-
-def _check_compress_args(op: str, x: Tensor, probes: int, probe: str) -> None:
-    check_tensor(op, "x", x, ndim=4, dtypes=FLOAT_DTYPES)
-    check_probe_args(op, probes, probe)
-
-
-def trace_compress_torch(x: Tensor, seed: int, probes: int, probe: str) -> Tensor:
-    """PyTorch reference: ``Xbar[c, n, :] = X[n, c].flatten() @ Z`` as a (C_in, N, r) float32 tensor."""
-    _check_compress_args("trace_compress_torch", x, probes, probe)
-    n, c, h, w = x.shape
-    z = probe_matrix(seed, h * w, probes, probe, device=x.device)
-    xbar = x.reshape(n * c, h * w).to(torch.float32) @ z
-    return xbar.view(n, c, probes).transpose(0, 1).contiguous()
-
-
-def trace_compress_triton(x: Tensor, seed: int, probes: int, probe: str) -> Tensor:
-    """Triton kernel for :func:`trace_compress_torch`; Z is generated in registers, never stored."""
-    _check_compress_args("trace_compress_triton", x, probes, probe)
-    n, c, h, w = x.shape
-    out = torch.empty((c, n, probes), dtype=torch.float32, device=x.device)
-    key1, key2 = probe_keys(seed)
-    config = _launch_config(probes)
-    grid = (triton.cdiv(n * c, config["BLOCK_M"]), triton.cdiv(probes, config["BLOCK_R"]))
-    _compress_kernel[grid](
-        x, out, n * c, h * w, c, n, probes, key1, key2, math.sqrt(probes), PROBE=PROBE_CODE[probe], **config,
-    )  # fmt: skip
-    return out
-
-
-@torch.library.custom_op("bpfree::trace_compress", mutates_args=())
-def trace_compress(x: Tensor, seed: Tensor, probes: int, probe: str) -> Tensor:
-    """``Xbar = X Z`` as (C_in, N, probes) float32, Z drawn from the 0-d int64 ``seed``."""
-    impl = trace_compress_triton if use_triton(x) else trace_compress_torch
-    return impl(x, int(seed), probes, probe)
-
-
-@trace_compress.register_fake
-def _trace_compress_fake(x: Tensor, seed: Tensor, probes: int, probe: str) -> Tensor:
-    return x.new_empty((x.shape[1], x.shape[0], probes), dtype=torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward: dW ~= (1/r) sum_n (dY_n S_k Z) Xbar_n^T
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit(do_not_specialize=["r", "key1", "key2"])
-def _probe_grad_kernel(
+def _probe_matmul_kernel(
     dy_ptr, a_ptr, M, C_out, N, P_out, W_out, H, W, KW, K, n_rblocks,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, r, key1, key2, scale,
     PROBE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -206,6 +132,71 @@ def _probe_grad_kernel(
     o = rows % C_out
     out = a_ptr + (((o.to(tl.int64) * K + k) * N + n) * r)[:, None] + cols[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & (cols < r)[None, :])
+
+
+def _probe_matmul(dy: Tensor, seed: int, probes: int, probe: str, geometry: ConvGeometry) -> Tensor:
+    """``A[o, k, n, j] = sum_q dy[n, o, q] (S_k Z)[q, j]`` (C_out x taps x N x r, float32) for
+    ``dy`` N x C_out x H_out x W_out, Z made in registers."""
+    n, c_out, h_out, w_out = dy.shape
+    a = torch.empty((c_out, geometry.taps, n, probes), dtype=torch.float32, device=dy.device)
+    key1, key2 = probe_keys(seed)
+    config = _launch_config(probes)
+    n_rblocks = triton.cdiv(probes, config["BLOCK_R"])
+    grid = (geometry.taps * n_rblocks, triton.cdiv(n * c_out, config["BLOCK_M"]))
+    (h, w), (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = (
+        geometry.input_hw, geometry.stride, geometry.padding, geometry.dilation)
+    _probe_matmul_kernel[grid](
+        dy, a, n * c_out, c_out, n, h_out * w_out, w_out, h, w, geometry.kernel_size[1],
+        geometry.taps, n_rblocks, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, probes, key1, key2,
+        math.sqrt(probes), PROBE=PROBE_CODE[probe], **config,
+    )  # fmt: skip
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: probe compression Xbar = X Z
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_compress_args(op: str, x: Tensor, probes: int, probe: str) -> None:
+    check_tensor(op, "x", x, ndim=4, dtypes=FLOAT_DTYPES)
+    check_probe_args(op, probes, probe)
+
+
+def trace_compress_torch(x: Tensor, seed: int, probes: int, probe: str) -> Tensor:
+    """PyTorch reference: ``Xbar[c, n, :] = X[n, c].flatten() @ Z`` as a (C_in, N, r) float32 tensor."""
+    _check_compress_args("trace_compress_torch", x, probes, probe)
+    n, c, h, w = x.shape
+    z = probe_matrix(seed, h * w, probes, probe, device=x.device)
+    xbar = x.reshape(n * c, h * w).to(torch.float32) @ z
+    return xbar.view(n, c, probes).transpose(0, 1).contiguous()
+
+
+def trace_compress_triton(x: Tensor, seed: int, probes: int, probe: str) -> Tensor:
+    """Triton kernel for :func:`trace_compress_torch`; Z is generated in registers, never stored.
+
+    ``X Z`` is stage 1 of the weight gradient for a 1x1 stride-1 conv (``S_0 = I``), so the same
+    kernel computes it."""
+    _check_compress_args("trace_compress_triton", x, probes, probe)
+    n, c, h, w = x.shape
+    return _probe_matmul(x, seed, probes, probe, ConvGeometry((h, w), (1, 1))).view(c, n, probes)
+
+
+@torch.library.custom_op("bpfree::trace_compress", mutates_args=())
+def trace_compress(x: Tensor, seed: Tensor, probes: int, probe: str) -> Tensor:
+    """``Xbar = X Z`` as (C_in, N, probes) float32, Z drawn from the 0-d int64 ``seed``."""
+    impl = trace_compress_triton if use_triton(x) else trace_compress_torch
+    return impl(x, int(seed), probes, probe)
+
+
+@trace_compress.register_fake
+def _trace_compress_fake(x: Tensor, seed: Tensor, probes: int, probe: str) -> Tensor:
+    return x.new_empty((x.shape[1], x.shape[0], probes), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dW ~= (1/r) sum_n (dY_n S_k Z) Xbar_n^T
+# ---------------------------------------------------------------------------------------------
 
 
 def _check_weight_grad_args(op: str, grad_output: Tensor, xbar: Tensor, geometry: ConvGeometry, probe: str) -> None:
@@ -261,21 +252,7 @@ def trace_weight_grad_triton(grad_output: Tensor, xbar: Tensor, seed: int, geome
                              probe: str) -> Tensor:
     """Triton version of :func:`trace_weight_grad_torch`: stage 1 generates S_k Z in registers."""
     _check_weight_grad_args("trace_weight_grad_triton", grad_output, xbar, geometry, probe)
-    n, c_out, h_out, w_out = grad_output.shape
-    probes = xbar.shape[2]
-    a = torch.empty((c_out, geometry.taps, n, probes), dtype=torch.float32, device=grad_output.device)
-    key1, key2 = probe_keys(seed)
-    config = _launch_config(probes)
-    n_rblocks = triton.cdiv(probes, config["BLOCK_R"])
-    grid = (geometry.taps * n_rblocks, triton.cdiv(n * c_out, config["BLOCK_M"]))
-    (h, w), (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = (
-        geometry.input_hw, geometry.stride, geometry.padding, geometry.dilation)
-    _probe_grad_kernel[grid](
-        grad_output, a, n * c_out, c_out, n, h_out * w_out, w_out, h, w, geometry.kernel_size[1],
-        geometry.taps, n_rblocks, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, probes, key1, key2,
-        math.sqrt(probes), PROBE=PROBE_CODE[probe], **config,
-    )  # fmt: skip
-    return _contract_xbar(a, xbar, geometry)
+    return _contract_xbar(_probe_matmul(grad_output, seed, xbar.shape[2], probe, geometry), xbar, geometry)
 
 
 @torch.library.custom_op("bpfree::trace_weight_grad", mutates_args=())
