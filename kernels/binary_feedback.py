@@ -28,7 +28,7 @@ as float32 ±1 one block of columns at a time (the words unpacked, or the hash e
 pass fused by ``torch.compile``; eager where that is unavailable) and ``addmm``-s each block into its
 columns of the output, so it never holds S whole and writes the output once: it costs less than
 the dense float32 projection ``(e @ B) * scale`` it replaces. The first CPU call in a process
-compiles the sign generators (about a second with inductor's on-disk cache, several without).
+compiles the sign generators: 2-3 s with inductor's on-disk cache, 5-10 s without (2 CPU cores).
 Both ops are registered with ``torch.library`` (namespace ``bpfree``), so
 ``torch.compile(fullgraph=True)`` treats them as single opaque ops with no graph break. They have no autograd formula: they produce gradient *signals*, so
 call them on tensors that do not require grad (or under ``torch.no_grad()``).
