@@ -30,8 +30,9 @@ columns of the output, so it never holds S whole and writes the output once: it 
 the dense float32 projection ``(e @ B) * scale`` it replaces. The first CPU call in a process
 compiles the sign generators: 2-3 s with inductor's on-disk cache, 5-10 s without (2 CPU cores).
 Both ops are registered with ``torch.library`` (namespace ``bpfree``), so
-``torch.compile(fullgraph=True)`` treats them as single opaque ops with no graph break. They have no autograd formula: they produce gradient *signals*, so
-call them on tensors that do not require grad (or under ``torch.no_grad()``).
+``torch.compile(fullgraph=True)`` treats them as single opaque ops with no graph break. They have
+no autograd formula: they produce gradient *signals*, so call them on tensors that do not require
+grad (or under ``torch.no_grad()``).
 """
 
 import math
@@ -42,7 +43,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import FLOAT_DTYPES, check_tensor, compiled_on_cpu, dot_operands, dot_precision, tile, use_triton
+from kernels._dispatch import (
+    FLOAT_DTYPES,
+    check_tensor,
+    compiled_on_cpu,
+    dot_operands,
+    dot_precision,
+    tile,
+    use_triton,
+)
 from kernels._hash import hash2, hash2_torch, sign_from_hash_torch, stream_key
 
 MAX_CLASSES = 2**31 - 1
@@ -316,7 +325,7 @@ def _launch(
 
 
 # --------------------------------------------------------------------------------------------
-# PyTorch reference (the CPU path)
+# PyTorch path (CPU tensors without the interpreter)
 # --------------------------------------------------------------------------------------------
 
 
