@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import environment, make_console, table, write_results  # noqa: E402
 from kernels import (  # noqa: E402
+    PROBES,
     CompactBatchNorm2d,
     SeededSigns,
     TraceConv2d,
@@ -65,7 +66,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 TF32_TOLERANCE = 1e-2  # Triton's float32 tl.dot (TF32: 10 mantissa bits)
 FP16_XHAT_TOLERANCE = 2e-3  # CompactBatchNorm2d keeps xhat in float16 (about 5e-4 relative)
-TRACE_PROBES = ("gaussian", "rademacher", "orthogonal")  # TraceConv2d's probe kinds
 
 Pairs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # output name -> (got, want)
 
@@ -239,7 +239,7 @@ def trace_conv_checks(device: torch.device, dtypes: list[torch.dtype], quick: bo
                         lambda cfg=cfg, dtype=dtype: _trace_conv_exact(device, dtype, cfg))
         if not use_triton(torch.empty(0, device=device)):
             continue  # the PyTorch path of the weight gradient is the reference itself
-        for probe in TRACE_PROBES:
+        for probe in PROBES:
             for probes in (5,) if quick else (5, 70):
                 for cfg in configs:
                     yield Check("TraceConv2d weight grad", f"{probe} r={probes} {_conv_name(cfg)}", dtype,

@@ -49,7 +49,6 @@ The ops are registered as ``torch.ops.bpfree.trace_compress`` and ``torch.ops.bp
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -414,13 +413,3 @@ class TraceConv2d(nn.Conv2d):
             self.groups, self.probes, self.probe,
         )  # fmt: skip
 
-
-_MOVED = {"MaskReLU": "kernels.mask_relu", "PROBES": "kernels.probes", "convert_to_trace_conv": "kernels.convert"}
-
-
-def __getattr__(name: str) -> object:
-    """Temporary: names that moved out of this module still import from it until its callers
-    import them from ``kernels``; lazily, because kernels.convert imports this module."""
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_MOVED[name]), name)

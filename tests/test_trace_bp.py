@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.compact_batch_norm import CompactBatchNorm2d
-from kernels.trace_conv import PROBES, MaskReLU, TraceConv2d
+from kernels import PROBES, CompactBatchNorm2d, MaskReLU, TraceConv2d
 from trainer.cli import main
 from trainer.config import ConfigError, ModelConfig
 from trainer.recipes import load_recipe

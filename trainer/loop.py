@@ -33,7 +33,7 @@ from trainer.session import Session, build_session, checkpoint_payload, gathered
 
 def rule_state_mb(rule: Rule) -> float:
     """Memory of the rule's own state (feedback matrices, learned error matrices), in MiB."""
-    return sum(t.numel() * t.element_size() for t in rule.state_dict().values() if torch.is_tensor(t)) / 2**20
+    return rule.state_nbytes() / 2**20
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -3,8 +3,8 @@
 ``build_session`` assembles device, data, model, rule, optimizer and schedule in one place;
 ``trainer run`` (the loop), ``trainer eval`` and the benchmarks all build through this module, so
 what trains is what gets measured and evaluated. The optimizer belongs to the session: a rule only
-calls ``optimizer.step()`` on the gradients it wrote, and says through ``Rule.lr_scales`` which of
-its own parameters learn at a multiple of ``optim.lr``.
+calls ``optimizer.step()`` on the gradients it wrote, and says through ``Rule.param_options`` which
+parameters learn at another rate or decay otherwise than the recipe's ``[optim]`` says.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from trainer.data import DataBundle, NormStats, build_data, default_augmentation
 from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
 from trainer.models import build_model
 from trainer.recipes import recipe_from_dict
-from trainer.rules import Rule, RuleContext, RuleError, build_rule
+from trainer.rules import ParamOptions, Rule, RuleContext, RuleError, build_rule
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -60,21 +60,22 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, rule: Rule | None = None
     """SGD (Nesterov) or AdamW over the model's parameters and the rule's own.
 
     Weight decay applies to tensors of dimension >= 2 only (not to norms and biases). Every group
-    learns at ``optim.lr`` times its ``lr_scale``: 1 for the model, ``rule.lr_scales()`` for the
-    rule's parameters (e.g. LRA's γ for its error maps), so the multiple holds under AdamW too.
+    learns at ``optim.lr`` times its ``lr_scale``: 1, unless ``rule.param_options()`` says
+    otherwise (e.g. LRA's γ for its error maps), which may also set a parameter's weight decay.
     """
-    scales = rule.lr_scales() if rule is not None else {}
+    special = rule.param_options() if rule is not None else {}
     owned = [("model", p) for p in model.parameters()]
     if rule is not None:
         owned += [("rule", p) for p in rule.parameters()]
-    groups: dict[tuple[str, bool, float], list[nn.Parameter]] = {}
+    groups: dict[tuple[str, float, float], list[nn.Parameter]] = {}
     for owner, p in owned:
         if p.requires_grad:
-            groups.setdefault((owner, p.dim() >= 2, scales.get(p, 1.0)), []).append(p)
+            options = special.get(p, ParamOptions())
+            decay = options.weight_decay if options.weight_decay is not None else cfg.weight_decay
+            groups.setdefault((owner, decay if p.dim() >= 2 else 0.0, options.lr_scale), []).append(p)
     param_groups = [
-        {"params": params, "owner": owner, "lr_scale": scale, "lr": cfg.lr * scale,
-         "weight_decay": cfg.weight_decay if decays else 0.0}
-        for (owner, decays, scale), params in groups.items()
+        {"params": params, "owner": owner, "lr_scale": scale, "lr": cfg.lr * scale, "weight_decay": decay}
+        for (owner, decay, scale), params in groups.items()
     ]
     if cfg.name == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -193,9 +194,14 @@ def restore(s: Session, payload: dict[str, Any]) -> tuple[int, int]:
     if payload["world_size"] != s.env.world_size:
         raise ConfigError(f"the checkpoint was written by {payload['world_size']} process(es); resume it with "
                           f"the same number (got {s.env.world_size})")
-    s.model.load_state_dict(payload["model"])
-    s.rule.load_state_dict(payload["rule"])
-    s.optimizer.load_state_dict(payload["optimizer"])
+    try:
+        s.model.load_state_dict(payload["model"])
+        s.rule.load_state_dict(payload["rule"])
+        s.optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ConfigError(f"the checkpoint does not fit the model and rule built from the recipe ({reason}); "
+                          "resume with the recipe it was written with, or start a new run with another --out") from None
     s.scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"][s.env.rank])
     return payload["epoch"], payload["step"]
@@ -221,7 +227,10 @@ def trained_model(payload: dict[str, Any], source: str) -> TrainedModel:
     device = resolve_device(recipe.train.device)
     shape, num_classes = tuple(payload["data"]["input_shape"]), payload["data"]["num_classes"]
     model = build_model(recipe.model, shape, num_classes).to(device)
-    model.load_state_dict(payload["model"])
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{source}: the checkpoint's model does not fit {recipe.model.name!r} built from its "
+                          f"recipe (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()
     stats = NormStats(tuple(payload["data"]["mean"]), tuple(payload["data"]["std"]))
     return TrainedModel(recipe, device, model, stats, shape, num_classes, payload["epoch"], payload["step"])

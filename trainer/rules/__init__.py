@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.rules.base import Rule, RuleContext, RuleError, StepResult, UnitRule
+from trainer.rules.base import ParamOptions, Rule, RuleContext, RuleError, StepResult, UnitRule
 from trainer.rules.bp import Backprop
-from trainer.rules.dfa import DFA, BinaryDFA
+from trainer.rules.dfa import DFA, BinaryDFA, SignDFA
 from trainer.rules.lra import LocalRepresentationAlignment, RecursiveLRA
+from trainer.rules.shallow import Shallow
 from trainer.rules.target_projection import TargetProjection, TargetProjectionSGD
 from trainer.rules.trace_bp import TraceBackprop
 
-RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (Backprop, DFA, BinaryDFA, TargetProjection, TargetProjectionSGD,
-                                                 LocalRepresentationAlignment, RecursiveLRA, TraceBackprop)}
+RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (
+    Backprop, DFA, BinaryDFA, SignDFA, TargetProjection, TargetProjectionSGD, LocalRepresentationAlignment,
+    RecursiveLRA, TraceBackprop, Shallow,
+)}
 
 
 def rule_options_class(name: str) -> type:
@@ -28,4 +31,4 @@ def build_rule(name: str, options: object, model: nn.Module, ctx: RuleContext) -
     return RULES[name](model, options, ctx).to(ctx.device)
 
 
-__all__ = ["RULES", "Rule", "RuleContext", "RuleError", "StepResult", "UnitRule", "build_rule", "rule_options_class"]
+__all__ = ["RULES", "ParamOptions", "Rule", "RuleContext", "RuleError", "StepResult", "UnitRule", "build_rule", "rule_options_class"]

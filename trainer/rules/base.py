@@ -38,6 +38,14 @@ class StepResult:
     logits: torch.Tensor
 
 
+@dataclass(frozen=True)
+class ParamOptions:
+    """How the optimizer treats one parameter, relative to the recipe's ``[optim]``."""
+
+    lr_scale: float = 1.0  # its learning rate is lr_scale · optim.lr
+    weight_decay: float | None = None  # None: optim.weight_decay (for tensors of dimension >= 2)
+
+
 @dataclass
 class RuleContext:
     """What a rule needs to know beyond its own options."""
@@ -79,10 +87,16 @@ class Rule(nn.Module, abc.ABC):
         """Logits for evaluation."""
         return self.model(x)
 
-    def lr_scales(self) -> dict[nn.Parameter, float]:
-        """Learning-rate multiples of the rule's own parameters (e.g. LRA's γ for its error maps);
-        the optimizer puts them in groups of their own, so the multiple holds under AdamW too."""
+    def param_options(self) -> dict[nn.Parameter, ParamOptions]:
+        """Optimizer settings of parameters that differ from the recipe's ``[optim]`` (e.g. LRA's γ
+        as its error maps' learning-rate multiple); they get groups of their own, so the settings
+        hold under AdamW too."""
         return {}
+
+    def state_nbytes(self) -> int:
+        """Bytes of the rule's own state (fixed feedback matrices, learned error maps), wherever it
+        lives: by default the tensors of ``state_dict()``."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values() if torch.is_tensor(t))
 
     def diagnostics(self) -> dict[str, float]:
         """Extra scalars for metrics.jsonl (e.g. alignment angles). Keys without a "/" are also

@@ -31,5 +31,9 @@ class Backprop(Rule):
             logits = self.model(x)
         loss = self.criterion(logits.float(), y)
         loss.backward()
+        self.after_backward(x, y)
         self.step(optimizer)
         return StepResult(loss.detach(), logits.detach())
+
+    def after_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Runs after the backward, before the optimizer step (``.grad`` holds the gradients)."""

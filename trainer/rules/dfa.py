@@ -18,14 +18,14 @@ statistics restored, ``.grad`` untouched).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
+from trainer.rules.alignment import angle_degrees, flat_gradient, preserved_buffers
 from trainer.rules.base import RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
 from trainer.units import Granularity, State, detach_state, primary
@@ -90,32 +90,6 @@ def segment_bounds(unit_names: list[str], bp_units: list[str]) -> list[range]:
     return segments
 
 
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Run an extra training-mode pass without it counting: BatchNorm statistics are restored."""
-    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
-def flat_gradient(params: list[nn.Parameter], grads: list[torch.Tensor | None]) -> torch.Tensor:
-    """One flat vector of a unit's gradients (zeros where a parameter got none)."""
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for p, g in zip(params, grads)])
-
-
-def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The angle between two flat vectors, in degrees (90 when either is zero)."""
-    a, b = a.double(), b.double()
-    denominator = a.norm() * b.norm()
-    if denominator == 0:
-        return 90.0
-    return math.degrees(math.acos((a @ b / denominator).clamp(-1, 1).item()))
-
-
 class DFA(UnitRule):
     """Direct feedback alignment, with BP units (hybrid) and an alignment diagnostic."""
 
@@ -166,12 +140,18 @@ class DFA(UnitRule):
 
     @torch.no_grad()
     def signals(self, batch: UnitBatch) -> list[torch.Tensor]:
-        """``scale/√C · e·B_l`` reshaped to unit l's output, in its dtype; ``e`` for the top."""
+        """``scale/√C · u·B_l`` reshaped to unit l's output, in its dtype, with u the projected
+        error (``e`` for DFA); ``e`` itself for the top."""
+        projected = self.projected_error(batch)
         signals = []
         for feedback, out in zip(self.feedback, batch.outputs):
             h = primary(out)
-            signals.append(feedback.project(batch.error, out_dtype=h.dtype).view(h.shape))
+            signals.append(feedback.project(projected, out_dtype=h.dtype).view(h.shape))
         return [*signals, batch.error]
+
+    def projected_error(self, batch: UnitBatch) -> torch.Tensor:
+        """What the feedback matrices project: the output error e."""
+        return batch.error
 
     def after_backward(self, batch: UnitBatch) -> None:
         """Every ``align_every`` steps, the DFA-vs-BP angles of the update now in ``.grad``."""
@@ -210,3 +190,15 @@ class BinaryDFA(DFA):
 
     name = "bdfa"
     Options = BinaryDFAOptions
+
+
+class SignDFA(DFA):
+    """sDFA (the DRTP authors' sign-DFA): the feedback projects ``sign(e)/N`` instead of ``e``, only
+    which classes to push up or down, not by how much; the top unit still gets ``e``. The 1/N keeps
+    the batch mean of every other signal, so learning rates mean the same as for DFA."""
+
+    name = "sdfa"
+    Options = DFAOptions
+
+    def projected_error(self, batch: UnitBatch) -> torch.Tensor:
+        return torch.sign(batch.error) / len(batch.y)

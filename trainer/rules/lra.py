@@ -17,7 +17,7 @@ Targets travel top-down through learned error maps ``E_l`` instead of ``W^T``, o
     every Δ: Δ ← c·Δ/‖Δ‖ if ‖Δ‖ ≥ c                        norm-ball projection, c = max_norm
 
 Every Δ is a gradient-like update written into ``.grad`` (a batch mean) and applied by the loop's
-optimizer. γ is E's learning rate relative to W's (``lr_scales``; E's norm-ball radius is then
+optimizer. γ is E's learning rate relative to W's (``param_options``; E's norm-ball radius is then
 c/γ, so the SGD step is exactly ``-η·ball_c(γ·ΔE)``); γ = 0 keeps E fixed. A conv or residual
 unit's "Hebbian" update is its local backward with ``e_l`` at ``a_l``. Error skips every m units
 (rec_lra) take ``d_l`` from ``e_{L-1}`` with ``α_l = alpha_skip``. Dense E maps run in the fused
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from kernels import local_signal, local_weight_update, lra_error_units, norm_ball_factor
-from trainer.rules.base import RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
+from trainer.rules.base import ParamOptions, RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
 from trainer.rules.error_maps import DenseErrorMap, build_error_map, error_map_layout
 from trainer.units import AlignedUnit, State, aligned_unit, primary
 
@@ -200,8 +200,8 @@ class LocalRepresentationAlignment(UnitRule):
     def learns_errors(self) -> bool:
         return self.options.gamma > 0
 
-    def lr_scales(self) -> dict[nn.Parameter, float]:
-        return {p: self.options.gamma for p in self.error_maps.parameters()}
+    def param_options(self) -> dict[nn.Parameter, ParamOptions]:
+        return {p: ParamOptions(lr_scale=self.options.gamma) for p in self.error_maps.parameters()}
 
     # --- the step's hooks ----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from torch import nn
 
-from kernels.trace_conv import TraceConv2d, convert_to_trace_conv
+from kernels import TraceConv2d, convert_to_trace_conv
 from trainer.rules.base import RuleContext, RuleError
 from trainer.rules.bp import Backprop
 
