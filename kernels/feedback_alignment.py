@@ -1,0 +1,463 @@
+"""Weight-transport baselines: Linear and Conv2d layers whose input gradient uses a feedback weight B.
+
+Math. With ``y = W * x + b`` (a matmul, or a convolution ``*``), backprop's input gradient is
+``dx = W^T * dy`` (for a conv, ``conv2d_input(x.shape, W, dy, stride, padding, dilation, groups)``).
+These rules send the error back through a feedback weight B of W's shape instead::
+
+    dx = B^T * dy              (conv: conv2d_input(x.shape, B, dy, ...))
+    dW = dy (x) x              (the exact local gradient; conv: conv2d_weight)
+    db = sum dy
+
+Only the layers' input gradients change: BatchNorm, activations, pooling, residual additions and
+attention backpropagate as usual. Modes (biotorch's names, Sanfiz & Akrout 2021), with R a draw
+from W's initialisation distribution and s that distribution's standard deviation:
+
+* ``fa``   feedback alignment (Lillicrap et al. 2016, Nat. Commun.): B = R, drawn once, fixed.
+* ``usf``  uniform sign-concordant feedback (Liao, Leibo & Poggio 2016, AAAI): B = s * sign(W),
+  recomputed from the current W at every backward.
+* ``brsf`` batchwise random-magnitude sign-concordant feedback (Moskovitz, Litwin-Kumar & Abbott
+  2018, arXiv:1812.06488): B = |R| (.) sign(W), R drawn afresh at every training forward.
+* ``frsf`` fixed random-magnitude sign-concordant feedback (same paper): B = |R| (.) sign(W), R fixed.
+* ``kp``   Kolen-Pollack (Akrout et al. 2019, NeurIPS): B starts as fa's and is an ``nn.Parameter``
+  whose gradient is exactly dW, so one optimizer gives B and W the same update (SGD with weight
+  decay l: ``B <- (1 - lr l) B - lr dW`` and ``W <- (1 - lr l) W - lr dW``; identical moments under
+  momentum and Adam), and B - W decays by ``(1 - lr l)`` a step.
+
+Initialisation (``init``), which fixes R's distribution and s (fan_in = C_in/groups * kernel numel):
+``"default"`` is PyTorch's own init of Linear/Conv2d weights, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+(s = 1/sqrt(3 fan_in)); ``"xavier"`` is N(0, 2/(fan_in + fan_out)); ``"match"`` is N(0, std(W)^2)
+with W's std measured when the layer is made (for models with their own init, e.g. kaiming).
+
+Storage (``storage``) and memory per layer, beyond the plain layer's:
+
+* fa:   ``"dense"`` keeps B (buffer ``feedback_weight``: W's bytes); ``"seeded"`` keeps nothing and
+  regenerates B at each backward from the layer's seed with a ``torch.Generator`` on W's device
+  (bit-identical every time on the same device; CPU and CUDA streams differ).
+* usf:  nothing (B is made from W at each backward).
+* brsf: nothing; R is regenerated from (seed, step), where ``feedback_step`` is a persistent int64
+  counter of training forwards, so a checkpoint/resume reproduces the same draws (reading the
+  step on the host syncs a CUDA device once per layer and backward).
+* frsf: ``"dense"`` keeps |R| (buffer ``feedback_magnitude``: W's bytes); ``"seeded"`` regenerates it.
+* kp:   B is a Parameter (W's bytes, plus its gradient and optimizer state, like W's).
+
+Regenerated modes keep s as a 0-d buffer ``feedback_scale`` (so ``"match"`` survives a
+checkpoint); every mode makes one W-sized B transiently during backward. The forward is
+``F.linear`` / ``F.conv2d`` unchanged (bit-identical outputs); evaluation, a forward without
+autograd, or ``exact = True`` run the plain layer (backprop, for alignment diagnostics).
+Pure PyTorch (an ``autograd.Function``; the seeded draw is the custom op
+``torch.ops.bpfree.feedback_draw``), so ``torch.compile`` traces it; under autocast B is cast to
+the gradient's dtype and dW is returned in W's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from kernels._hash import stream_key
+from kernels._modules import swap_modules
+
+__all__ = [
+    "FEEDBACK_STATE_KEYS",
+    "FeedbackConv2d",
+    "FeedbackLinear",
+    "INITS",
+    "MODES",
+    "STORAGES",
+    "convert_to_feedback",
+    "feedback_layers",
+]
+
+MODES = ("fa", "usf", "brsf", "frsf", "kp")
+"""The feedback rules (biotorch's names)."""
+INITS = ("default", "xavier", "match")
+"""Distributions R (and the scale s) are drawn from."""
+STORAGES = ("dense", "seeded")
+"""How fa's B and frsf's |R| are kept; the other modes accept only ``"dense"`` (their default)."""
+FEEDBACK_STATE_KEYS = ("feedback_weight", "feedback_magnitude", "feedback_scale", "feedback_step")
+"""Names of the buffers/Parameter a feedback layer may add to the plain layer's state_dict:
+B (fa dense, kp), |R| (frsf dense), s (usf, brsf, seeded fa/frsf) and the brsf step counter."""
+
+_SEEDED_MODES = ("fa", "frsf")
+_NO_SEEDED = {
+    "usf": "usf stores nothing (B = s * sign(W) is made from W at every backward)",
+    "brsf": "brsf is always regenerated from (seed, step)",
+    "kp": "kp's B is a trained Parameter, so it is always dense",
+}
+_SQRT3 = math.sqrt(3.0)
+
+Conv = tuple[tuple[int, int], str | tuple[int, int], tuple[int, int], int]
+"""A conv's (stride, padding as given to F.conv2d, dilation, groups)."""
+
+
+def _check_config(op: str, mode: str, init: str, storage: str, seed: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {MODES}")
+    if init not in INITS:
+        raise ValueError(f"{op}: unknown init {init!r}; expected one of {INITS}")
+    if storage not in STORAGES:
+        raise ValueError(f"{op}: unknown storage {storage!r}; expected one of {STORAGES}")
+    if storage == "seeded" and mode not in _SEEDED_MODES:
+        raise ValueError(f"{op}: storage='seeded' is only for fa and frsf; {_NO_SEEDED[mode]}: use storage='dense'")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing R and making B
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("bpfree::feedback_draw", mutates_args=())
+def feedback_draw(weight: Tensor, seed: int, step: Optional[Tensor], dist: str) -> Tensor:
+    """A unit-variance draw of ``weight``'s shape, dtype and device (``dist`` "uniform": U(-sqrt 3,
+    sqrt 3); "normal": N(0, 1)) from a generator seeded with ``seed``, or with
+    ``stream_key(seed, step)`` when a 0-d ``step`` is given (brsf). A custom op: the host-side
+    generator stays out of ``torch.compile``'s graphs."""
+    key = seed if step is None else stream_key(seed, int(step))
+    generator = torch.Generator(device=weight.device).manual_seed(key)
+    z = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return z.uniform_(-_SQRT3, _SQRT3, generator=generator) if dist == "uniform" else z.normal_(generator=generator)
+
+
+@feedback_draw.register_fake
+def _feedback_draw_fake(weight, seed, step, dist):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _init_std(weight: Tensor, init: str) -> float:
+    """s, the standard deviation of ``init``'s distribution for this weight."""
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+    if init == "default":
+        return 1.0 / math.sqrt(3.0 * fan_in)
+    if init == "xavier":
+        return math.sqrt(2.0 / (fan_in + fan_out))
+    std = weight.detach().float().std(correction=0).item()
+    if not std > 0:
+        raise ValueError(f"init='match' needs a weight with spread to measure, but std(W) = {std}")
+    return std
+
+
+def _feedback(mode: str, weight: Tensor, stored: Tensor | None, scale: Tensor | None, step: Tensor | None,
+              seed: int, dist: str) -> Tensor:
+    """B for ``mode``: ``stored`` is B (fa dense, kp) or |R| (frsf dense), or None when regenerated."""
+    if mode in ("fa", "kp"):
+        return stored if stored is not None else scale * feedback_draw(weight, seed, None, dist)
+    sign = torch.sign(weight)
+    if mode == "usf":
+        return scale * sign
+    if stored is None:
+        stored = scale * feedback_draw(weight, seed, step if mode == "brsf" else None, dist).abs_()
+    return stored * sign
+
+
+def _int_padding(padding: str | tuple[int, int], weight: Tensor, dilation: tuple[int, int]) -> tuple[int, int]:
+    """The conv's zero padding as ints ('valid' -> 0; 'same' -> dilation*(k-1)/2, which
+    :func:`_unsupported` has checked is symmetric), for the backward's conv2d_input/conv2d_weight."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        return tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight.shape[2:]))
+    return padding
+
+
+class _FeedbackFunction(torch.autograd.Function):
+    """Exact linear/conv forward; backward with ``dx = B^T * dy``, exact dW and db, and dB = dW (kp)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stored: Tensor | None,
+        scale: Tensor | None,
+        step: Tensor | None,
+        mode: str,
+        seed: int,
+        dist: str,
+        conv: Conv | None,
+    ) -> Tensor:
+        if conv is None:
+            y = F.linear(x, weight, bias)
+        else:
+            stride, padding, dilation, groups = conv
+            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if weight_grad else None, weight, stored, scale, step)
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.rule, ctx.conv = (mode, seed, dist), conv
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple:
+        x, weight, stored, scale, step = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        conv, dtype = ctx.conv, grad_output.dtype  # under autocast, dy is half precision and W fp32
+        if conv is not None:
+            stride, padding, dilation, groups = conv
+            padding = _int_padding(padding, weight, dilation)
+        grad_x = grad_w = grad_b = None
+        if needs[0]:
+            fb = _feedback(ctx.rule[0], weight, stored, scale, step, *ctx.rule[1:]).to(dtype)
+            if conv is None:
+                grad_x = grad_output @ fb
+            else:
+                grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, fb, grad_output, stride, padding, dilation, groups)
+            grad_x = grad_x.to(ctx.input_dtype)
+        if needs[1] or needs[3]:
+            if conv is None:
+                dy = grad_output.reshape(-1, grad_output.shape[-1])
+                grad_w = dy.t() @ x.reshape(-1, x.shape[-1]).to(dtype)
+            else:
+                grad_w = torch.nn.grad.conv2d_weight(x.to(dtype), weight.shape, grad_output, stride, padding,
+                                                     dilation, groups)
+            grad_w = grad_w.to(weight.dtype)
+        if ctx.bias_dtype is not None and needs[2]:
+            dims = tuple(range(grad_output.dim() - 1)) if conv is None else (0, 2, 3)
+            grad_b = grad_output.sum(dims).to(ctx.bias_dtype)
+        # kp: its own tensor, or torch.autograd.grad returns one tensor as both W's and B's gradient
+        # (and in-place gradient ops such as clipping would apply twice).
+        grad_fb = grad_w.clone() if needs[3] else None
+        return grad_x, grad_w if needs[1] else None, grad_b, grad_fb, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _unsupported(module: nn.Module) -> str | None:
+    """Why ``module`` cannot become a feedback layer, or None when it can."""
+    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+        return "uninitialized lazy parameters are not supported; run a forward pass first"
+    if isinstance(module, nn.Linear):
+        if type(module) not in (nn.Linear, FeedbackLinear):
+            return f"nn.Linear subclass {type(module).__name__} is not supported (its forward may differ)"
+        return None
+    if not isinstance(module, _ConvNd):
+        return f"{type(module).__name__} is neither nn.Linear nor nn.Conv2d"
+    if module.transposed:
+        return f"transposed convolution ({type(module).__name__}) is not supported"
+    if not isinstance(module, nn.Conv2d):
+        return f"{type(module).__name__} is not supported (only 2-d convolutions are)"
+    if type(module) not in (nn.Conv2d, FeedbackConv2d):
+        return f"nn.Conv2d subclass {type(module).__name__} is not supported (its forward may differ)"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+    if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+        return "padding='same' with an even effective kernel pads asymmetrically; not supported"
+    return None
+
+
+class _FeedbackLayer:
+    """What FeedbackLinear and FeedbackConv2d share: the feedback state, its forward and diagnostics."""
+
+    weight: nn.Parameter
+
+    def _setup_feedback(self, mode: str, init: str, storage: str, seed: int) -> None:
+        """Register the mode's buffers (or kp's Parameter), drawn from W's distribution with ``seed``."""
+        _check_config(type(self).__name__, mode, init, storage, seed)
+        self.mode, self.init, self.feedback_seed, self.exact = mode, init, seed, False
+        self._dist = "uniform" if init == "default" else "normal"
+        weight = self.weight.detach()
+        scale = torch.tensor(_init_std(weight, init), dtype=weight.dtype, device=weight.device)
+        if mode == "usf" or mode == "brsf" or storage == "seeded":
+            self.storage = "none" if mode == "usf" else "seeded"
+            self.register_buffer("feedback_scale", scale)
+        else:
+            self.storage = "dense"
+            draw = scale * feedback_draw(weight, seed, None, self._dist)
+            if mode == "fa":
+                self.register_buffer("feedback_weight", draw)
+            elif mode == "kp":
+                self.feedback_weight = nn.Parameter(draw, requires_grad=self.weight.requires_grad)
+            else:
+                self.register_buffer("feedback_magnitude", draw.abs_())
+        if mode == "brsf":
+            self.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64, device=weight.device))
+
+    def _stored(self) -> Tensor | None:
+        """B (fa dense, kp), |R| (frsf dense), or None where it is regenerated."""
+        return getattr(self, "feedback_magnitude" if self.mode == "frsf" else "feedback_weight", None)
+
+    def _feedback_forward(self, input: Tensor, conv: Conv | None) -> Tensor:
+        step = None
+        if self.mode == "brsf":
+            # A new tensor, not the buffer: a later forward's increment must not change this one's
+            # draw. (A clone of the incremented buffer is not enough: aot_eager's partitioner then
+            # recomputes it in backward from the already incremented buffer.)
+            step = self.feedback_step + 1
+            with torch.no_grad():
+                self.feedback_step.copy_(step)
+        return _FeedbackFunction.apply(input, self.weight, self.bias, self._stored(),
+                                       getattr(self, "feedback_scale", None), step, self.mode,
+                                       self.feedback_seed, self._dist, conv)
+
+    @torch.no_grad()
+    def current_feedback_weight(self) -> Tensor:
+        """B as the next feedback backward uses it (materialised, W's dtype; for brsf the current
+        step's, i.e. the draw of the last training forward). Ignores ``exact``."""
+        return _feedback(self.mode, self.weight, self._stored(), getattr(self, "feedback_scale", None),
+                         getattr(self, "feedback_step", None), self.feedback_seed, self._dist).clone()
+
+    @property
+    def feedback_nbytes(self) -> int:
+        """Bytes of W-shaped feedback state kept between steps (B or |R|; 0 when regenerated)."""
+        stored = self._stored()
+        return 0 if stored is None else stored.numel() * stored.element_size()
+
+    def _feedback_repr(self) -> str:
+        exact = ", exact=True" if self.exact else ""
+        return (f"mode={self.mode!r}, init={self.init!r}, storage={self.storage!r}, "
+                f"feedback_bytes={self.feedback_nbytes}{exact}")
+
+    def _uses_feedback(self) -> bool:
+        return self.training and torch.is_grad_enabled() and not self.exact
+
+
+class FeedbackLinear(nn.Linear, _FeedbackLayer):
+    """``nn.Linear`` (same Parameters and state_dict keys, plus the feedback state) whose input
+    gradient is ``dy @ B`` instead of ``dy @ W``; dW and db are exact (module docstring).
+
+    ``mode`` is one of :data:`MODES`, ``init`` of :data:`INITS`, ``storage`` of :data:`STORAGES`;
+    ``seed`` fixes the draws. In eval mode, without grad, or with ``exact = True`` it is the plain
+    layer (backprop: no B gradient for kp, no brsf step). Attributes ``mode``, ``init``,
+    ``feedback_seed``, ``exact`` and ``storage``, what is kept: "dense" (fa, frsf dense; kp),
+    "seeded" (fa, frsf seeded; brsf, from (seed, step)) or "none" (usf).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 mode: str = "fa", init: str = "default", storage: str = "dense", seed: int = 0) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._setup_feedback(mode, init, storage, seed)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, mode: str, *, init: str = "default", storage: str = "dense",
+                    seed: int = 0) -> FeedbackLinear:
+        """A FeedbackLinear sharing ``module``'s weight and bias Parameters (B drawn from its W)."""
+        reason = _unsupported(module) if isinstance(module, nn.Linear) else "not an nn.Linear"
+        if reason is not None:
+            raise ValueError(f"FeedbackLinear.from_module: {reason}")
+        new = cls.__new__(cls)
+        nn.Linear.__init__(new, module.in_features, module.out_features, module.bias is not None, device="meta",
+                           dtype=module.weight.dtype)
+        new.weight, new.bias = module.weight, module.bias
+        new._setup_feedback(mode, init, storage, seed)
+        return new.train(module.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._feedback_repr()}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self._uses_feedback():
+            return super().forward(input)
+        return self._feedback_forward(input, None)
+
+
+class FeedbackConv2d(nn.Conv2d, _FeedbackLayer):
+    """``nn.Conv2d`` (same Parameters and state_dict keys, plus the feedback state) whose input
+    gradient is ``conv2d_input(x.shape, B, dy, ...)`` instead of W's; dW and db are exact.
+
+    Any stride, integer padding (or 'valid', or 'same' when symmetric), dilation and groups
+    (depthwise included); padding_mode 'zeros' only. Feedback arguments as :class:`FeedbackLinear`.
+    """
+
+    def __init__(self, *args, mode: str = "fa", init: str = "default", storage: str = "dense", seed: int = 0,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        reason = _unsupported(self)
+        if reason is not None:
+            raise ValueError(f"FeedbackConv2d: {reason}")
+        self._setup_feedback(mode, init, storage, seed)
+
+    @classmethod
+    def from_module(cls, module: nn.Conv2d, mode: str, *, init: str = "default", storage: str = "dense",
+                    seed: int = 0) -> FeedbackConv2d:
+        """A FeedbackConv2d sharing ``module``'s weight and bias Parameters (B drawn from its W)."""
+        reason = _unsupported(module) if isinstance(module, _ConvNd) else "not an nn.Conv2d"
+        if reason is not None:
+            raise ValueError(f"FeedbackConv2d.from_module: {reason}")
+        new = cls.__new__(cls)
+        nn.Conv2d.__init__(
+            new, module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+            padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
+            device="meta", dtype=module.weight.dtype,
+        )  # fmt: skip
+        new.weight, new.bias = module.weight, module.bias
+        new._setup_feedback(mode, init, storage, seed)
+        return new.train(module.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._feedback_repr()}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self._uses_feedback():
+            return super().forward(input)
+        return self._feedback_forward(input, (self.stride, self.padding, self.dilation, self.groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# Converter
+# ---------------------------------------------------------------------------------------------
+
+
+def _kept(name: str, keep_exact: tuple[str, ...]) -> bool:
+    return any(name == k or name.startswith(k + ".") for k in keep_exact)
+
+
+def convert_to_feedback(model: nn.Module, mode: str, *, init: str = "default", storage: str = "dense",
+                        seed: int = 0, keep_exact: Sequence[str] = ()) -> nn.Module:
+    """Swap every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (in place) for a
+    :class:`FeedbackLinear` / :class:`FeedbackConv2d` sharing its Parameters, so that the model
+    trains with ``mode``'s feedback; returns the model (the replacement when ``model`` is a layer).
+
+    Layer i (its index among the model's Linear and conv modules in module order, kept ones
+    included, so ``keep_exact`` does not change the others' draws) gets seed ``stream_key(seed, i)``.
+    Layers whose qualified name equals an entry of ``keep_exact`` or starts with it plus "." stay
+    as they are (backprop); each entry must match at least one layer. Feedback layers already
+    there are left as they are, and so is ``nn.MultiheadAttention``'s ``out_proj`` (its forward
+    is never called: attention backpropagates as usual). Every layer is checked before any is
+    swapped: an unsupported one (Conv1d/Conv3d, transposed, padding_mode other than 'zeros',
+    subclasses) raises ValueError naming it, with the model unchanged.
+    """
+    op = "convert_to_feedback"
+    _check_config(op, mode, init, storage, seed)
+    if isinstance(keep_exact, str):
+        raise TypeError(f"{op}: keep_exact must be a sequence of layer names, not the str {keep_exact!r}")
+    keep = tuple(keep_exact)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, _ConvNd))]
+    unmatched = [k for k in keep if not any(_kept(name, (k,)) for name, _ in layers)]
+    if unmatched:
+        raise ValueError(f"{op}: keep_exact entries {unmatched} match no nn.Linear or conv layer")
+    replacements: dict[int, nn.Module] = {}
+    for index, (name, layer) in enumerate(layers):
+        if (_kept(name, keep) or isinstance(layer, (_FeedbackLayer, NonDynamicallyQuantizableLinear))
+                or id(layer) in replacements):
+            continue
+        label = name or type(layer).__name__
+        reason = _unsupported(layer)
+        if reason is not None:
+            raise ValueError(f"{op}: {label}: {reason} (keep it as it is with keep_exact)")
+        cls = FeedbackLinear if isinstance(layer, nn.Linear) else FeedbackConv2d
+        try:
+            replacements[id(layer)] = cls.from_module(layer, mode, init=init, storage=storage,
+                                                      seed=stream_key(seed, index))
+        except ValueError as error:  # init='match' on a constant weight
+            raise ValueError(f"{op}: {label}: {error}") from None
+    return swap_modules(model, replacements)
+
+
+def feedback_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (qualified name, layer) pairs of ``model``'s feedback layers, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _FeedbackLayer)]
