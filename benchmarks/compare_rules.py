@@ -52,6 +52,13 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("lra (mlp)", "mnist5k_lra", []),
         ("rec_lra", "mnist5k_rec_lra", []),
         ("trace_bp r=16", "mnist5k_trace_bp", []),
+        ("fa", "mnist5k_fa", []),
+        ("usf", "mnist5k_usf", []),
+        ("brsf", "mnist5k_brsf", []),
+        ("frsf", "mnist5k_frsf", []),
+        ("kp", "mnist5k_kp", []),
+        ("sdfa", "mnist5k_dfa", ["rule.name=sdfa"]),
+        ("shallow", "mnist5k_dfa", ["rule.name=shallow", "rule.granularity=layer"]),
     ],
     "cifar": [
         ("bp", "cifar10_resnet18_bp", []),
@@ -65,7 +72,20 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("trace_bp r=16", "cifar10_resnet18_trace_bp", ["rule.probes=16"]),
         ("trace_bp r=64", "cifar10_resnet18_trace_bp", ["rule.probes=64"]),
     ],
+    # biotorch's benchmark: CIFAR ResNet-20 with each weight-transport rule (its own hyper-parameters)
+    "biotorch": [
+        ("bp", "cifar10_resnet20_bp", []),
+        ("fa", "cifar10_resnet20_fa", []),
+        ("dfa", "cifar10_resnet20_dfa", []),
+        ("usf", "cifar10_resnet20_usf", []),
+        ("brsf", "cifar10_resnet20_brsf", []),
+        ("frsf", "cifar10_resnet20_frsf", []),
+        ("kp", "cifar10_resnet20_kp", []),
+        ("sdfa", "cifar10_resnet20_dfa", ["rule.name=sdfa"]),
+        ("shallow", "cifar10_resnet20_dfa", ["rule.name=shallow", "rule.granularity=block"]),
+    ],
 }
+CIFAR_SUITES = ("cifar", "biotorch")  # trained on CIFAR images: --npz, --cifar-root or synthetic
 
 
 def finished_run(out: Path, recipe: Path, overrides: list[str]) -> dict | None:
@@ -171,7 +191,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     console = make_console(140)
     data, data_overrides = "the recipes' own", []
-    if args.suite == "cifar":
+    if args.suite in CIFAR_SUITES:
         chosen = cifar_data(args.npz, args.cifar_root, args.out / "synthetic-cifar10.npz")
         data, data_overrides = chosen.description, list(chosen.overrides)
         if "data.name=npz" in data_overrides:  # an .npz has no test split: hold out 10 %
@@ -197,7 +217,7 @@ def main() -> None:
     seeds = ", ".join(map(str, args.seeds))
     result = table(f"{args.suite}: {args.epochs} epochs each, seed{'s' if len(args.seeds) > 1 else ''} {seeds}; "
                    f"data: {data}", ["rule", "recipe", "held-out acc", "per seed", "images/s", "peak MB",
-                                     "rule state MB", "wall s"], left={"recipe", "per seed"})
+                                     "feedback/rule state MB", "wall s"], left={"recipe", "per seed"})
     for r in rows:
         if "accuracy" not in r:
             result.add_row(r["label"], r["recipe"], "failed: " + "; ".join(r["errors"]), "", "", "", "", "")

@@ -7,6 +7,13 @@ from kernels._hash import stream_key
 from kernels.binary_feedback import PackedSigns, SeededSigns, binary_feedback_project, pack_signs, project_labels
 from kernels.compact_batch_norm import CompactBatchNorm2d, convert_batch_norms
 from kernels.conv_geometry import ConvGeometry
+from kernels.feedback_alignment import (
+    FEEDBACK_STATE_KEYS,
+    FeedbackConv2d,
+    FeedbackLinear,
+    convert_to_feedback,
+    feedback_layers,
+)
 from kernels.convert import convert_to_trace_conv
 from kernels.local_alignment import (
     LRASignal,
@@ -29,8 +36,9 @@ from kernels.trace_conv import (
 )
 
 __all__ = [
-    "PROBES", "CompactBatchNorm2d", "ConvGeometry", "LRASignal", "MaskReLU", "PackedSigns", "SeededSigns",
-    "TraceConv2d", "WeightUpdate", "binary_feedback_project", "convert_batch_norms", "convert_to_trace_conv",
+    "FEEDBACK_STATE_KEYS", "PROBES", "CompactBatchNorm2d", "ConvGeometry", "FeedbackConv2d", "FeedbackLinear",
+    "LRASignal", "MaskReLU", "PackedSigns", "SeededSigns", "TraceConv2d", "WeightUpdate", "binary_feedback_project",
+    "convert_batch_norms", "convert_to_feedback", "convert_to_trace_conv", "feedback_layers",
     "local_signal", "local_signal_reference", "local_weight_update", "local_weight_update_reference",
     "lra_error_units", "norm_ball_factor", "pack_signs", "probe_matrix", "project_labels", "stream_key",
     "trace_compress_torch", "trace_compress_triton", "trace_weight_grad_torch", "trace_weight_grad_triton",

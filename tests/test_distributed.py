@@ -22,7 +22,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 # The norm-ball projection of lra clips each rank's update before the average, so it is off here:
 # clipping the mean and averaging the clipped are different things.
 EQUIVALENT_RULES = [{"name": "bp"}, {"name": "dfa"}, {"name": "drtp"}, {"name": "tpsgd", "loss": "mse"},
-                    {"name": "lra", "max_norm": 0.0}]
+                    {"name": "lra", "max_norm": 0.0}, {"name": "fa"}, {"name": "brsf"}, {"name": "kp"}]
 
 
 @pytest.mark.parametrize("rule", EQUIVALENT_RULES, ids=[r["name"] for r in EQUIVALENT_RULES])

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels import FEEDBACK_STATE_KEYS
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.config import ConfigError, OptimConfig, Recipe
 from trainer.data import DataBundle, NormStats, build_data, default_augmentation, source_facts
@@ -228,7 +229,8 @@ def trained_model(payload: dict[str, Any], source: str) -> TrainedModel:
     shape, num_classes = tuple(payload["data"]["input_shape"]), payload["data"]["num_classes"]
     model = build_model(recipe.model, shape, num_classes).to(device)
     missing, unexpected = model.load_state_dict(payload["model"], strict=False)
-    if missing or unexpected:
+    unexpected = [key for key in unexpected if key.rsplit(".", 1)[-1] not in FEEDBACK_STATE_KEYS]
+    if missing or unexpected:  # the feedback state of weight-transport layers is the rule's, not the model's
         raise ConfigError(f"{source}: the checkpoint's model does not fit {recipe.model.name!r} built from its "
                           f"recipe (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()

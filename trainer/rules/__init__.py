@@ -11,10 +11,18 @@ from trainer.rules.lra import LocalRepresentationAlignment, RecursiveLRA
 from trainer.rules.shallow import Shallow
 from trainer.rules.target_projection import TargetProjection, TargetProjectionSGD
 from trainer.rules.trace_bp import TraceBackprop
+from trainer.rules.weight_transport import (
+    BatchRandomSignSymmetry,
+    FeedbackAlignment,
+    FixedRandomSignSymmetry,
+    KolenPollack,
+    UniformSignSymmetry,
+)
 
 RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (
     Backprop, DFA, BinaryDFA, SignDFA, TargetProjection, TargetProjectionSGD, LocalRepresentationAlignment,
-    RecursiveLRA, TraceBackprop, Shallow,
+    RecursiveLRA, TraceBackprop, Shallow, FeedbackAlignment, UniformSignSymmetry, BatchRandomSignSymmetry,
+    FixedRandomSignSymmetry, KolenPollack,
 )}
 
 
