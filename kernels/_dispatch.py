@@ -26,6 +26,7 @@ AMD backend has no 3xTF32, and TF32 only on gfx942).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from typing import Callable, Literal, TypeVar
@@ -122,6 +123,8 @@ def check_tensor(
     """Raise a ValueError/TypeError naming the op, the argument and the fix when ``tensor`` is unfit."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.is_meta:
+        raise ValueError(f"{op}: {name} is on the meta device (a shape without values); create it on cpu or cuda")
     if ndim is not None and tensor.dim() != ndim:
         raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
     if dtypes is not None and tensor.dtype not in dtypes:
@@ -134,3 +137,15 @@ def check_tensor(
         )
     if contiguous and not tensor.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous; call .contiguous() on it first")
+
+
+def check_number(op: str, name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as a float: a Python int or float (not a bool, not a string), finite, and > 0
+    when ``positive``; otherwise a TypeError/ValueError naming the op and the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a Python number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{op}: {name} must be > 0, got {value!r}")
+    return float(value)

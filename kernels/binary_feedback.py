@@ -45,6 +45,7 @@ import triton.language as tl
 
 from kernels._dispatch import (
     FLOAT_DTYPES,
+    check_number,
     check_tensor,
     compiled_on_cpu,
     dot_operands,
@@ -434,12 +435,6 @@ def _unpack_feedback(op: str, feedback: Feedback,
     raise TypeError(f"{op}: feedback must be PackedSigns or SeededSigns, got {type(feedback).__name__}")
 
 
-def _check_scale(op: str, scale: float) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a Python float, got {type(scale).__name__}")
-    return float(scale)
-
-
 def binary_feedback_project(
     e: torch.Tensor,
     feedback: Feedback,
@@ -475,7 +470,7 @@ def binary_feedback_project(
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be one of float32, float16, bfloat16, got {out_dtype}")
     return _project_op(e, words, grad_mask, seed, stream, feedback.num_classes, feedback.dim,
-                       _check_scale(op, scale), out_dtype)
+                       check_number(op, "scale", scale), out_dtype)
 
 
 def project_labels(
@@ -502,4 +497,4 @@ def project_labels(
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be one of float32, float16, bfloat16, got {dtype}")
     return _labels_op(labels, words, seed, stream, feedback.num_classes, feedback.dim,
-                      _check_scale(op, scale), dtype)
+                      check_number(op, "scale", scale), dtype)

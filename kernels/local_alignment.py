@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import FLOAT_DTYPES, check_tensor, dot_operands, dot_precision, tile, use_triton
+from kernels._dispatch import FLOAT_DTYPES, check_number, check_tensor, dot_operands, dot_precision, tile, use_triton
 
 __all__ = [
     "LOCAL_KINDS",
@@ -617,10 +617,12 @@ def local_signal(
     contiguous, float32/float16/bfloat16 on one device; math is float32, outputs have ``a``'s dtype.
     Non-differentiable (inputs are detached). Raises ValueError/TypeError on bad arguments.
     """
-    _check_signal_args("local_signal", kind, upstream, P, a, z, activation, diagnostics)
+    op = "local_signal"
+    _check_signal_args(op, kind, upstream, P, a, z, activation, diagnostics)
     g, d, y = torch.ops.bpfree.local_signal(
         kind, upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(),
-        float(beta), float(alpha), activation, float(scale), diagnostics)
+        check_number(op, "beta", beta), check_number(op, "alpha", alpha), activation,
+        check_number(op, "scale", scale), diagnostics)
     if kind != "lra":
         return g
     return LRASignal(g, d, y) if diagnostics else LRASignal(g, None, None)
@@ -645,14 +647,16 @@ def local_weight_update(
     ``fuse_signal`` forces (True) or disables (False) the prologue fusion; None picks it by
     ``fuse_signal_default(C_up, D_prev)``. Results match ``local_weight_update_reference``.
     """
-    _check_update_args("local_weight_update", kind, upstream, P, a, z, z_prev, activation,
-                       max_norm, weight, lr)
+    op = "local_weight_update"
+    numbers = (check_number(op, "beta", beta), check_number(op, "alpha", alpha), activation,
+               check_number(op, "scale", scale), None if max_norm is None else check_number(op, "max_norm", max_norm))
+    lr = None if lr is None else check_number(op, "lr", lr)
+    _check_update_args(op, kind, upstream, P, a, z, z_prev, activation, max_norm, weight, lr)
     args = (kind, upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(),
-            z_prev.detach(), float(beta), float(alpha), activation, float(scale),
-            None if max_norm is None else float(max_norm), fuse_signal)
+            z_prev.detach(), *numbers, fuse_signal)
     if weight is None:
         dw, norm, factor = torch.ops.bpfree.local_weight_update(*args)
         return WeightUpdate(dw, norm, factor)
     with torch.no_grad():
-        norm, factor = torch.ops.bpfree.local_sgd_step_(weight, float(lr), *args)
+        norm, factor = torch.ops.bpfree.local_sgd_step_(weight, lr, *args)
     return WeightUpdate(None, norm, factor)

@@ -287,7 +287,7 @@ def test_bad_inputs_raise_clear_errors():
         binary_feedback_project(e, feedback, grad_mask=torch.rand(33, 4).t())
     with pytest.raises(TypeError, match="out_dtype must be one of"):
         binary_feedback_project(e, feedback, out_dtype=torch.int8)
-    with pytest.raises(TypeError, match="scale must be a Python float"):
+    with pytest.raises(TypeError, match="scale must be a Python number"):
         binary_feedback_project(e, feedback, scale=torch.tensor(1.0))
     with pytest.raises(TypeError, match="feedback must be PackedSigns or SeededSigns"):
         binary_feedback_project(e, torch.ones(10, 33))

@@ -292,7 +292,7 @@ def test_bad_inputs_raise_clear_errors():
         sig("dfa", u, P, a, diagnostics=True)
     with pytest.raises(ValueError, match="empty inputs"):
         sig("dfa", u[:0], P, a[:0])
-    with pytest.raises(ValueError, match="is on meta"):
+    with pytest.raises(ValueError, match="is on the meta device"):
         sig("dfa", u, P.to("meta"), a)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         sig("dfa", u, P.tolist(), a)

@@ -385,3 +385,28 @@ def test_runs_and_plot_on_two_tiny_runs(tmp_path, tiny_npz, capsys, monkeypatch)
                        "--metric", "loss", "--out", str(png))
     assert code == 0, err
     assert Image.open(png).size == (1000, 500)
+
+
+# --- kernel ops: numbers and meta tensors --------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, error", [(float("nan"), "must be finite"), (float("inf"), "must be finite"),
+                                        ("0.1", "must be a Python number, got str"),
+                                        (True, "must be a Python number, got bool")])
+def test_kernel_ops_validate_their_numbers(bad, error):
+    from kernels import SeededSigns, binary_feedback_project, local_signal, local_weight_update
+
+    e, a, P = torch.randn(3, 4), torch.randn(3, 5), torch.randn(4, 5)
+    with pytest.raises((TypeError, ValueError), match=f"binary_feedback_project: scale {error}"):
+        binary_feedback_project(e, SeededSigns(0, 4, 5), scale=bad)
+    with pytest.raises((TypeError, ValueError), match=f"local_signal: beta {error}"):
+        local_signal("lra", e, P, a, beta=bad)
+    with pytest.raises((TypeError, ValueError), match=f"local_weight_update: max_norm {error}"):
+        local_weight_update("lra", e, P, a, None, torch.randn(3, 2), max_norm=bad)
+
+
+def test_pack_signs_on_meta_tensors_says_so():
+    from kernels import pack_signs
+
+    with pytest.raises(ValueError, match="pack_signs: signs is on the meta device"):
+        pack_signs(torch.ones(3, 40, device="meta"))
