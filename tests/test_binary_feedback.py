@@ -294,7 +294,7 @@ def test_bad_inputs_raise_clear_errors():
     meta_words = torch.empty(10, 2, dtype=torch.int32, device="meta")
     with pytest.raises(ValueError, match="words is on the meta device"):
         binary_feedback_project(e, PackedSigns(meta_words, 10, 33))
-    with pytest.raises(ValueError, match="grad_mask is on meta"):
+    with pytest.raises(ValueError, match="grad_mask is on the meta device"):
         binary_feedback_project(e, feedback, grad_mask=torch.empty(4, 33, device="meta"))
 
     with pytest.raises(ValueError, match="num_classes must be in"):
