@@ -1,8 +1,10 @@
-"""Swapping submodules in place: what the converters (trace convs, MaskReLU, compact BatchNorm) share."""
+"""What the converters (trace convs, MaskReLU, compact BatchNorm, feedback layers) share: swapping
+submodules in place, and which convolutions a drop-in replacement can stand in for."""
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 
 def swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
@@ -16,3 +18,23 @@ def swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Mod
             if child is not None and id(child) in replacements:
                 parent._modules[key] = replacements[id(child)]
     return model
+
+
+def unsupported_conv2d(conv: nn.Module, replacement: type[nn.Conv2d]) -> str | None:
+    """Why ``conv`` cannot be swapped for a ``replacement`` (a drop-in nn.Conv2d subclass), or None:
+    only plain 2-d convolutions (or replacements already) with zero padding that is symmetric."""
+    if not isinstance(conv, _ConvNd):
+        return f"{type(conv).__name__} is not a convolution"
+    if conv.transposed:
+        return f"transposed convolution ({type(conv).__name__}) is not supported"
+    if not isinstance(conv, nn.Conv2d):
+        return f"{type(conv).__name__} is not supported (only 2-d convolutions are)"
+    if type(conv) not in (nn.Conv2d, replacement):
+        return f"nn.Conv2d subclass {type(conv).__name__} is not supported (its forward may differ)"
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        return "uninitialized lazy parameters are not supported; run a forward pass first"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')"
+    if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
+        return "padding='same' with an even effective kernel pads asymmetrically; not supported"
+    return None

@@ -63,7 +63,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from kernels._hash import stream_key
-from kernels._modules import swap_modules
+from kernels._modules import swap_modules, unsupported_conv2d
 
 __all__ = [
     "FEEDBACK_STATE_KEYS",
@@ -247,17 +247,7 @@ def _unsupported(module: nn.Module) -> str | None:
         return None
     if not isinstance(module, _ConvNd):
         return f"{type(module).__name__} is neither nn.Linear nor nn.Conv2d"
-    if module.transposed:
-        return f"transposed convolution ({type(module).__name__}) is not supported"
-    if not isinstance(module, nn.Conv2d):
-        return f"{type(module).__name__} is not supported (only 2-d convolutions are)"
-    if type(module) not in (nn.Conv2d, FeedbackConv2d):
-        return f"nn.Conv2d subclass {type(module).__name__} is not supported (its forward may differ)"
-    if module.padding_mode != "zeros":
-        return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
-    if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
-        return "padding='same' with an even effective kernel pads asymmetrically; not supported"
-    return None
+    return unsupported_conv2d(module, FeedbackConv2d)
 
 
 class _FeedbackLayer:

@@ -56,9 +56,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 
 from kernels._dispatch import FLOAT_DTYPES, check_tensor, dot_precision, tile, use_triton
+from kernels._modules import unsupported_conv2d
 from kernels.conv_geometry import ConvGeometry
 from kernels.probes import PROBE_CODE, check_probe_args, probe_keys, probe_matrix, probe_tile
 
@@ -337,22 +337,7 @@ class _TraceConv2dFunction(torch.autograd.Function):
 
 def unsupported_conv(conv: nn.Module) -> str | None:
     """Why ``conv`` cannot become a TraceConv2d, or None when it can."""
-    if not isinstance(conv, _ConvNd):
-        return f"{type(conv).__name__} is not a convolution"
-    if conv.transposed:
-        return f"transposed convolution ({type(conv).__name__}) is not supported"
-    if not isinstance(conv, nn.Conv2d):
-        return f"{type(conv).__name__} is not supported (only 2-d convolutions are)"
-    if type(conv) not in (nn.Conv2d, TraceConv2d):
-        return f"nn.Conv2d subclass {type(conv).__name__} is not supported (its forward may differ)"
-    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        return "uninitialized lazy parameters are not supported; run a forward pass first"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')"
-    if isinstance(conv.padding, str) and conv.padding == "same":
-        if any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
-            return "padding='same' with an even effective kernel pads asymmetrically; not supported"
-    return None
+    return unsupported_conv2d(conv, TraceConv2d)
 
 
 def _int_padding(conv: nn.Conv2d) -> tuple[int, int]:
