@@ -278,22 +278,49 @@ def cifar_data(npz: Path | None, root: Path | None, synthetic_path: Path, synthe
                      f"--cifar-root); speed and memory hold, accuracy means nothing")
 
 
-# ---- rules on ResNet-18 (CIFAR stem) for the step benchmarks ----------------------------------------
+# ---- rules on CIFAR models for the step benchmarks --------------------------------------------------
 
 CIFAR_SHAPE, CIFAR_CLASSES = (3, 32, 32), 10
+RESNET18_CIFAR = {"name": "resnet18", "cifar_stem": True}
 
 
-def resnet18_cifar_rule(rule: str, options: Mapping[str, Any], device: torch.device, *, compile: bool = False,
-                        amp: bool = False, optim: Mapping[str, Any] | None = None) -> tuple[Any, torch.optim.Optimizer]:
-    """(rule, optimizer) training a fresh ResNet-18 with the CIFAR stem (10 classes, 32x32 images),
-    built through the recipe schema as ``trainer run`` builds it: validated options, the session's
-    optimizer groups. ``optim``: the recipe's ``[optim]`` keys (default SGD + Nesterov)."""
+def add_step_arguments(parser: Any, batch: int) -> None:
+    """The flags of the training-step benchmarks: batch, steps, warm-up, device, compile, amp, out."""
+    import argparse
+
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per rule")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per rule (compilation, allocator)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the units / model (default: on for CUDA)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for CUDA)")
+    parser.add_argument("--out", type=Path, help="write the results here (.json, or .csv)")
+
+
+def step_settings(args: Any) -> tuple[torch.device, bool, bool]:
+    """(device, compile, amp) from ``add_step_arguments``' flags: compile and bf16 default to on for CUDA."""
+    from trainer.session import resolve_device
+
+    device = resolve_device(args.device)
+    on_cuda = device.type == "cuda"
+    return (device, on_cuda if args.compile is None else args.compile, on_cuda if args.amp is None else args.amp)
+
+
+def cifar_rule(rule: str, options: Mapping[str, Any], device: torch.device, *, compile: bool = False,
+               amp: bool = False, optim: Mapping[str, Any] | None = None,
+               model: Mapping[str, Any] = RESNET18_CIFAR) -> tuple[Any, torch.optim.Optimizer]:
+    """(rule, optimizer) training a fresh CIFAR model (``[model]`` keys; default ResNet-18 with the
+    CIFAR stem; 10 classes, 32x32 images), built through the recipe schema as ``trainer run`` builds
+    it: validated options, the session's optimizer groups. ``optim``: the recipe's ``[optim]`` keys
+    (default SGD + Nesterov)."""
     from trainer.models import build_model
     from trainer.recipes import recipe_from_dict
     from trainer.rules import build_rule
     from trainer.session import build_optimizer, rule_context
 
-    recipe = recipe_from_dict({"model": {"name": "resnet18", "cifar_stem": True}, "rule": {"name": rule, **options},
+    recipe = recipe_from_dict({"model": dict(model), "rule": {"name": rule, **options},
                                "optim": dict(optim or {}), "train": {"compile": compile, "amp": amp}},
                               source=f"benchmark rule {rule!r}")
     torch.manual_seed(recipe.train.seed)

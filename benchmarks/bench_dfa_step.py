@@ -22,15 +22,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import (  # noqa: E402
+    add_step_arguments,
     cifar_batch,
+    cifar_rule,
     environment,
     make_console,
-    resnet18_cifar_rule,
+    step_settings,
     table,
     time_interleaved,
     write_results,
 )
-from trainer.session import resolve_device  # noqa: E402
 
 RULES = {  # label -> (rule, options)
     "bp": ("bp", {}),
@@ -42,24 +43,13 @@ RULES = {  # label -> (rule, options)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per rule")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per rule (compilation, allocator)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the units / model (default: on for CUDA)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on for CUDA)")
-    parser.add_argument("--out", type=Path, help="write the results here (.json, or .csv)")
+    add_step_arguments(parser, batch=256)
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    on_cuda = device.type == "cuda"
-    compile_ = on_cuda if args.compile is None else args.compile
-    amp = on_cuda if args.amp is None else args.amp
+    device, compile_, amp = step_settings(args)
     x, y = cifar_batch(args.batch, device)
     steps = {}
     for label, (rule_name, options) in RULES.items():
-        rule, optimizer = resnet18_cifar_rule(rule_name, options, device, compile=compile_, amp=amp,
+        rule, optimizer = cifar_rule(rule_name, options, device, compile=compile_, amp=amp,
                                               optim={"name": "sgd", "lr": 0.01})
         steps[label] = lambda rule=rule, optimizer=optimizer: rule.train_step(x, y, optimizer)
     times = time_interleaved(steps, device, warmup=args.warmup, repeats=args.steps)

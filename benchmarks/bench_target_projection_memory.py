@@ -38,7 +38,7 @@ from benchmarks._harness import (  # noqa: E402
     cifar_batch,
     environment,
     make_console,
-    resnet18_cifar_rule,
+    cifar_rule,
     table,
     time_interleaved,
     write_results,
@@ -84,7 +84,7 @@ def step_peak(rule: Rule, optimizer: torch.optim.Optimizer, batch: int, device: 
 
 
 def fits(variant: Variant, batch: int, budget_mib: float, device: torch.device, amp: bool) -> bool:
-    rule, optimizer = resnet18_cifar_rule(variant.rule, variant.options, device, amp=amp)
+    rule, optimizer = cifar_rule(variant.rule, variant.options, device, amp=amp)
     try:
         return step_peak(rule, optimizer, batch, device).total_bytes / 2**20 <= budget_mib
     except torch.OutOfMemoryError:
@@ -111,7 +111,7 @@ def largest_batch(variant: Variant, start: int, budget_mib: float, device: torch
 
 def measure(chosen: list[Variant], args: argparse.Namespace, device: torch.device) -> list[Measurement]:
     """Step times (interleaved over the rules) and each rule's activation peak at ``args.batch``."""
-    built = {v.label: resnet18_cifar_rule(v.rule, v.options, device, amp=args.amp) for v in chosen}
+    built = {v.label: cifar_rule(v.rule, v.options, device, amp=args.amp) for v in chosen}
     x, y = cifar_batch(args.batch, device)
     times = time_interleaved({label: lambda rule=rule, opt=opt: rule.train_step(x, y, opt)
                               for label, (rule, opt) in built.items()}, device, warmup=args.warmup, repeats=args.steps)

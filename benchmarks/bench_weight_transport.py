@@ -18,16 +18,19 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._harness import cifar_batch, environment, make_console, table, time_interleaved, write_results  # noqa: E402
-from trainer.config import OptimConfig  # noqa: E402
-from trainer.models import build_model  # noqa: E402
-from trainer.recipes import recipe_from_dict  # noqa: E402
-from trainer.rules import build_rule  # noqa: E402
-from trainer.session import build_optimizer, resolve_device, rule_context  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
+    add_step_arguments,
+    cifar_batch,
+    cifar_rule,
+    environment,
+    make_console,
+    step_settings,
+    table,
+    time_interleaved,
+    write_results,
+)
 
 RULES = {  # label -> [rule] table
     "bp": {"name": "bp"},
@@ -44,29 +47,15 @@ RULES = {  # label -> [rule] table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per rule")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per rule (compilation, allocator)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model (default: on for CUDA)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on for CUDA)")
-    parser.add_argument("--out", type=Path, help="write the results here (.json, or .csv)")
+    add_step_arguments(parser, batch=128)
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    on_cuda = device.type == "cuda"
-    compile_ = on_cuda if args.compile is None else args.compile
-    amp = on_cuda if args.amp is None else args.amp
+    device, compile_, amp = step_settings(args)
     x, y = cifar_batch(args.batch, device)
     steps, state = {}, {}
     for label, rule_table in RULES.items():
-        recipe = recipe_from_dict({"model": {"name": "resnet20"}, "rule": rule_table,
-                                   "train": {"device": str(device), "compile": compile_, "amp": amp}})
-        torch.manual_seed(0)
-        model = build_model(recipe.model, (3, 32, 32), 10).to(device)
-        rule = build_rule(recipe.rule.name, recipe.rule.options, model, rule_context(recipe, device, 10, (3, 32, 32)))
-        optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3), model, rule)
+        options = {k: v for k, v in rule_table.items() if k != "name"}
+        rule, optimizer = cifar_rule(rule_table["name"], options, device, compile=compile_, amp=amp,
+                                     optim={"name": "adamw", "lr": 1e-3}, model={"name": "resnet20"})
         steps[label] = lambda rule=rule, optimizer=optimizer: rule.train_step(x, y, optimizer)
         state[label] = rule.state_nbytes()
     times = time_interleaved(steps, device, warmup=args.warmup, repeats=args.steps)
