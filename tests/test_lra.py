@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from conftest import write_recipe
+from conftest import assert_rel_close, write_recipe
 from trainer.cli import main
 from trainer.config import ConfigError, ModelConfig, OptimConfig
 from trainer.loop import train
@@ -40,14 +40,6 @@ def make_rule(name, model, input_shape, classes, **options):
     opts = rule_options_class(name)(**options)
     opts.validate()
     return build_rule(name, opts, model, RuleContext(num_classes=classes, input_shape=input_shape))
-
-
-def close(got, want, what, rtol=1e-4):
-    """Every element close to the float64 reference, relative to the reference's largest entry."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got.double() - want).abs().max().item()
-    tol = rtol * max(want.abs().max().item(), 1e-8)
-    assert err <= tol, f"{what}: max abs err {err:.3e} > {tol:.3e}"
 
 
 def mixed_error(z, target, alpha):
@@ -123,17 +115,17 @@ def test_lra_mlp_matches_the_equations(weight_update, error_update, alpha, max_n
     outputs = rule.forward_units(x)
     got = rule.align(outputs, rule.output_error(outputs[-1][0], y)[1] * len(y))[0]  # the error units
     for l in range(3):
-        close(got[l], errors[l], f"error units e_{l}")
+        assert_rel_close(got[l], errors[l], 1e-4, f"error units e_{l}")
     if alpha == 1.0:  # e = z - y: the targets themselves
         for l in range(2):
-            close(outputs[l][0] - got[l], targets[l], f"target y_{l}")
+            assert_rel_close(outputs[l][0] - got[l], targets[l], 1e-4, f"target y_{l}")
 
     rule.train_step(x, y, KeepGrads())
     for i, lin in enumerate(linears):
-        close(lin.weight.grad, deltas[lin.weight], f"ΔW_{i}")
-        close(lin.bias.grad, deltas[lin.bias], f"Δb_{i}")
+        assert_rel_close(lin.weight.grad, deltas[lin.weight], 1e-4, f"ΔW_{i}")
+        assert_rel_close(lin.bias.grad, deltas[lin.bias], 1e-4, f"Δb_{i}")
     for l, emap in enumerate(rule.error_maps):  # γ is E's learning-rate multiple: the step is γ·lr·grad
-        close(options["gamma"] * emap.weight.grad, deltas[l], f"ΔE_{l} ({error_update})")
+        assert_rel_close(options["gamma"] * emap.weight.grad, deltas[l], 1e-4, f"ΔE_{l} ({error_update})")
     if max_norm:
         norms = [p.grad.norm().item() for p in model.parameters()]
         norms += [options["gamma"] * p.grad.norm().item() for p in rule.parameters()]
@@ -176,7 +168,7 @@ def test_gamma_is_the_error_maps_learning_rate_under_sgd_and_adamw():
         step = E.detach() - before
         if name == "sgd":
             assert (0.25 * want).norm() <= 0.05 * (1 + 1e-5)  # the ball holds for γ·ΔE, the step's direction
-            close(step, -0.25 * lr * want.double(), "SGD step of E")
+            assert_rel_close(step, -0.25 * lr * want.double(), 1e-4, "SGD step of E")
         else:
             assert torch.allclose(step.abs(), torch.full_like(step, 0.25 * lr), rtol=1e-3)
 
@@ -282,12 +274,12 @@ def test_rec_lra_residual_blocks_match_the_equations(error_map, vector_error_map
         names = list(params[l])
         wanted = torch.autograd.grad((local[l] * errors[l]).sum() / n, [params[l][k] for k in names])
         for k, want in zip(names, wanted):
-            close(dict(unit[1].named_parameters())[k].grad, want, f"unit {l} Δ{k}")
+            assert_rel_close(dict(unit[1].named_parameters())[k].grad, want, 1e-4, f"unit {l} Δ{k}")
     for l, src in ((2, 3), (1, 3), (0, 1)):  # ΔE = -γ/N · ∂<E(e_src), d>/∂E
         weight = E[l].clone().requires_grad_()
         d = apply_map(rule.error_maps[l], weight, errors[src], shapes[l])
         (want,) = torch.autograd.grad(-gamma / n * (d * actions[l]).sum(), weight)
-        close(gamma * rule.error_maps[l].weight.grad, want, f"ΔE_{l} ({type(rule.error_maps[l]).__name__})")
+        assert_rel_close(gamma * rule.error_maps[l].weight.grad, want, 1e-4, f"ΔE_{l} ({type(rule.error_maps[l]).__name__})")
 
 
 def test_transpose_update_ties_conv_and_channel_maps_to_the_next_units_first_weight():
@@ -304,13 +296,13 @@ def test_transpose_update_ties_conv_and_channel_maps_to_the_next_units_first_wei
     for emap, weight in zip(rule.error_maps, rule.tied):
         want = weight.grad.transpose(0, 1).flip(2, 3) if weight.dim() == 4 else weight.grad
         assert torch.linalg.vector_norm(weight.grad) <= 0.5 + 1e-6  # ΔW_{l+1} after its norm-ball
-        close(emap.weight.grad, want, "ΔE")
+        assert_rel_close(emap.weight.grad, want, 1e-4, "ΔE")
     # E = Wᵀ in this layout feeds back exactly the adjoint of block2.conv1: <conv(z, W), e> = <z, E(e)>
     emap, weight = rule.error_maps[1], block2.conv1.weight.detach()
     with torch.no_grad():
         emap.weight.copy_(weight.transpose(0, 1).flip(2, 3))
         z, e = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
-        close((z * emap(e)).sum(), (F.conv2d(z, weight, padding=1) * e).sum(), "adjoint")
+        assert_rel_close((z * emap(e)).sum(), (F.conv2d(z, weight, padding=1) * e).sum(), 1e-4, "adjoint")
 
 
 def test_error_skip_wiring_on_resnet18():
