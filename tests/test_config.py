@@ -36,7 +36,7 @@ def test_valid_recipe_is_typed(tmp_path, tiny_npz):
         ("data", {"val_fraction": 1.5}, "[data] val_fraction: must be in (0, 1)"),
         ("rule", {"name": "magic"}, "[rule] name: unknown rule 'magic'; rules: "),
         ("rule", {"granularity": "layer"}, "[rule] granularity: rule 'bp' has no options; remove the key"),
-        ("model", {"name": "vgg"}, "[model] name: expected one of"),
+        ("model", {"name": "vgg"}, "[model]: name: expected one of"),
         ("train", {"compile": "yes"}, "[train] compile: expected true or false (or unset), got 'yes'"),
     ],
 )

@@ -106,6 +106,8 @@ def wrong_type(annotation: Any) -> st.SearchStrategy:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return wrong_type(inner[0]) if inner[0] is not bool else st.one_of(TEXT, st.integers(), FLOATS)
+    if origin is dict:
+        return st.one_of(TEXT, st.integers(), st.lists(st.integers(), max_size=2))
     if origin is list:
         (item,) = typing.get_args(annotation)
         bad_item = TEXT if item in (int, float) else st.integers()

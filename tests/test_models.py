@@ -1,5 +1,10 @@
-"""Every model's units, at every granularity, compose to exactly the model's forward."""
+"""Every model's units, at every granularity, compose to exactly the model's forward; models from
+torchvision's zoo, a user's factory and the small ViT build for the data or say why not."""
 
+import json
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -58,7 +63,86 @@ def test_resnet_layer_units_carry_the_block_input():
 def test_user_sequential_children_are_units():
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     assert [name for name, _ in model_units(net, "block")] == ["0", "1"]
-    with pytest.raises(TypeError, match="cannot split a Linear"):
+    with pytest.raises(ValueError, match="cannot split a Linear"):
         model_units(nn.Linear(2, 2), "layer")
     with pytest.raises(ValueError, match="granularity must be one of"):
         model_units(net, "neuron")
+
+
+# --- models from torchvision's zoo, a user's factory, the small ViT ------------------------------
+
+
+def test_torchvision_builders_take_the_datas_channels_and_classes():
+    model = build_model(ModelConfig(name="torchvision:mobilenet_v3_small"), (1, 32, 32), 7)
+    assert model.features[0][0].in_channels == 1, "the first conv takes grey images"
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 7)
+    vit = build_model(ModelConfig(name="vit", vit_depth=2, vit_width=32, vit_heads=2, vit_mlp=64), (1, 28, 28), 10)
+    assert vit(torch.zeros(3, 1, 28, 28)).shape == (3, 10) and vit.conv_proj.in_channels == 1
+
+
+@pytest.mark.parametrize("cfg, shape, message", [
+    (ModelConfig(name="torchvision:vgg99"), (3, 32, 32), "torchvision has no classification model 'vgg99'; e.g. vgg11"),
+    (ModelConfig(name="torchvision:alexnet"), (3, 12, 12), "torchvision:alexnet cannot take 3x12x12 inputs: features.2 fails"),
+    (ModelConfig(name="torchvision:squeezenet1_1", kwargs={"depth": 3}), (3, 64, 64), "[model] kwargs: torchvision:squeezenet1_1 refused"),
+    (ModelConfig(name="vit", vit_patch=5), (1, 28, 28), "multiple of vit_patch = 5"),
+])
+def test_models_that_cannot_take_the_data_say_why(cfg, shape, message):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_model(cfg, shape, 10)
+
+
+def test_a_users_factory_from_the_working_directory(tmp_path, tiny_npz, monkeypatch, capsys):
+    from trainer.cli import main
+
+    from conftest import write_recipe
+
+    (tmp_path / "my_nets.py").write_text(
+        "from torch import nn\n"
+        "def small(num_classes, input_shape, hidden=16):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], hidden),\n"
+        "                         nn.ReLU(), nn.Linear(hidden, num_classes))\n"
+        "def broken(num_classes, input_shape):\n"
+        "    raise RuntimeError('no GPU here')\n"
+        "def not_a_model(num_classes, input_shape):\n"
+        "    return 42\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = write_recipe(tmp_path / "r.toml", tiny_npz, model={"name": "python:my_nets:small", "kwargs": {"hidden": 24}},
+                          rule={"name": "fa"}, optim={"name": "adamw", "lr": 0.01}, train={"epochs": 2})
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["accuracy"] > 0.6  # chance is 0.25
+    for name, message in [("python:my_nets:broken", "raised RuntimeError: no GPU here"),
+                          ("python:my_nets:not_a_model", "returned a int, not an nn.Module"),
+                          ("python:no_such_module:f", "cannot import 'no_such_module'"),
+                          ("python:my_nets:missing", "my_nets has no callable 'missing'")]:
+        assert main(["run", str(recipe), "--out", str(tmp_path / name), "--set", f"model.name={name}",
+                     "--set", "model.kwargs={}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_local_rules_refuse_models_they_cannot_split(tmp_path, tiny_npz, capsys):
+    from trainer.cli import main
+
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.toml", tiny_npz, model={"name": "torchvision:mobilenet_v3_small"}, rule={"name": "dfa"},
+                          data={"num_classes": 4})
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert "cannot split a MobileNetV3 into units" in capsys.readouterr().err
+
+
+def test_npz_test_path_trains_on_all_of_path(tmp_path, tiny_npz):
+    from trainer.config import DataConfig
+    from trainer.data import load_images
+
+    from conftest import make_pattern_images
+
+    x, y = make_pattern_images(60, seed=9)
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    train, test, name = load_images(DataConfig(name="npz", path=str(tiny_npz), test_path=str(tmp_path / "test.npz"),
+                                               val_fraction=0.0))
+    assert (len(train.y), len(test.y), name) == (400, 60, "test")

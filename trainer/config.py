@@ -11,6 +11,7 @@ traceback.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -37,6 +38,7 @@ class DataConfig:
     name: Literal["mnist5k", "mnist", "cifar10", "cifar100", "imagefolder", "npz"] = "mnist5k"
     root: str = ""  # folder of the torchvision data sets / of imagefolder's train/ and val/
     path: str = ""  # the .npz file for name = "npz"
+    test_path: str = ""  # npz: a held-out .npz in the same format; then all of path trains (val_fraction may be 0)
     download: bool = False  # let torchvision download mnist/cifar into root
     val_fraction: float = 0.1  # held-out share, for sources that have no official test split
     split_seed: int = 0  # fixes which images are held out
@@ -47,11 +49,21 @@ class DataConfig:
     num_classes: int = 0  # 0: the data set's own (10 for mnist/cifar10, ...; npz: inferred from the labels)
 
 
+BUILTIN_MODELS = ("mlp", "cnn", "rnn", "vit", "resnet18", "resnet34", "resnet50", "resnet20", "resnet32", "resnet56")
+
+
 @dataclass
 class ModelConfig:
-    """Which network; the input shape and class count come from the data."""
+    """Which network; the input shape and class count come from the data.
 
-    name: Literal["mlp", "cnn", "rnn", "resnet18", "resnet34", "resnet50", "resnet20", "resnet32", "resnet56"] = "cnn"
+    ``name``: a built-in model, ``torchvision:BUILDER`` (any classification builder of
+    torchvision.models, e.g. torchvision:vgg11_bn, built with weights=None), or
+    ``python:package.module:factory`` (a factory of the user's, importable from the working
+    directory, called with num_classes, input_shape and ``kwargs``).
+    """
+
+    name: str = "cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # torchvision: and python: models: builder arguments
     cifar_stem: bool = False  # torchvision resnets: 3x3 stride-1 first conv and no max-pool
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
     activation: Literal["relu", "tanh"] = "relu"  # mlp and cnn hidden activation
@@ -59,6 +71,24 @@ class ModelConfig:
     rnn_cell: Literal["elman", "gru", "lstm"] = "lstm"  # rnn: recurrent cell (elman: tanh RNN)
     rnn_hidden: int = 128  # rnn: hidden units of each recurrent layer
     rnn_layers: int = 2  # rnn: stacked recurrent layers (images are read row by row)
+    vit_patch: int = 7  # vit: patch size (the image side must be a multiple of it)
+    vit_depth: int = 4  # vit: transformer blocks (pre-norm)
+    vit_width: int = 64  # vit: token width
+    vit_heads: int = 4  # vit: attention heads (must divide the width)
+    vit_mlp: int = 128  # vit: hidden width of each block's MLP
+
+    def validate(self) -> None:
+        kind, _, target = self.name.partition(":")
+        if kind == "torchvision" and target:
+            return
+        if kind == "python" and target.count(":") == 1 and all(target.split(":")):
+            return
+        if self.name not in BUILTIN_MODELS:
+            raise ValueError(f"name: expected one of {', '.join(map(repr, BUILTIN_MODELS))}, 'torchvision:BUILDER' "
+                             f"or 'python:package.module:factory', got {self.name!r}")
+        if self.kwargs:
+            raise ValueError(f"kwargs: only torchvision: and python: models take kwargs; {self.name!r} has its "
+                             "own keys ([model] hidden, width, ...)")
 
 
 @dataclass
@@ -138,6 +168,8 @@ def _type_name(annotation: Any) -> str:
     if origin is list:
         (item,) = typing.get_args(annotation)
         return f"a list of {_type_name(item)}"
+    if origin is dict:
+        return "a table (e.g. {image_size = 32})"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         annotation, str(annotation)
     )
@@ -168,6 +200,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise fail
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # a TOML table of keyword arguments, passed on as read
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise fail
+        return dict(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise fail
@@ -229,7 +265,9 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
         (len(r.optim.betas) == 2 and all(0 <= b < 1 for b in r.optim.betas), "optim", "betas",
          "must be two numbers in [0, 1)"),
         (0.0 <= r.optim.warmup_fraction < 1.0, "optim", "warmup_fraction", "must be in [0, 1)"),
-        (0.0 < r.data.val_fraction < 1.0, "data", "val_fraction", "must be in (0, 1)"),
+        (0.0 < r.data.val_fraction < 1.0 or (r.data.val_fraction == 0.0 and bool(r.data.test_path)), "data",
+         "val_fraction", "must be in (0, 1), or 0 with a test_path (npz)"),
+        (not r.data.test_path or r.data.name == "npz", "data", "test_path", "only name = 'npz' takes a test_path"),
         (r.data.crop_padding >= -1, "data", "crop_padding", "must be -1 (default) or >= 0"),
         (r.data.image_size >= 8, "data", "image_size", "must be at least 8"),
         (r.data.num_workers >= 0, "data", "num_workers", "must be non-negative"),
@@ -238,6 +276,10 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
         (r.model.width >= 1, "model", "width", "must be at least 1"),
         (r.model.rnn_hidden >= 1, "model", "rnn_hidden", "must be at least 1"),
         (r.model.rnn_layers >= 1, "model", "rnn_layers", "must be at least 1"),
+        (min(r.model.vit_patch, r.model.vit_depth, r.model.vit_width, r.model.vit_heads, r.model.vit_mlp) >= 1,
+         "model", "vit_patch", "vit_patch, vit_depth, vit_width, vit_heads and vit_mlp must be at least 1"),
+        (r.model.vit_width % max(r.model.vit_heads, 1) == 0, "model", "vit_heads",
+         f"must divide vit_width = {r.model.vit_width}"),
         (re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", r.train.device) is not None, "train", "device",
          f"must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a device index), got {r.train.device!r}"),
         (r.data.name != "npz" or bool(r.data.path), "data", "path", "name = 'npz' needs path = the .npz file"),
@@ -364,10 +406,16 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value)  # JSON's string escapes are TOML's
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
 def dump_toml(tree: dict[str, dict[str, Any]]) -> str:

@@ -294,6 +294,14 @@ def load_images(cfg: DataConfig, can_download: bool = True) -> tuple[Images, Ima
         return (_torchvision_split(cfg.name, cfg.root, True, cfg.download, can_download),
                 _torchvision_split(cfg.name, cfg.root, False, cfg.download, can_download), "test")
     images = load_mnist5k() if cfg.name == "mnist5k" else load_npz(cfg.path)
+    if cfg.test_path:  # the user's own held-out file: all of path trains unless val_fraction splits it too
+        test = load_npz(cfg.test_path, key="[data] test_path")
+        if cfg.val_fraction:
+            images = held_out_split(images, cfg.val_fraction, cfg.split_seed)[0]
+        if tuple(test.x.shape[1:]) != tuple(images.x.shape[1:]):
+            raise ConfigError(f"[data] test_path: {cfg.test_path} holds {tuple(test.x.shape[1:])} images (C, H, W), "
+                              f"but {cfg.path} holds {tuple(images.x.shape[1:])}")
+        return images, test, "test"
     train, test = held_out_split(images, cfg.val_fraction, cfg.split_seed)
     return train, test, "held-out"
 

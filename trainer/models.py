@@ -1,10 +1,14 @@
-"""The models a recipe names: MLP, small CNN, recurrent nets, torchvision and CIFAR ResNets.
+"""The models a recipe names: MLP, small CNN, recurrent nets, a small ViT, torchvision and CIFAR
+ResNets, any torchvision classification builder, and a user's own factory.
 
 How the local rules split them into units is ``trainer.units``.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections import OrderedDict
 
 import torch
@@ -12,7 +16,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from trainer.config import ModelConfig
+from trainer.config import ConfigError, ModelConfig
 
 class LayeredNet(nn.Sequential):
     """A plain feed-forward net stored as stages of layers (no residual connections)."""
@@ -149,8 +153,108 @@ def _torchvision_resnet(name: str, num_classes: int, in_channels: int, cifar_ste
     return model
 
 
+def _vit(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> nn.Module:
+    """A small pre-norm vision transformer with a class token (torchvision's VisionTransformer)."""
+    _, height, width = input_shape
+    if height != width or height % cfg.vit_patch:
+        raise ConfigError(f"[model] vit_patch: the vit takes square images whose side is a multiple of vit_patch = "
+                          f"{cfg.vit_patch}; the data's images are {height}x{width}")
+    return torchvision.models.VisionTransformer(
+        image_size=height, patch_size=cfg.vit_patch, num_layers=cfg.vit_depth, num_heads=cfg.vit_heads,
+        hidden_dim=cfg.vit_width, mlp_dim=cfg.vit_mlp, num_classes=num_classes)
+
+
+def _torchvision_model(builder: str, num_classes: int, kwargs: dict) -> nn.Module:
+    """Any classification builder of torchvision.models, untrained (weights=None: nothing is downloaded)."""
+    known = torchvision.models.list_models(module=torchvision.models)
+    if builder not in known:
+        close = [name for name in known if name.startswith(builder[:3])][:6] or known[:6]
+        raise ConfigError(f"[model] name: torchvision has no classification model {builder!r}; e.g. "
+                          f"{', '.join(close)} (torchvision.models.list_models())")
+    try:
+        return torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ConfigError(f"[model] kwargs: torchvision:{builder} refused {kwargs} ({err})") from None
+
+
+def _user_model(target: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict) -> nn.Module:
+    """``package.module:factory`` from the working directory, called with num_classes, input_shape, kwargs."""
+    module_name, factory_name = target.split(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or whatever the module raises while importing
+        raise ConfigError(f"[model] name: cannot import {module_name!r} from {os.getcwd()} "
+                          f"({type(err).__name__}: {err})") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ConfigError(f"[model] name: {module_name} has no callable {factory_name!r}")
+    try:
+        model = factory(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+    except Exception as err:
+        raise ConfigError(f"[model] name: python:{target}(num_classes={num_classes}, input_shape={tuple(input_shape)}, "
+                          f"**{kwargs}) raised {type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"[model] name: python:{target} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _fit_input_channels(model: nn.Module, channels: int) -> None:
+    """The documented rule for data with other channels than the model's: its first convolution
+    is replaced by one taking the data's channels (same geometry, freshly initialised); grey
+    digits into a colour model, or RGB into a grey one."""
+    for parent in model.modules():
+        for key, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != channels and child.groups == 1:
+                    conv = nn.Conv2d(channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                                     child.dilation, bias=child.bias is not None, padding_mode=child.padding_mode)
+                    setattr(parent, key, conv.to(child.weight.dtype))
+                return
+
+
+@torch.no_grad()
+def _check_input_size(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
+    """One dry forward in eval mode on two blank images: a size the model cannot take is refused
+    here, naming the layer that fails, not deep in the first training step."""
+    entered: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: entered.append(n))
+             for n, m in model.named_modules() if n and not list(m.children())]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        model(torch.zeros((2, *input_shape)))
+    except Exception as err:
+        layer = entered[-1] if entered else "its first layer"
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"[model] name: {name} cannot take {'x'.join(map(str, input_shape))} inputs: {layer} fails "
+                          f"({type(err).__name__}: {reason}); use larger images ([data] image_size for image "
+                          "folders) or a model built for this size (e.g. [model] kwargs)") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes:
+            module.train(mode)
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The network named by ``[model]`` for inputs of ``input_shape`` (C, H, W)."""
+    """The network named by ``[model]`` for inputs of ``input_shape`` (C, H, W). Models from
+    torchvision or a user's factory take the data's channels (``_fit_input_channels``) and are
+    checked to run at this size."""
+    kind, _, target = cfg.name.partition(":")
+    if kind in ("torchvision", "python"):
+        if kind == "torchvision":
+            model = _torchvision_model(target, num_classes, cfg.kwargs)
+        else:
+            model = _user_model(target, input_shape, num_classes, cfg.kwargs)
+        _fit_input_channels(model, input_shape[0])
+        _check_input_size(model, cfg.name, input_shape)
+        return model
+    if cfg.name == "vit":
+        model = _vit(input_shape, num_classes, cfg)
+        _fit_input_channels(model, input_shape[0])
+        return model
     if cfg.name == "mlp":
         return _mlp(input_shape, num_classes, cfg.hidden, cfg.activation)
     if cfg.name == "cnn":

@@ -151,7 +151,10 @@ def build_session(recipe: Recipe) -> Session:
         data = build_data(recipe.data, device, cfg.batch_size, cfg.eval_batch_size, cfg.seed, env.rank, env.world_size)
     except ConfigError as err:
         raise ConfigError(f"{recipe.source}: {err}") from None
-    model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
+    try:
+        model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
+    except ConfigError as err:
+        raise ConfigError(f"{recipe.source}: {err}") from None
     try:
         rule = build_rule(recipe.rule.name, recipe.rule.options, model,
                           rule_context(recipe, device, data.num_classes, data.input_shape))

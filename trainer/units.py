@@ -139,9 +139,10 @@ def model_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module
         return _layered_units(model, granularity)
     if isinstance(model, nn.Sequential):  # a user's own net: its children are the units
         return list(model.named_children())
-    raise TypeError(
+    raise ValueError(
         f"cannot split a {type(model).__name__} into units: local rules take the trainer's models "
-        "(mlp, cnn, resnet*, torchvision ResNets) or an nn.Sequential whose children are the units"
+        "(mlp, cnn, rnn, resnet*, torchvision ResNets) or an nn.Sequential whose children are the units; "
+        "rules that train any model end to end: bp, trace_bp, fa, usf, brsf, frsf, kp"
     )
 
 

@@ -172,7 +172,10 @@ class UnitRule(Rule):
         super().__init__(model, options, ctx)
         if not ctx.input_shape:
             raise ValueError(f"rule {self.name!r} needs RuleContext.input_shape (one sample's shape, e.g. (1, 28, 28))")
-        self.model_units: list[Unit] = model_units(model, options.granularity)
+        try:
+            self.model_units: list[Unit] = model_units(model, options.granularity)
+        except ValueError as err:
+            raise RuleError(str(err)) from None
         grouped = self.group_units(self.model_units)
         self.unit_names = [name for name, _ in grouped]
         self.units = [unit for _, unit in grouped]  # a plain list: the model owns the parameters
