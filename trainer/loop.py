@@ -127,6 +127,8 @@ def resume_notes(recipe: Recipe, payload: dict[str, Any], out_dir: Path) -> list
         section, key = dotted.split(".")
         return tree.get(section, {}).get(key)
 
+    if "rule.name" in changed:  # another rule has other options: its name says it all
+        changed = [k for k in changed if not k.startswith("rule.") or k == "rule.name"]
     refused = [k for k in changed if k not in RESUMABLE_KEYS]
     if refused:
         listed = "; ".join(f"{k}: {value(saved, k)!r} → {value(new, k)!r}" for k in refused)
