@@ -270,7 +270,7 @@ def test_rec_lra_residual_blocks_match_the_equations(error_map, vector_error_map
     rule.train_step(x, y, KeepGrads())
     # Hebbian: the local backward of <a_l, e_l>/N; gradient: of <z_l, e_l>/N
     local = [(pre if weight_update == "hebbian" else zs)[l] for l in range(4)]
-    for l, unit in enumerate(model_units(net, "layer")):
+    for l, unit in enumerate(model_units(net, "layer")[0]):
         names = list(params[l])
         wanted = torch.autograd.grad((local[l] * errors[l]).sum() / n, [params[l][k] for k in names])
         for k, want in zip(names, wanted):
@@ -333,7 +333,7 @@ def test_pre_activations_give_the_unit_outputs(block):
     cnn = build_model(ModelConfig(name="cnn", width=4), (1, 8, 8), 3).eval()
     rule = make_rule("rec_lra", cnn, (1, 8, 8), 3)
     state = x = torch.randn(2, 1, 8, 8)
-    for plain, aligned in zip(model_units(cnn, "block"), rule.units):
+    for plain, aligned in zip(model_units(cnn, "block")[0], rule.units):
         z, a = aligned(state)
         state = plain[1](state)
         torch.testing.assert_close(z, state)

@@ -14,7 +14,7 @@ are computed up to their final ReLU, and a unit without a trailing activation ha
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Sequence, Union
 
 import torch
 import torchvision
@@ -22,10 +22,11 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from kernels.local_alignment import phi
+from trainer.graph_units import UnitEnd, children_cuts, cut_units, markers
 from trainer.models import CifarResNet, LayeredNet
 
-Granularity = Literal["layer", "block", "stage"]
-GRANULARITIES: tuple[str, ...] = ("layer", "block", "stage")
+Granularity = Literal["layer", "block", "stage", "children"]
+GRANULARITIES: tuple[str, ...] = ("layer", "block", "stage", "children")
 State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 Activation = Literal["relu", "tanh", "sigmoid", "identity"]
 ACTIVATION_MODULES: dict[type[nn.Module], Activation] = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
@@ -38,8 +39,8 @@ def primary(state: State) -> torch.Tensor:
 
 def detach_state(state: State) -> State:
     """Cut the graph at a unit boundary: every tensor of the state is detached."""
-    if isinstance(state, tuple):
-        return tuple(t.detach() for t in state)
+    if isinstance(state, tuple):  # carried values may include plain numbers (sizes read in a forward)
+        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in state)
     return state.detach()
 
 
@@ -123,16 +124,28 @@ def _layered_units(model: LayeredNet, granularity: str) -> list[tuple[str, nn.Mo
     ]
 
 
-def model_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]:
-    """The model's ordered (name, unit) pairs at ``granularity``: layer, block or stage.
+def model_units(model: nn.Module, granularity: str, cuts: Sequence[str] = ()) -> tuple[list[tuple[str, nn.Module]], str | None]:
+    """The model's ordered (name, unit) pairs, and a note on how they were found (or None).
 
-    ResNets: stem, then residual blocks (block), their conv layers (layer) or their stages
-    (stage), then the head (pooling and classifier). Plain nets (mlp, cnn) have no blocks, so
-    block granularity equals layer granularity. Recurrent nets (an nn.Sequential): each recurrent
-    layer, then the readout, at every granularity. Any other nn.Sequential: its children.
+    Named ``cuts`` (``[rule] units``), ``UnitEnd`` markers in the model, or ``granularity =
+    "children"``: cut from the model's traced graph (``trainer.graph_units``; any model). Otherwise,
+    at ``granularity``: ResNets give stem, then residual blocks (block), their conv layers (layer)
+    or their stages (stage), then the head (pooling and classifier); plain nets (mlp, cnn) have no
+    blocks, so block equals layer; recurrent nets (an nn.Sequential): each recurrent layer, then the
+    readout; any other nn.Sequential: its children.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if cuts or markers(model):
+        return cut_units(model, list(cuts)), f"units: {len(cuts)} named cuts and {len(markers(model))} UnitEnd markers"
+    if granularity == "children":
+        chosen, note = children_cuts(model)
+        return cut_units(model, chosen), note
+    return _named_units(model, granularity), None
+
+
+def _named_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]:
+    """The units of the models whose structure is known (ResNets, the trainer's nets, Sequentials)."""
     if _is_resnet(model):
         return _resnet_units(model, granularity)
     if isinstance(model, LayeredNet):
@@ -140,9 +153,8 @@ def model_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module
     if isinstance(model, nn.Sequential):  # a user's own net: its children are the units
         return list(model.named_children())
     raise ValueError(
-        f"cannot split a {type(model).__name__} into units: local rules take the trainer's models "
-        "(mlp, cnn, rnn, resnet*, torchvision ResNets) or an nn.Sequential whose children are the units; "
-        "rules that train any model end to end: bp, trace_bp, fa, usf, brsf, frsf, kp"
+        f"cannot split a {type(model).__name__} into units by granularity = {granularity!r}: name the cuts "
+        "([rule] units = [\"features.3\", ...]), use granularity = \"children\", or put UnitEnd markers in its forward"
     )
 
 

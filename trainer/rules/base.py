@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import torch
@@ -121,11 +121,15 @@ class Rule(nn.Module, abc.ABC):
 class UnitOptions:
     """Options every local rule has.
 
-    granularity: what a unit is (layer, block or stage; see ``trainer.units.model_units``):
-    backprop runs inside a unit, the rule's signal between units.
+    granularity: what a unit is (layer, block or stage of the models the trainer knows; children:
+    each block of any model's main block stack; see ``trainer.units.model_units``): backprop runs
+    inside a unit, the rule's signal between units.
+    units: the submodules (qualified names) after which to cut any model, in execution order;
+    UnitEnd markers in a model's forward cut it too (``trainer.graph_units``).
     """
 
     granularity: Granularity = "layer"
+    units: list[str] = field(default_factory=list)
 
 
 Unit = tuple[str, nn.Module]
@@ -173,9 +177,10 @@ class UnitRule(Rule):
         if not ctx.input_shape:
             raise ValueError(f"rule {self.name!r} needs RuleContext.input_shape (one sample's shape, e.g. (1, 28, 28))")
         try:
-            self.model_units: list[Unit] = model_units(model, options.granularity)
+            self.model_units, note = model_units(model, options.granularity, options.units)
         except ValueError as err:
             raise RuleError(str(err)) from None
+        self.notes = (note,) if note else ()
         grouped = self.group_units(self.model_units)
         self.unit_names = [name for name, _ in grouped]
         self.units = [unit for _, unit in grouped]  # a plain list: the model owns the parameters
