@@ -31,3 +31,18 @@ def test_rule_in_your_own_loop_example_learns():
         accuracy = (namespace["model"](images).argmax(1) == labels).float().mean()
     assert accuracy > 0.6  # chance is 0.1
     assert namespace["rule"].diagnostics()["angle"] < 85  # the hidden units' updates align with BP's
+
+
+def test_any_model_example_learns(capsys):
+    torch.manual_seed(0)
+    images = torch.randn(256, 3, 32, 32)
+    labels = (images.flatten(1) @ torch.randn(3 * 32 * 32, 10)).argmax(1)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=32, shuffle=True)
+    namespace = run_example("any-model", loader=loader)
+    assert namespace["dfa_zoo"].unit_names == ["features.3", "features.8", "output"]
+    assert namespace["dfa_mine"].unit_names == ["end", "output"]
+    printed = capsys.readouterr().out
+    assert "MobileNetV3: units" in printed and "TwoPaths: units" in printed
+    with torch.no_grad():
+        accuracy = (namespace["mine"](images).argmax(1) == labels).float().mean()
+    assert accuracy > 0.3  # chance is 0.1
