@@ -208,3 +208,24 @@ def test_bad_options_are_clean_config_errors(tmp_path, tiny_npz, rule, message):
     path = write_recipe(tmp_path / "r.toml", tiny_npz, rule=rule)
     with pytest.raises(ConfigError, match=message):
         train(load_recipe(path), tmp_path / "run")
+
+
+def test_token_feedback_first_reaches_the_class_token_alone():
+    """On token sequences (N, T, D): B_l is C x D and the signal is e·B_l at token 0, zero elsewhere."""
+    from trainer.config import ModelConfig
+    from trainer.models import build_model
+
+    model = build_model(ModelConfig(name="vit", vit_patch=4, vit_depth=2, vit_width=8, vit_heads=2, vit_mlp=16),
+                        (1, 8, 8), C)
+    rule = build_rule("dfa", DFAOptions(granularity="children", token_feedback="first"), model,
+                      RuleContext(num_classes=C, input_shape=(1, 8, 8)))
+    assert rule.unit_names == ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1", "output"]
+    assert [f.dim for f in rule.feedback] == [8, 8]
+    x, y = torch.randn(6, 1, 8, 8), torch.arange(6) % C
+    outputs = rule.forward_units(x)
+    error = output_error(outputs[-1].detach(), y)
+    signals = rule.signals(UnitBatch(x, y, outputs, error))
+    for l, feedback in enumerate(rule.feedback):
+        assert signals[l].shape == (6, 5, 8)  # the class token and 4 patches
+        torch.testing.assert_close(signals[l][:, 0], error @ feedback.dense() / math.sqrt(C))
+        assert torch.count_nonzero(signals[l][:, 1:]) == 0

@@ -72,6 +72,7 @@ class Rule(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    notes: tuple[str, ...] = ()  # what the rule decided for the user (e.g. where it cut the model), printed
 
     def __init__(self, model: nn.Module, options: object, ctx: RuleContext):
         super().__init__()

@@ -44,6 +44,9 @@ class DFAOptions(UnitOptions):
     statistics of the fixed matrices could not be read from the paper and is not offered.)
     feedback_storage: dense float32; binary feedback also packed (1 bit an entry) or seeded (none).
     align_every: measure the DFA-vs-BP angle every k steps (0: never).
+    token_feedback: for units whose output is a token sequence (N, T, D), e.g. transformer blocks:
+    "all" projects the error onto every token (B_l is C x T·D), "first" onto the first token alone
+    (the class token a ViT reads out; B_l is C x D, the other tokens get a zero signal).
     """
 
     granularity: Granularity = "block"
@@ -52,6 +55,7 @@ class DFAOptions(UnitOptions):
     feedback_storage: Storage = "dense"
     feedback_scale: float = 1.0
     align_every: int = 0
+    token_feedback: Literal["all", "first"] = "all"
 
     def validate(self) -> None:
         check_projection_options(self.feedback_init, self.feedback_storage)
@@ -99,11 +103,12 @@ class DFA(UnitRule):
     def __init__(self, model: nn.Module, options: DFAOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
         self.unit_parameters = self._owned_parameters() if options.align_every else []
+        self.first_token = [options.token_feedback == "first" and len(shape) == 2 for shape in self.output_shapes]
         self.feedback = nn.ModuleList(
-            FixedProjection(ctx.num_classes, math.prod(shape), init=options.feedback_init,
+            FixedProjection(ctx.num_classes, shape[-1] if first else math.prod(shape), init=options.feedback_init,
                             storage=options.feedback_storage, seed=ctx.seed, stream=s[-1],
                             scale=options.feedback_scale, device=ctx.device)
-            for s, shape in zip(self.segments[:-1], self.output_shapes[:-1])
+            for s, shape, first in zip(self.segments[:-1], self.output_shapes[:-1], self.first_token)
         )
         self.steps = 0
         self.angles: dict[str, float] = {}
@@ -144,9 +149,12 @@ class DFA(UnitRule):
         error (``e`` for DFA); ``e`` itself for the top."""
         projected = self.projected_error(batch)
         signals = []
-        for feedback, out in zip(self.feedback, batch.outputs):
+        for feedback, out, first in zip(self.feedback, batch.outputs, self.first_token):
             h = primary(out)
-            signals.append(feedback.project(projected, out_dtype=h.dtype).view(h.shape))
+            g = feedback.project(projected, out_dtype=h.dtype)
+            if first:  # the class token alone
+                g = torch.cat([g[:, None], g.new_zeros(h.shape[0], h.shape[1] - 1, h.shape[2])], dim=1)
+            signals.append(g.view(h.shape))
         return [*signals, batch.error]
 
     def projected_error(self, batch: UnitBatch) -> torch.Tensor:
