@@ -84,8 +84,21 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("sdfa", "cifar10_resnet20_dfa", ["rule.name=sdfa"]),
         ("shallow", "cifar10_resnet20_dfa", ["rule.name=shallow", "rule.granularity=block"]),
     ],
+    # a vision transformer on mnist5k: BP against DFA between its blocks
+    "vit": [
+        ("bp", "mnist5k_vit_bp", []),
+        ("dfa (class token)", "mnist5k_vit_dfa", []),
+        ("dfa (all tokens)", "mnist5k_vit_dfa", ["rule.token_feedback=all"]),
+    ],
+    # torchvision's zoo on CIFAR images: VGG-11 by DFA, MobileNetV3 by tpSGD, each beside BP
+    "zoo": [
+        ("vgg11_bn bp", "cifar10_vgg11_bp", []),
+        ("vgg11_bn dfa", "cifar10_vgg11_dfa", []),
+        ("mobilenet_v3 bp", "cifar10_mobilenet_v3_bp", []),
+        ("mobilenet_v3 tpsgd", "cifar10_mobilenet_v3_tpsgd", []),
+    ],
 }
-CIFAR_SUITES = ("cifar", "biotorch")  # trained on CIFAR images: --npz, --cifar-root or synthetic
+CIFAR_SUITES = ("cifar", "biotorch", "zoo")  # trained on CIFAR images: --npz, --cifar-root or synthetic
 
 
 def finished_run(out: Path, recipe: Path, overrides: list[str]) -> dict | None:
