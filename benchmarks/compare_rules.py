@@ -36,6 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rich.markup import escape  # noqa: E402
+
 from benchmarks._harness import cifar_data, make_console, table, write_csv, write_json  # noqa: E402
 from trainer.recipes import load_recipe  # noqa: E402
 
@@ -58,7 +60,7 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("frsf", "mnist5k_frsf", []),
         ("kp", "mnist5k_kp", []),
         ("sdfa", "mnist5k_dfa", ["rule.name=sdfa"]),
-        ("shallow", "mnist5k_dfa", ["rule.name=shallow", "rule.granularity=layer"]),
+        ("shallow", "quickstart", ["rule.name=shallow", "rule.granularity=layer"]),
     ],
     "cifar": [
         ("bp", "cifar10_resnet18_bp", []),
@@ -233,7 +235,7 @@ def main() -> None:
                                      "feedback/rule state MB", "wall s"], left={"recipe", "per seed"})
     for r in rows:
         if "accuracy" not in r:
-            result.add_row(r["label"], r["recipe"], "failed: " + "; ".join(r["errors"]), "", "", "", "", "")
+            result.add_row(r["label"], r["recipe"], escape("failed: " + "; ".join(r["errors"])), "", "", "", "", "")
             continue
         spread = f" ± {100 * r['accuracy_sd']:.2f}" if len(r["accuracy_per_seed"]) > 1 else ""
         result.add_row(r["label"], r["recipe"], f"{100 * r['accuracy']:.2f}%{spread}",
