@@ -20,6 +20,7 @@ ZOO = [  # (model, input shape, expected note): granularity = "children" picks t
     (ModelConfig(name="torchvision:vit_b_16", kwargs={"image_size": 32}), (3, 32, 32),
      "blocks of encoder.layers"),
     (ModelConfig(name="vit", vit_depth=3, vit_width=32, vit_heads=2, vit_mlp=64), (1, 28, 28), "blocks of encoder.layers"),
+    (ModelConfig(name="torchvision:swin_t"), (3, 64, 64), "blocks of features"),
 ]
 
 
