@@ -2,6 +2,7 @@
 gradients, training, checkpoints that load into the plain model, saved-activation bytes, options."""
 
 import json
+import math
 import typing
 
 import pytest
@@ -179,3 +180,15 @@ def test_unsupported_conv_is_refused_naming_the_layer():
     with pytest.raises(RuleError, match=r"^1: padding_mode='reflect' is not supported"):
         make_rule(model)
     assert type(model[1]) is nn.Conv2d  # nothing swapped
+
+
+def test_trace_bp_converts_a_zoo_model_with_depthwise_convs(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' PyTorch path
+    model = build_model(ModelConfig(name="torchvision:mobilenet_v3_small"), (3, 32, 32), CLASSES)
+    rule = make_rule(model)
+    assert sum(isinstance(m, TraceConv2d) for m in model.modules()) > 40  # every conv but the first
+    assert any(isinstance(m, TraceConv2d) and m.groups > 1 for m in model.modules())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % CLASSES
+    losses = [rule.train_step(x, y, optimizer).loss.item() for _ in range(6)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
