@@ -132,3 +132,16 @@ def test_local_rules_train_on_cut_units(rule, model_name):
 def test_alignment_rules_name_the_unit_they_cannot_use(name):
     with pytest.raises(RuleError, match=r"cannot find the pre-activation of unit 'stem' \(GraphUnit\)"):
         make_rule(name, Branchy(), (1, 3, 4), units=["stem", "body"])
+
+
+@pytest.mark.parametrize("builder", ["efficientnet_b0", "convnext_tiny"])  # vgg11_bn (128M parameters): composition only
+def test_dfa_trains_the_zoo_cut_into_its_blocks(builder):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=f"torchvision:{builder}"), (3, 32, 32), 4)
+    rule = make_rule("dfa", model, (3, 32, 32), granularity="children")
+    assert len(rule.units) >= 6 and rule.unit_names[-1] == "output"
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.arange(8) % 4
+    losses = [rule.train_step(x, y, optimizer).loss.item() for _ in range(6)]
+    assert losses[-1] < losses[0], losses
