@@ -48,7 +48,7 @@ from benchmarks._harness import (  # noqa: E402
     time_interleaved,
     write_results,
 )
-from kernels._dispatch import triton_interpreting, use_triton  # noqa: E402
+from kernels._dispatch import use_triton  # noqa: E402
 from kernels import PROBES, MaskReLU, TraceConv2d, convert_batch_norms, convert_to_trace_conv  # noqa: E402
 
 ERROR_LAYERS = ("layer1.0.conv1", "layer2.0.conv2", "layer3.0.downsample.0", "layer4.1.conv2")

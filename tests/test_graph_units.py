@@ -10,7 +10,7 @@ from trainer.config import ModelConfig, build_section
 from trainer.graph_units import UnitEnd
 from trainer.models import build_model
 from trainer.rules import RuleContext, RuleError, build_rule, rule_options_class
-from trainer.units import model_units, primary, run_units
+from trainer.units import model_units, run_units
 
 ZOO = [  # (model, input shape, expected note): granularity = "children" picks the main block stack
     (ModelConfig(name="torchvision:vgg11_bn"), (3, 32, 32), "blocks of features"),

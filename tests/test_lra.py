@@ -22,7 +22,6 @@ from trainer.recipes import load_recipe
 from trainer.session import build_optimizer
 from trainer.units import BlockPreActivation, model_units, split_activation
 from trainer.rules import RuleContext, build_rule, rule_options_class
-from trainer.rules.base import UnitBatch
 from trainer.rules.error_maps import ChannelErrorMap, ConvErrorMap, DenseErrorMap
 
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,6 +22,9 @@ from trainer import __version__
 from trainer.config import ConfigError, Recipe, dump_toml
 from trainer.errors import RunInterrupted, TrainingDiverged
 from trainer.recipes import builtin_recipes, describe, find_recipe, load_recipe
+
+if TYPE_CHECKING:
+    from trainer.data import Images
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 

@@ -15,13 +15,16 @@ import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from trainer.config import ConfigError, DataConfig
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

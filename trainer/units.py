@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from kernels.local_alignment import phi
-from trainer.graph_units import UnitEnd, children_cuts, cut_units, markers
+from trainer.graph_units import children_cuts, cut_units, markers
 from trainer.models import CifarResNet, LayeredNet
 
 Granularity = Literal["layer", "block", "stage", "children"]

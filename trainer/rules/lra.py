@@ -38,7 +38,7 @@ from torch import nn
 from kernels import local_signal, local_weight_update, lra_error_units, norm_ball_factor
 from trainer.rules.base import ParamOptions, RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
 from trainer.rules.error_maps import DenseErrorMap, build_error_map, error_map_layout
-from trainer.units import AlignedUnit, State, aligned_unit, primary
+from trainer.units import AlignedUnit, State, aligned_unit
 
 
 @dataclass
