@@ -146,3 +146,11 @@ def test_npz_test_path_trains_on_all_of_path(tmp_path, tiny_npz):
     train, test, name = load_images(DataConfig(name="npz", path=str(tiny_npz), test_path=str(tmp_path / "test.npz"),
                                                val_fraction=0.0))
     assert (len(train.y), len(test.y), name) == (400, 60, "test")
+
+
+def test_batchnorm_momentum_reaches_every_batch_norm():
+    model = build_model(ModelConfig(name="torchvision:mobilenet_v3_small", batchnorm_momentum=0.1), (3, 32, 32), 10)
+    momenta = {m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert momenta == {0.1}
+    default = build_model(ModelConfig(name="torchvision:mobilenet_v3_small"), (3, 32, 32), 10)
+    assert {m.momentum for m in default.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}  # torchvision's own

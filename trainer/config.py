@@ -64,6 +64,7 @@ class ModelConfig:
 
     name: str = "cnn"
     kwargs: dict[str, Any] = field(default_factory=dict)  # torchvision: and python: models: builder arguments
+    batchnorm_momentum: float | None = None  # every BatchNorm's running-statistics momentum; unset: the model's own
     cifar_stem: bool = False  # torchvision resnets: 3x3 stride-1 first conv and no max-pool
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
     activation: Literal["relu", "tanh"] = "relu"  # mlp and cnn hidden activation
@@ -276,6 +277,8 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
         (r.model.width >= 1, "model", "width", "must be at least 1"),
         (r.model.rnn_hidden >= 1, "model", "rnn_hidden", "must be at least 1"),
         (r.model.rnn_layers >= 1, "model", "rnn_layers", "must be at least 1"),
+        (r.model.batchnorm_momentum is None or 0 < r.model.batchnorm_momentum <= 1, "model", "batchnorm_momentum",
+         "must be in (0, 1]"),
         (min(r.model.vit_patch, r.model.vit_depth, r.model.vit_width, r.model.vit_heads, r.model.vit_mlp) >= 1,
          "model", "vit_patch", "vit_patch, vit_depth, vit_width, vit_heads and vit_mlp must be at least 1"),
         (r.model.vit_width % max(r.model.vit_heads, 1) == 0, "model", "vit_heads",

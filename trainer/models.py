@@ -239,9 +239,21 @@ def _check_input_size(model: nn.Module, name: str, input_shape: tuple[int, ...])
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The network named by ``[model]`` for inputs of ``input_shape`` (C, H, W). Models from
-    torchvision or a user's factory take the data's channels (``_fit_input_channels``) and are
-    checked to run at this size."""
+    """The network named by ``[model]`` for inputs of ``input_shape`` (C, H, W), with every
+    BatchNorm's momentum set when ``batchnorm_momentum`` is (torchvision's MobileNets use 0.01,
+    tuned for long ImageNet runs: in a short run their running statistics lag the weights and
+    evaluation collapses)."""
+    model = _build(cfg, input_shape, num_classes)
+    if cfg.batchnorm_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = cfg.batchnorm_momentum
+    return model
+
+
+def _build(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Models from torchvision or a user's factory take the data's channels
+    (``_fit_input_channels``) and are checked to run at this size."""
     kind, _, target = cfg.name.partition(":")
     if kind in ("torchvision", "python"):
         if kind == "torchvision":
