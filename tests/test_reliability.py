@@ -380,6 +380,9 @@ def test_runs_and_plot_on_two_tiny_runs(tmp_path, tiny_npz, capsys, monkeypatch)
     rows = {line.split("│")[1].strip(): line for line in stdout.splitlines() if "runs/" in line}
     assert "finished" in rows[str(tmp_path / "runs" / "done")] and "2/2" in rows[str(tmp_path / "runs" / "done")]
     assert "interrupted" in rows[str(tmp_path / "runs" / "cut")]
+    from trainer.runs import run_labels
+
+    assert run_labels([tmp_path / "runs" / "done", tmp_path / "runs" / "cut"]) == ["done", "cut"]
     png = tmp_path / "curves.png"
     code, _, err = cli(capsys, "plot", str(tmp_path / "runs" / "done"), str(tmp_path / "runs" / "cut"),
                        "--metric", "loss", "--out", str(png))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,14 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(found)
 
 
+def run_labels(runs: list[Path]) -> list[str]:
+    """Short names that tell the runs apart: their paths below the folder they share
+    (runs/bp/seed0 and runs/fa/seed0 become bp/seed0 and fa/seed0)."""
+    resolved = [run.resolve() for run in runs]
+    common = Path(os.path.commonpath(resolved)) if len(resolved) > 1 else resolved[0].parent
+    return [str(run.relative_to(common)) if run != common else run.name for run in resolved]
+
+
 def plot_runs(runs: list[Path], metric: str, out: Path) -> Path:
     """Training and held-out ``metric`` (accuracy or loss) per epoch, one colour per run; training
     loss also at every logged step. Written as a PNG of 1000 x 500 pixels."""
@@ -100,7 +109,7 @@ def plot_runs(runs: list[Path], metric: str, out: Path) -> Path:
     except ImportError:
         raise ConfigError("trainer plot needs matplotlib: pip install 'bpfree-trainer[plot]'") from None
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
-    for index, run in enumerate(runs):
+    for index, (run, label) in enumerate(zip(runs, run_labels(runs))):
         records = read_records(run)
         epochs = [r for r in records if r.get("split") not in (None, "train") and "train_loss" in r]
         colour = f"C{index % 10}"
@@ -108,12 +117,12 @@ def plot_runs(runs: list[Path], metric: str, out: Path) -> Path:
             steps = [r for r in records if r.get("split") == "train"]
             per_epoch = max((r["step"] for r in epochs), default=1) / max(len(epochs), 1)
             ax.plot([r["step"] / per_epoch for r in steps], [r["loss"] for r in steps], color=colour, alpha=0.35,
-                    label=f"{run.name} train (steps)")
+                    label=f"{label} train (steps)")
         ax.plot([r["epoch"] for r in epochs], [r[f"train_{metric}"] for r in epochs], color=colour, linestyle="--",
-                marker=".", label=f"{run.name} train")
+                marker=".", label=f"{label} train")
         held = [r for r in epochs if metric in r]
         ax.plot([r["epoch"] for r in held], [r[metric] for r in held], color=colour, marker="o",
-                label=f"{run.name} {held[0]['split'] if held else 'held-out'}")
+                label=f"{label} {held[0]['split'] if held else 'held-out'}")
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
