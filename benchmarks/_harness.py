@@ -301,11 +301,10 @@ def add_step_arguments(parser: Any, batch: int) -> None:
 
 def step_settings(args: Any) -> tuple[torch.device, bool, bool]:
     """(device, compile, amp) from ``add_step_arguments``' flags: compile and bf16 default to on for CUDA."""
-    from trainer.session import resolve_device
+    from trainer.session import on_cuda_by_default, resolve_device
 
     device = resolve_device(args.device)
-    on_cuda = device.type == "cuda"
-    return (device, on_cuda if args.compile is None else args.compile, on_cuda if args.amp is None else args.amp)
+    return device, on_cuda_by_default(args.compile, device.type), on_cuda_by_default(args.amp, device.type)
 
 
 def cifar_rule(rule: str, options: Mapping[str, Any], device: torch.device, *, compile: bool = False,

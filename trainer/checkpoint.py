@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from trainer.config import ConfigError
+from trainer.run_folder import CHECKPOINT_NAME
 
-CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 PAYLOAD_KEYS = ("recipe", "epoch", "step", "world_size", "model", "rule", "optimizer", "scheduler", "rng", "data")
 

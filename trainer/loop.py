@@ -152,7 +152,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
     ckpt_path = out_dir / CHECKPOINT_NAME
     with RunFolder(out_dir) as folder, sigterm_interrupts():
         if main:
-            folder.claim(resume, CHECKPOINT_NAME)
+            folder.claim(resume)
         payload = load_checkpoint(ckpt_path) if resume else None
         notes = list(folder.notes)
         if payload is not None:
@@ -172,7 +172,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
                 "no checkpoint was written yet (stopped during the first epoch): run it again to start over"
             raise RunInterrupted(name, f"stopped by {name}: {kept}") from None
         except TrainingDiverged as err:
-            kept = f"the last good checkpoint is kept in {ckpt_path}" if ckpt_path.exists() else \
+            kept = f"the last good checkpoint (epoch {saved[-1]}) is kept in {ckpt_path}" if saved else \
                 "no checkpoint was written yet (it diverged in the first epoch)"
             if main:
                 _write_results(out_dir, {"state": "diverged", "recipe": recipe.source, "rule": recipe.rule.name,

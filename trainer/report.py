@@ -26,6 +26,21 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The complete records of a metrics.jsonl (JSON objects with a step), and the numbers of the
+    lines that are not (a line a killed run left half-written)."""
+    records, broken = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            broken.append(number)
+            continue
+        records.append(record)
+    return records, broken
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object a line. On resume, lines past the checkpoint are dropped, and
     so is a line that a killed run left half-written (``notes`` says so)."""
@@ -37,16 +52,10 @@ class MetricsLog:
         if resume_step is None or not path.exists():
             path.write_text("")
             return
-        lines = path.read_text(errors="replace").splitlines()
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-                step = int(record["step"])
-            except (ValueError, KeyError, TypeError):
-                self.notes.append(f"dropped line {number} of {path}: not a complete record (a run killed mid-write)")
-                continue
-            if step <= resume_step:
-                self.kept.append(record)
+        records, broken = read_metrics(path)
+        self.notes = [f"dropped line {number} of {path}: not a complete record (a run killed mid-write)"
+                      for number in broken]
+        self.kept = [r for r in records if int(r["step"]) <= resume_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from trainer.config import ConfigError
 
 LOCK_NAME = "run.lock"
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def lock_owner(folder: Path) -> dict | None:
@@ -44,14 +45,14 @@ class RunFolder:
         self._created = False
         self._locked = False
 
-    def claim(self, resume: bool, checkpoint_name: str) -> "RunFolder":
+    def claim(self, resume: bool) -> "RunFolder":
         """Check that the folder can take this run, create it, and take its lock."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--out {path}: is a file, not a folder; choose another --out")
-        if resume and not (path / checkpoint_name).exists():
-            raise ConfigError(f"{path}: --resume given but there is no {checkpoint_name} to resume from")
-        if not resume and (path / checkpoint_name).exists():
+        if resume and not (path / CHECKPOINT_NAME).exists():
+            raise ConfigError(f"{path}: --resume given but there is no {CHECKPOINT_NAME} to resume from")
+        if not resume and (path / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{path}: already holds a run; continue it with --resume, or choose another --out "
                               "(--out auto makes a new timestamped folder)")
         try:

@@ -10,25 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError, tomllib
-from trainer.run_folder import LOCK_NAME, lock_owner
-
-CHECKPOINT_NAME = "checkpoint.pt"  # trainer.checkpoint's, without importing torch
-
+from trainer.report import read_metrics
+from trainer.run_folder import CHECKPOINT_NAME, LOCK_NAME, lock_owner
 
 def read_records(run: Path) -> list[dict[str, Any]]:
     """The complete records of a run's metrics.jsonl (a half-written last line is skipped)."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run}: no metrics.jsonl (not a run folder?)")
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return read_metrics(path)[0]
 
 
 @dataclass

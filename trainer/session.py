@@ -26,10 +26,19 @@ from trainer.recipes import recipe_from_dict
 from trainer.rules import ParamOptions, Rule, RuleContext, RuleError, build_rule
 
 
+def device_name(name: str) -> str:
+    """``[train] device`` as this machine reads it: "auto" is cuda when available, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def on_cuda_by_default(flag: bool | None, device_type: str) -> bool:
+    """An unset ``compile`` or ``amp``: on where CUDA is."""
+    return device_type == "cuda" if flag is None else flag
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """The training device; under torchrun each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = device_name(name)
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -109,8 +118,7 @@ def rule_context(recipe: Recipe, device: torch.device, num_classes: int, input_s
     cfg = recipe.train
     return RuleContext(
         num_classes=num_classes, input_shape=input_shape, device=device,
-        compile=cfg.compile if cfg.compile is not None else device.type == "cuda",
-        amp=cfg.amp if cfg.amp is not None else device.type == "cuda",
+        compile=on_cuda_by_default(cfg.compile, device.type), amp=on_cuda_by_default(cfg.amp, device.type),
         label_smoothing=cfg.label_smoothing, seed=cfg.seed,
     )
 
@@ -120,12 +128,10 @@ def effective_recipe(recipe: Recipe) -> dict[str, Any]:
     (device, compile, amp; augmentation and class count from the data source)."""
     tree = recipe.to_dict()
     train, data = tree["train"], tree["data"]
-    device = "cuda" if train["device"] == "auto" and torch.cuda.is_available() else train["device"]
-    device = "cpu" if device == "auto" else device
-    on_cuda = device.startswith("cuda")
-    train["device"] = device
-    train["compile"] = on_cuda if train["compile"] is None else train["compile"]
-    train["amp"] = on_cuda if train["amp"] is None else train["amp"]
+    train["device"] = device_name(train["device"])
+    device_type = torch.device(train["device"]).type
+    train["compile"] = on_cuda_by_default(recipe.train.compile, device_type)
+    train["amp"] = on_cuda_by_default(recipe.train.amp, device_type)
     channels, classes = source_facts(recipe.data)
     if channels is not None and recipe.data.name != "imagefolder":
         data["crop_padding"], data["flip"] = default_augmentation(recipe.data, channels)
@@ -143,8 +149,7 @@ def build_session(recipe: Recipe) -> Session:
     naming the recipe file and its section.
     """
     cfg = recipe.train
-    requested = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
-    env = init_distributed(torch.device("cpu" if requested == "auto" else requested).type)
+    env = init_distributed(torch.device(device_name(cfg.device)).type)
     device = resolve_device(cfg.device, env.local_rank)
     torch.manual_seed(cfg.seed)
     try:
