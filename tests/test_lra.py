@@ -22,6 +22,7 @@ from trainer.recipes import load_recipe
 from trainer.session import build_optimizer
 from trainer.units import BlockPreActivation, model_units, split_activation
 from trainer.rules import RuleContext, build_rule, rule_options_class
+from trainer.rules.base import UnitBatch
 from trainer.rules.error_maps import ChannelErrorMap, ConvErrorMap, DenseErrorMap
 
 
@@ -112,7 +113,9 @@ def test_lra_mlp_matches_the_equations(weight_update, error_update, alpha, max_n
 
     assert rule.sources == [1, 2]
     outputs = rule.forward_units(x)
-    got = rule.align(outputs, rule.output_error(outputs[-1][0], y)[1] * len(y))[0]  # the error units
+    batch = UnitBatch(x, y, outputs, rule.output_error(outputs[-1][0], y)[1])
+    rule.align(batch)
+    got = batch.errors  # the error units, by unit index
     for l in range(3):
         assert_rel_close(got[l], errors[l], 1e-4, f"error units e_{l}")
     if alpha == 1.0:  # e = z - y: the targets themselves

@@ -45,8 +45,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return candidate
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU (tensors only: no arbitrary objects are unpickled)."""
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = PAYLOAD_KEYS) -> dict[str, Any]:
+    """Read a checkpoint (or a stage's part, whose ``keys`` differ) onto the CPU (tensors only:
+    no arbitrary objects are unpickled)."""
     file = resolve_checkpoint(path)
     if file.stat().st_size == 0:
         raise ConfigError(f"{file}: the checkpoint is empty (0 bytes); it was never completely written")
@@ -63,7 +64,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         found = payload.get("format_version") if isinstance(payload, dict) else type(payload).__name__
         raise ConfigError(f"{file}: not a checkpoint of this trainer (format {found!r}, expected {FORMAT_VERSION})")
-    missing = [key for key in PAYLOAD_KEYS if key not in payload]
+    missing = [key for key in keys if key not in payload]
     if missing:
         raise ConfigError(f"{file}: the checkpoint lacks {', '.join(missing)}; it is not one of this trainer's")
     return payload
@@ -80,3 +81,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- pipeline stages' parts ------------------------------------------------------------------------
+# Under a pipeline every rank's optimizer state covers its own stage only. Each rank writes it as a
+# part named by the epoch, all ranks wait, and then the main checkpoint (which names the epoch) is
+# written: a crash between the two leaves the previous checkpoint and its parts complete. Parts of
+# older epochs are removed after the new checkpoint is in place.
+
+STAGE_PARTS = "stages"  # the folder of the parts, in the run folder
+
+
+def stage_part_path(out_dir: Path, epoch: int, rank: int) -> Path:
+    return out_dir / STAGE_PARTS / f"epoch{epoch:04d}-rank{rank}.pt"
+
+
+def save_stage_part(out_dir: Path, epoch: int, rank: int, optimizer_state: dict[str, Any]) -> None:
+    path = stage_part_path(out_dir, epoch, rank)
+    path.parent.mkdir(exist_ok=True)
+    save_checkpoint(path, {"epoch": epoch, "rank": rank, "optimizer": optimizer_state})
+
+
+def load_stage_part(out_dir: Path, epoch: int, rank: int) -> dict[str, Any]:
+    path = stage_part_path(out_dir, epoch, rank)
+    if not path.is_file():
+        raise ConfigError(f"{out_dir}: the checkpoint of epoch {epoch} lacks the part of rank {rank} ({path}); "
+                          "resume with the same train.pipeline_stages and number of processes")
+    return load_checkpoint(path, keys=("epoch", "rank", "optimizer"))
+
+
+def remove_stage_parts(out_dir: Path, rank: int, keep: int) -> None:
+    """Delete this rank's parts of every epoch but ``keep``."""
+    for path in (out_dir / STAGE_PARTS).glob(f"epoch*-rank{rank}.pt"):
+        if path != stage_part_path(out_dir, keep, rank):
+            path.unlink(missing_ok=True)

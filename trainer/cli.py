@@ -20,13 +20,13 @@ from rich.table import Table
 
 from trainer import __version__
 from trainer.config import ConfigError, Recipe, dump_toml
-from trainer.errors import RunInterrupted, TrainingDiverged
+from trainer.errors import RunInterrupted, StageFailed, TrainingDiverged
 from trainer.recipes import builtin_recipes, describe, find_recipe, load_recipe
 
 if TYPE_CHECKING:
     from trainer.data import Images
 
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STAGE_FAILED, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         errors.print(f"[bold red]stopped:[/] {escape(str(err))}", highlight=False)
         return EXIT_DIVERGED
+    except StageFailed as err:
+        errors.print(f"[bold red]stopped:[/] {escape(str(err))}", highlight=False)
+        return EXIT_STAGE_FAILED
     except RunInterrupted as stop:
         errors.print(f"[yellow]interrupted[/]: {escape(stop.message)}", highlight=False)
         return stop.exit_code

@@ -128,6 +128,11 @@ class TrainConfig:
     amp: bool | None = None  # bf16 autocast; unset: on for CUDA
     log_every: int = 20  # steps between progress-line metrics
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    pipeline_stages: int = 1  # S: units split into S contiguous stages, one per process (trainer.pipeline)
+    micro_batches: int = 1  # M: micro-batches a batch is split into as it flows through the stages
+    stage_boundaries: list[str] = field(default_factory=list)  # the S-1 units that begin stages 2..S; empty: balanced by time
+    pipeline_schedule: Literal["gpipe", "1f1b"] = "1f1b"  # bp and trace_bp pipelines (torch.distributed.pipelining)
+    stage_timeout: float = 300.0  # seconds a stage waits for a message before it ends the job
 
 
 @dataclass
@@ -260,6 +265,14 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
         (0.0 <= r.train.label_smoothing < 1.0, "train", "label_smoothing", "must be in [0, 1)"),
         (r.train.log_every >= 1, "train", "log_every", "must be at least 1"),
         (r.train.eval_every >= 1, "train", "eval_every", "must be at least 1"),
+        (r.train.pipeline_stages >= 1, "train", "pipeline_stages", "must be at least 1"),
+        (r.train.micro_batches >= 1, "train", "micro_batches", "must be at least 1"),
+        (r.train.batch_size % max(1, r.train.micro_batches) == 0, "train", "micro_batches",
+         f"must divide train.batch_size = {r.train.batch_size}"),
+        (not r.train.stage_boundaries or len(r.train.stage_boundaries) == r.train.pipeline_stages - 1, "train",
+         "stage_boundaries", f"must name pipeline_stages - 1 = {r.train.pipeline_stages - 1} units (where stages "
+         "2, 3, ... begin), or be empty (balanced by measured time)"),
+        (r.train.stage_timeout > 0, "train", "stage_timeout", "must be positive (seconds)"),
         (r.optim.lr > 0, "optim", "lr", "must be positive"),
         (0.0 <= r.optim.momentum < 1.0, "optim", "momentum", "must be in [0, 1)"),
         (r.optim.weight_decay >= 0, "optim", "weight_decay", "must be non-negative"),
@@ -387,7 +400,8 @@ def read_recipe(path: str | Path, rule_options: RuleOptions, overrides: list[str
 
 
 RESUMABLE_KEYS = frozenset({"train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size",
-                            "train.compile", "train.device", "data.num_workers"})
+                            "train.compile", "train.device", "data.num_workers",
+                            "train.stage_timeout"})
 """Recipe keys that ``--resume`` may change and applies truly (epochs re-stretch the schedule);
 any other change (seed, batch size, lr, model, rule, data, ...) is refused."""
 

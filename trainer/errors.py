@@ -10,6 +10,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept (exit code 3)."""
 
 
+class StageFailed(RuntimeError):
+    """A pipeline stage waited longer than ``train.stage_timeout`` for another stage, or lost it;
+    the run folder keeps its last complete checkpoint (exit code 4)."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """The run was stopped by SIGINT (Ctrl-C, exit code 130) or SIGTERM (``kill``, schedulers: 143).
 

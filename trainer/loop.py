@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
-from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_stage_part, remove_stage_parts, save_checkpoint,
+                                save_stage_part)
 from trainer.config import RESUMABLE_KEYS, ConfigError, Recipe, dump_toml, recipe_changes
 from trainer.data import Loader
 from trainer.distributed import DistEnv, all_reduce_sum, average_buffers, finish
@@ -64,8 +65,8 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Loader, cr
 
 def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[int, dict[str, Any]]:
     """One epoch of training steps; returns the step count and the epoch's summary. Image rates are
-    global (all ranks); losses are this rank's, averaged over ranks when logged."""
-    cfg, device, world, steps = s.recipe.train, s.device, s.env.world_size, len(s.data.train)
+    global (all replicas); losses are this rank's, averaged over the ranks that see logits when logged."""
+    cfg, device, steps = s.recipe.train, s.device, len(s.data.train)
     s.model.train()
     s.rule.train()
     loss_sum = torch.zeros((), device=device)
@@ -73,17 +74,19 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
     seen, window_images = 0, 0
     epoch_start = window_start = time.perf_counter()
     for i, (x, y) in enumerate(s.data.train.batches(epoch)):
-        out = s.rule.train_step(x, y, s.optimizer)
+        out = s.stepper.train_step(x, y, s.optimizer)
         s.scheduler.step()
         step += 1
-        loss_sum += out.loss * len(y)
-        correct += (out.logits.argmax(1) == y).sum()
-        seen += len(y)
-        window_images += len(y) * world
+        n = len(out.logits)  # 0 on the pipeline stages below the last: they see no logits
+        loss_sum += out.loss * n
+        correct += (out.logits.argmax(1) == y[:n]).sum()
+        seen += n
+        window_images += len(y) * s.env.replicas
         if step % cfg.log_every == 0 or i + 1 == steps:
             loss_now = out.loss.item()  # syncs the device: the timer below is honest
             if s.env.enabled:  # every rank takes the same decision on divergence
-                loss_now = all_reduce_sum([loss_now])[0] / world
+                total, count = all_reduce_sum([loss_now * n, n])
+                loss_now = total / count
             if not math.isfinite(loss_now):
                 raise TrainingDiverged(f"loss became {loss_now} at step {step} (epoch {epoch + 1})")
             reporter.step({"step": step, "epoch": epoch + 1, "split": "train", "loss": loss_now, "lr": s.lr,
@@ -148,7 +151,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
     its shard; rank 0 alone prints, logs and writes files. SIGINT and SIGTERM end the run with
     ``RunInterrupted`` saying what was kept; a NaN loss with ``TrainingDiverged``.
     """
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = int(os.environ.get("RANK", "0")) == recipe.train.pipeline_stages - 1  # DistEnv.is_main, before the job
     ckpt_path = out_dir / CHECKPOINT_NAME
     with RunFolder(out_dir) as folder, sigterm_interrupts():
         if main:
@@ -193,7 +196,8 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
     ckpt_path = out_dir / CHECKPOINT_NAME
     s = build_session(recipe)
     main = s.env.is_main
-    epoch, step = restore(s, payload) if payload is not None else (0, 0)
+    part = load_stage_part(out_dir, payload["epoch"], s.env.rank) if payload and payload.get("pipeline") else None
+    epoch, step = restore(s, payload, part) if payload is not None else (0, 0)
     if s.env.enabled:
         torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 rewrites files
     history: list[dict[str, Any]] = []
@@ -208,14 +212,17 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
                  f"out: {escape(str(out_dir))}")
     if payload is not None:
         reporter.say(f"resumed from epoch {epoch}, step {step}")
-    for text in [*s.data.notes, *s.rule.notes, *notes]:
+    pipeline_notes = [s.pipeline.note] if s.pipeline is not None else []
+    for text in [*s.data.notes, *s.rule.notes, *pipeline_notes, *notes]:
         reporter.note(text)
     with reporter.running(len(s.data.train)):
         for epoch in range(epoch, cfg.epochs):
             reporter.start_epoch(epoch, cfg.epochs, len(s.data.train))
             step, summary = train_epoch(s, epoch, step, reporter)
-            if s.env.enabled:
-                average_buffers(s.model, s.env.world_size)  # one set of BatchNorm statistics
+            if s.env.replicas > 1:
+                average_buffers(s.model, s.env.replicas, s.env.replica_group)  # one set of BatchNorm statistics
+            if s.pipeline is not None:
+                s.pipeline.synchronize(s.env)  # every rank now holds the whole trained model
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 s.model.eval()
                 s.rule.eval()
@@ -223,13 +230,20 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
             history.append(summary)
             reporter.end_epoch(summary, s.data.test_name)
             rng = gathered_rng_states(s.env)
+            if s.pipeline is not None:  # each rank's optimizer state, before the checkpoint that names it
+                save_stage_part(out_dir, epoch + 1, s.env.rank, s.optimizer.state_dict())
+                torch.distributed.barrier()
             if main:
                 save_checkpoint(ckpt_path, checkpoint_payload(s, epoch + 1, step, rng))
-                saved.append(epoch + 1)
+            saved.append(epoch + 1)
+            if s.pipeline is not None:
+                torch.distributed.barrier()
+                remove_stage_parts(out_dir, s.env.rank, keep=epoch + 1)
     reporter.summary(history, s.data.test_name)
     epoch_seconds = [r["train_seconds"] for r in history]
     results = {"state": "finished", "recipe": recipe.source, "rule": recipe.rule.name, "epochs": cfg.epochs,
                "steps": step, "device": str(s.device), "world_size": s.env.world_size,
+               "pipeline_stages": s.env.stages,
                "rule_state_mb": rule_state_mb(s.rule), **(history[-1] if history else {}),
                "train_seconds": sum(epoch_seconds), "epoch_seconds": epoch_seconds}
     if main:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,8 +22,12 @@ from trainer.config import ConfigError, OptimConfig, Recipe
 from trainer.data import DataBundle, NormStats, build_data, default_augmentation, source_facts
 from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
 from trainer.models import build_model
+from trainer.pipeline import LocalPipeline, Pipeline, build_pipeline
 from trainer.recipes import recipe_from_dict
 from trainer.rules import ParamOptions, Rule, RuleContext, RuleError, build_rule
+
+if TYPE_CHECKING:
+    from trainer.pipeline_bp import BackpropPipeline
 
 
 def device_name(name: str) -> str:
@@ -106,6 +110,12 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     env: DistEnv
+    pipeline: Pipeline | None = None  # this process's stage, when train.pipeline_stages > 1
+
+    @property
+    def stepper(self) -> Rule | LocalPipeline | BackpropPipeline:
+        """What turns a batch into updates: the rule, or this process's pipeline stage of it."""
+        return self.rule if self.pipeline is None else self.pipeline.stage
 
     @property
     def lr(self) -> float:
@@ -149,11 +159,15 @@ def build_session(recipe: Recipe) -> Session:
     naming the recipe file and its section.
     """
     cfg = recipe.train
-    env = init_distributed(torch.device(device_name(cfg.device)).type)
+    pipelined = cfg.pipeline_stages > 1
+    env = init_distributed(torch.device(device_name(cfg.device)).type, cfg.pipeline_stages,
+                           cfg.stage_timeout if pipelined else None)
     device = resolve_device(cfg.device, env.local_rank)
     torch.manual_seed(cfg.seed)
+    # a forward-only rule updates on every micro-batch: its loader gives micro-batches (trainer.pipeline)
+    batch_size = cfg.batch_size // cfg.micro_batches if pipelined and is_forward_only(recipe) else cfg.batch_size
     try:
-        data = build_data(recipe.data, device, cfg.batch_size, cfg.eval_batch_size, cfg.seed, env.rank, env.world_size)
+        data = build_data(recipe.data, device, batch_size, cfg.eval_batch_size, cfg.seed, env.replica, env.replicas)
     except ConfigError as err:
         raise ConfigError(f"{recipe.source}: {err}") from None
     try:
@@ -168,11 +182,26 @@ def build_session(recipe: Recipe) -> Session:
     optimizer = build_optimizer(recipe.optim, model, rule)
     if env.enabled:
         broadcast_state([model, rule])
-        average_gradients_before_step(optimizer, env.world_size)
+    if env.replicas > 1:
+        average_gradients_before_step(optimizer, env.replicas, env.replica_group)
+    pipeline = None
+    if pipelined:
+        probe = torch.randn((batch_size // (1 if is_forward_only(recipe) else cfg.micro_batches), *data.input_shape),
+                            device=device)
+        try:
+            pipeline = build_pipeline(rule, model, env, cfg, probe)
+        except (ConfigError, RuleError) as err:
+            raise ConfigError(f"{recipe.source}: [train] pipeline_stages = {cfg.pipeline_stages} with rule "
+                              f"{recipe.rule.name!r}: {err}") from None
     torch.manual_seed(cfg.seed + env.rank)  # ranks draw different randomness (e.g. probes) from here on
     total = cfg.epochs * len(data.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
-    return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env)
+    return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, pipeline)
+
+
+def is_forward_only(recipe: Recipe) -> bool:
+    """Whether the recipe's rule updates each unit right after its own forward (drtp, tpsgd)."""
+    return bool(getattr(recipe.rule.options, "forward_only", False))
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -192,21 +221,29 @@ def checkpoint_payload(s: Session, epoch: int, step: int, rng: list[dict[str, An
     return {
         "recipe": s.recipe.to_dict(), "epoch": epoch, "step": step, "world_size": s.env.world_size,
         "model": s.model.state_dict(), "rule": s.rule.state_dict(),
-        "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "rng": rng,
+        # under a pipeline each rank's optimizer state is its stage's: in the stage parts (trainer.checkpoint)
+        "optimizer": s.optimizer.state_dict() if s.pipeline is None else None,
+        "pipeline": {"stages": s.env.stages} if s.pipeline is not None else None,
+        "scheduler": s.scheduler.state_dict(), "rng": rng,
         "data": {"mean": list(s.data.stats.mean), "std": list(s.data.stats.std),
                  "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape)},
     }
 
 
-def restore(s: Session, payload: dict[str, Any]) -> tuple[int, int]:
-    """Load a checkpoint into a freshly built session; returns (epoch, step) to continue from."""
+def restore(s: Session, payload: dict[str, Any], part: dict[str, Any] | None = None) -> tuple[int, int]:
+    """Load a checkpoint (and, under a pipeline, this rank's part of it) into a freshly built
+    session; returns (epoch, step) to continue from."""
     if payload["world_size"] != s.env.world_size:
         raise ConfigError(f"the checkpoint was written by {payload['world_size']} process(es); resume it with "
                           f"the same number (got {s.env.world_size})")
+    stages = (payload.get("pipeline") or {}).get("stages", 1)
+    if stages != s.env.stages:
+        raise ConfigError(f"the checkpoint was written by a pipeline of {stages} stage(s); resume it with "
+                          f"train.pipeline_stages = {stages} (got {s.env.stages})")
     try:
         s.model.load_state_dict(payload["model"])
         s.rule.load_state_dict(payload["rule"])
-        s.optimizer.load_state_dict(payload["optimizer"])
+        s.optimizer.load_state_dict(payload["optimizer"] if part is None else part["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         reason = " ".join(str(err).split())[:300]
         raise ConfigError(f"the checkpoint does not fit the model and rule built from the recipe ({reason}); "

@@ -138,16 +138,35 @@ Unit = tuple[str, nn.Module]
 
 @dataclass
 class UnitBatch:
-    """One batch through the units, as a rule's hooks see it."""
+    """One batch through the units, as a rule's hooks see it.
 
-    x: torch.Tensor
+    On one process it holds every unit. A pipeline stage (``trainer.pipeline``) holds a slice of
+    the units (``first`` is the index of ``outputs[0]``) and one micro-batch of ``samples``: then
+    ``error`` is the micro-batch's part of the whole batch's mean loss gradient, so that the
+    local backwards of the micro-batches add up to the update of the whole batch.
+    """
+
+    x: torch.Tensor  # the input of unit ``first``
     y: torch.Tensor
     outputs: list[State]  # each unit's output, with its graph
     error: torch.Tensor  # e = ∂loss/∂logits of the top unit (a batch mean: softmax − one-hot over N)
+    first: int = 0  # the unit index of outputs[0]
+    samples: int = 0  # N, the samples the update averages over (0: len(y); the whole batch for a micro-batch)
+    errors: dict[int, torch.Tensor] = field(default_factory=dict)  # error units by unit index (LRA): from above, then own
+
+    def __post_init__(self) -> None:
+        self.samples = self.samples or len(self.y)
+
+    def indices(self) -> range:
+        """The unit indices of ``outputs``."""
+        return range(self.first, self.first + len(self.outputs))
+
+    def output_of(self, index: int) -> State:
+        return self.outputs[index - self.first]
 
     def input_of(self, index: int) -> torch.Tensor:
         """What unit ``index`` read: the batch, or the (detached) output of the unit below."""
-        return self.x if index == 0 else primary(self.outputs[index - 1]).detach()
+        return self.x if index == self.first else primary(self.outputs[index - self.first - 1]).detach()
 
 
 class UnitRule(Rule):
@@ -202,10 +221,10 @@ class UnitRule(Rule):
         return units
 
     def signals(self, batch: UnitBatch) -> Sequence[torch.Tensor | None]:
-        """One signal per unit, the gradient its local backward starts from (None: no backward
-        for that unit). The default: ``unit_signal`` below the top, ``e`` for the top."""
-        below = [self.unit_signal(index, primary(out), batch.y) for index, out in enumerate(batch.outputs[:-1])]
-        return [*below, batch.error]
+        """One signal per unit of the batch, the gradient its local backward starts from (None:
+        no backward for that unit). The default: ``unit_signal`` below the top, ``e`` for the top."""
+        return [batch.error if index == self.top else self.unit_signal(index, primary(batch.output_of(index)), batch.y)
+                for index in batch.indices()]
 
     def unit_signal(self, index: int, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The signal of unit ``index`` (below the top) from its output and the labels alone."""
@@ -216,7 +235,26 @@ class UnitRule(Rule):
         return primary(output)
 
     def after_backward(self, batch: UnitBatch) -> None:
-        """Runs after the local backwards, before the optimizer step (``.grad`` holds the updates)."""
+        """Runs after the local backwards, before the optimizer step (``.grad`` holds the updates;
+        on a pipeline stage, once per batch after the micro-batches' backwards, with the last one)."""
+
+    def error_sources(self, index: int) -> tuple[int, ...]:
+        """The units whose error units the signal of unit ``index`` needs besides ``e`` (LRA: the
+        unit its error map reads); a pipeline sends those down from the stages above."""
+        return ()
+
+    def unit_rule_parameters(self, index: int) -> list[nn.Parameter]:
+        """The rule's own learned parameters that unit ``index``'s updates train (LRA's E_l)."""
+        return []
+
+    def prepare_pipeline(self, stage_of_unit: list[int], micro_batches: int) -> None:
+        """Called before a pipeline trains this rule (``stage_of_unit[l]``: the stage of unit l);
+        raises RuleError for what cannot be pipelined exactly."""
+
+    @property
+    def top(self) -> int:
+        """The index of the top (output) unit."""
+        return len(self.units) - 1
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -227,29 +265,30 @@ class UnitRule(Rule):
         logits = primary(outputs[-1])
         loss, error = self.output_error(logits, y)
         batch = UnitBatch(x, y, outputs, error)
-        signals = self.signals(batch)
-        self.local_backward([self.signal_point(i, out) for i, out in enumerate(outputs)], signals)
+        self.local_backward([self.signal_point(i, out) for i, out in enumerate(outputs)], self.signals(batch))
         self.after_backward(batch)
         self.step(optimizer)
         self.last_loss = loss
         return StepResult(loss, logits.detach())
 
     def _forward_only_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        """Unit by unit: forward, signal, backward, step; the unit's graph goes with ``out``."""
         state: State = x
-        top = len(self.units) - 1
-        for index, unit in enumerate(self.units):
-            with self.autocast():
-                out = unit(detach_state(state))
-            if index < top:
-                signal = self.unit_signal(index, primary(out), y)
-            else:
-                loss, signal = self.output_error(primary(out), y)
-            self.local_backward([self.signal_point(index, out)], [signal])
-            self.step(optimizer)
-            state = detach_state(out)
-        self.last_loss = loss
-        return StepResult(loss, primary(state))
+        for index in range(len(self.units)):
+            state = self.forward_only_unit(index, state, y, optimizer)
+        return StepResult(self.last_loss, primary(state))
+
+    def forward_only_unit(self, index: int, state: State, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> State:
+        """One unit of a forward-only step: forward, signal, backward, step; the unit's graph goes
+        with ``out``, and its detached output is returned (the top unit sets ``last_loss``)."""
+        with self.autocast():
+            out = self.units[index](detach_state(state))
+        if index < self.top:
+            signal = self.unit_signal(index, primary(out), y)
+        else:
+            self.last_loss, signal = self.output_error(primary(out), y)
+        self.local_backward([self.signal_point(index, out)], [signal])
+        self.step(optimizer)
+        return detach_state(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: State = x
@@ -258,13 +297,14 @@ class UnitRule(Rule):
                 state = unit(state)
         return primary(state)
 
-    def forward_units(self, x: torch.Tensor) -> list[State]:
-        """Run every unit on the detached output of the one below; keep each unit's graph."""
+    def forward_units(self, x: State, indices: range | None = None) -> list[State]:
+        """Run the units (all, or ``indices``) each on the detached output of the one below; keep
+        each unit's graph."""
         outputs: list[State] = []
         state: State = x
         with self.autocast():
-            for unit in self.units:
-                state = unit(detach_state(state))
+            for index in indices if indices is not None else range(len(self.units)):
+                state = self.units[index](detach_state(state))
                 outputs.append(state)
         return outputs
 

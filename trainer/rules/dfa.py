@@ -149,17 +149,26 @@ class DFA(UnitRule):
         error (``e`` for DFA); ``e`` itself for the top."""
         projected = self.projected_error(batch)
         signals = []
-        for feedback, out, first in zip(self.feedback, batch.outputs, self.first_token):
-            h = primary(out)
-            g = feedback.project(projected, out_dtype=h.dtype)
-            if first:  # the class token alone
+        for index in batch.indices():
+            if index == self.top:
+                signals.append(batch.error)
+                continue
+            h = primary(batch.output_of(index))
+            g = self.feedback[index].project(projected, out_dtype=h.dtype)
+            if self.first_token[index]:  # the class token alone
                 g = torch.cat([g[:, None], g.new_zeros(h.shape[0], h.shape[1] - 1, h.shape[2])], dim=1)
             signals.append(g.view(h.shape))
-        return [*signals, batch.error]
+        return signals
 
     def projected_error(self, batch: UnitBatch) -> torch.Tensor:
         """What the feedback matrices project: the output error e."""
         return batch.error
+
+    def prepare_pipeline(self, stage_of_unit: list[int], micro_batches: int) -> None:
+        if self.options.align_every:
+            raise RuleError("align_every measures the DFA-vs-BP angles with a backprop pass through the whole "
+                            "model, which a pipeline stage does not run: set align_every = 0 with "
+                            "train.pipeline_stages > 1")
 
     def after_backward(self, batch: UnitBatch) -> None:
         """Every ``align_every`` steps, the DFA-vs-BP angles of the update now in ``.grad``."""
@@ -209,4 +218,4 @@ class SignDFA(DFA):
     Options = DFAOptions
 
     def projected_error(self, batch: UnitBatch) -> torch.Tensor:
-        return torch.sign(batch.error) / len(batch.y)
+        return torch.sign(batch.error) / batch.samples

@@ -98,6 +98,12 @@ class RecLRAOptions(LRAOptions):
             raise ValueError(f"error_skip_every must be >= 0 (0: no error skips), got {self.error_skip_every}")
 
 
+def accumulate_grad(param: nn.Parameter, update: torch.Tensor) -> None:
+    """``param.grad += update`` (set when None): a pipeline stage adds up its micro-batches."""
+    update = update.to(param.dtype)
+    param.grad = update if param.grad is None else param.grad + update
+
+
 def project_to_ball_(grads: list[torch.Tensor], radius: float) -> None:
     """In place, per tensor: ``Δ ← f·Δ`` with the kernels' norm-ball factor (on the device, no sync)."""
     for g in grads:
@@ -123,7 +129,7 @@ class LocalRepresentationAlignment(UnitRule):
         self.fused = [self.is_fused(l) for l in range(top)]
         self.fused_weights = {self.units[l].linear.weight for l in range(top) if self.fused[l]}
         self.weight_params = list({id(p): p for m in self.units for p in m.parameters()}.values())
-        self._error_rms: torch.Tensor | None = None
+        self._error_rms: dict[str, torch.Tensor] = {}
 
     # --- wiring (rec_lra overrides these) ------------------------------------------------------
 
@@ -212,17 +218,40 @@ class LocalRepresentationAlignment(UnitRule):
 
     def signals(self, batch: UnitBatch) -> list[torch.Tensor | None]:
         """``e_l / N`` for every unit's local backward (None for the fused dense layers, whose ΔW the
-        kernel writes here), and the product-form E updates."""
-        n = len(batch.y)
-        errors, actions = self.align(batch.outputs, batch.error * n)
+        kernel writes here), and the product-form E updates. ``batch.errors`` gains the error units."""
+        n = batch.samples
+        actions = self.align(batch)
+        errors = batch.errors
+        hidden = [l for l in batch.indices() if l < self.top]
         with torch.no_grad():
-            self._error_rms = torch.stack([e.float().pow(2).mean().sqrt() for e in errors[:-1]])
-            for l in range(len(self.error_maps)):
+            self._error_rms = {self.unit_names[l]: errors[l].float().pow(2).mean().sqrt() for l in hidden}
+            for l in hidden:
                 if self.fused[l]:
-                    self.fused_weight_update(l, batch, errors, n)
+                    self.fused_weight_update(l, batch)
         if self.options.error_update == "product" and self.learns_errors:
             self.product_error_updates(errors, actions, n)
-        return [None if l < len(self.fused) and self.fused[l] else e / n for l, e in enumerate(errors)]
+        return [None if l < self.top and self.fused[l] else errors[l] / n for l in batch.indices()]
+
+    def error_sources(self, index: int) -> tuple[int, ...]:
+        if index == self.top:
+            return ()
+        return tuple({self.sources[index], *([index + 1] if self.shortcuts[index] else [])})
+
+    def unit_rule_parameters(self, index: int) -> list[nn.Parameter]:
+        return list(self.error_maps[index].parameters()) if index < self.top else []
+
+    def prepare_pipeline(self, stage_of_unit: list[int], micro_batches: int) -> None:
+        """The transpose E update reads ΔW of the unit above, which another stage may hold; the
+        fused kernel's norm-ball would clip each micro-batch's ΔW, not the batch's: unfused then."""
+        split = [l for l, _ in enumerate(self.tied) if stage_of_unit[l] != stage_of_unit[l + 1]]
+        if split:
+            raise RuleError(f"error_update = 'transpose' sets ΔE_l = γ·ΔW_(l+1)ᵀ, but unit "
+                            f"{self.unit_names[split[0]]!r} and the unit above it are on different pipeline "
+                            "stages: use error_update = 'product', or put the stage boundary elsewhere "
+                            "(train.stage_boundaries)")
+        if micro_batches > 1 and self.options.max_norm > 0:
+            self.fused = [False] * len(self.fused)
+            self.fused_weights = set()
 
     def after_backward(self, batch: UnitBatch) -> None:
         """Norm-ball projection of every Δ, and the transpose E update from the projected ΔW."""
@@ -235,19 +264,21 @@ class LocalRepresentationAlignment(UnitRule):
                 for emap, weight in zip(self.error_maps, self.tied):
                     emap.weight.grad = error_map_layout(emap, weight.grad).float()
         if self.learns_errors and radius > 0:  # E's step is γ·lr·ΔE: ball_c(γ·ΔE) = γ·ball_(c/γ)(ΔE)
-            project_to_ball_([p.grad for p in self.error_maps.parameters()], radius / self.options.gamma)
+            project_to_ball_([p.grad for p in self.error_maps.parameters() if p.grad is not None], radius / self.options.gamma)
 
     # --- the equations -------------------------------------------------------------------------
 
-    def align(self, outputs: list[State], top_error: torch.Tensor
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Top-down pass: the error units of every unit, and each E's action ``d_l`` where the
-        product-form E update needs it (dense maps: from the kernel; other maps: with E's graph)."""
-        errors: list[torch.Tensor] = [top_error] * len(outputs)
-        actions: list[torch.Tensor | None] = [None] * len(self.error_maps)
+    def align(self, batch: UnitBatch) -> dict[int, torch.Tensor | None]:
+        """Top-down pass over the batch's units: ``batch.errors`` gains the error units of every
+        unit (the top's are ``N·e``, per sample; those of units above the batch's come in it), and
+        each E's action ``d_l`` is returned where the product-form E update needs it (dense maps:
+        from the kernel; other maps: with E's graph)."""
+        errors = batch.errors
+        errors[self.top] = batch.error * batch.samples
+        actions: dict[int, torch.Tensor | None] = {}
         product = self.options.error_update == "product" and self.learns_errors
-        for l in reversed(range(len(self.error_maps))):
-            z, a = (t.detach() for t in outputs[l])
+        for l in reversed([l for l in batch.indices() if l < self.top]):
+            z, a = (t.detach() for t in batch.output_of(l))
             emap, upstream = self.error_maps[l], errors[self.sources[l]]
             beta, alpha, activation = self.options.beta, self.alpha_of(l), self.units[l].activation
             if isinstance(emap, DenseErrorMap) and not self.shortcuts[l]:
@@ -262,28 +293,32 @@ class LocalRepresentationAlignment(UnitRule):
             # the identity shortcut's target moves z_l by -e_{l+1}: y_l = φ(a_l - β·d_l - e_{l+1})
             pull = d.detach() + errors[l + 1].to(d.dtype) / beta if self.shortcuts[l] else d.detach()
             errors[l], actions[l] = lra_error_units(pull, a, z, beta=beta, alpha=alpha, activation=activation)[0], d
-        return errors, actions
+        return actions
 
-    def fused_weight_update(self, l: int, batch: UnitBatch, errors: list[torch.Tensor], n: int) -> None:
-        """ΔW = e_lᵀ z_{l-1} / N of a fused dense layer, norm-ball included, and its bias's e_l mean."""
-        linear, a = self.units[l].linear, batch.outputs[l][1]
+    def fused_weight_update(self, l: int, batch: UnitBatch) -> None:
+        """ΔW = e_lᵀ z_{l-1} / N of a fused dense layer, norm-ball included, and its bias's e_l sum / N."""
+        linear, a, n = self.units[l].linear, batch.output_of(l)[1], batch.samples
+        rows = len(a)
         update = local_weight_update(
-            "lra", errors[self.sources[l]].reshape(n, -1).contiguous(), self.error_maps[l].weight,
-            a.reshape(n, -1).contiguous(), None, (batch.input_of(l).reshape(n, -1) / n).contiguous(),
+            "lra", batch.errors[self.sources[l]].reshape(rows, -1).contiguous(), self.error_maps[l].weight,
+            a.reshape(rows, -1).contiguous(), None, (batch.input_of(l).reshape(rows, -1) / n).contiguous(),
             beta=self.options.beta, alpha=self.alpha_of(l), activation=self.units[l].activation,
             max_norm=self.options.max_norm or None)
-        linear.weight.grad = update.dw.to(linear.weight.dtype)
+        accumulate_grad(linear.weight, update.dw)
         if linear.bias is not None:
-            linear.bias.grad = errors[l].reshape(n, -1).float().mean(0).to(linear.bias.dtype)
+            accumulate_grad(linear.bias, batch.errors[l].reshape(rows, -1).float().sum(0) / n)
 
-    def product_error_updates(self, errors: list[torch.Tensor], actions: list[torch.Tensor | None], n: int) -> None:
+    def product_error_updates(self, errors: dict[int, torch.Tensor], actions: dict[int, torch.Tensor | None],
+                              n: int) -> None:
         """ΔE_l = -1/N · Σ_n d_l ⊗ e_src(l) (γ is E's learning-rate multiple): written directly for
-        dense maps (D_src x D_dst layout), by one autograd call through the other maps."""
+        dense maps (D_src x D_dst layout), by one autograd call through the other maps. Accumulated
+        into ``.grad``: a pipeline stage adds its micro-batches' parts."""
         tensors, grads = [], []
-        for l, (emap, d) in enumerate(zip(self.error_maps, actions)):
+        for l, d in actions.items():
+            emap = self.error_maps[l]
             if isinstance(emap, DenseErrorMap):
-                upstream = errors[self.sources[l]].reshape(n, -1).float()
-                emap.weight.grad = -upstream.t() @ d.reshape(n, -1).float() / n
+                upstream = errors[self.sources[l]].reshape(len(d), -1).float()
+                accumulate_grad(emap.weight, -upstream.t() @ d.reshape(len(d), -1).float() / n)
             else:
                 tensors.append(d)
                 grads.append(-d.detach() / n)
@@ -291,10 +326,10 @@ class LocalRepresentationAlignment(UnitRule):
 
     def diagnostics(self) -> dict[str, float]:
         """RMS of each hidden unit's error units at the last step (their mean: ``err_rms``)."""
-        if self._error_rms is None:
+        if not self._error_rms:
             return {}
-        values = self._error_rms.tolist()
-        out = {f"err_rms/{name}": v for name, v in zip(self.unit_names, values)}
+        values = torch.stack(list(self._error_rms.values())).tolist()
+        out = {f"err_rms/{name}": v for name, v in zip(self._error_rms, values)}
         out["err_rms"] = sum(values) / len(values)
         return out
 

@@ -30,4 +30,4 @@ class Shallow(UnitRule):
     Options = ShallowOptions
 
     def signals(self, batch: UnitBatch) -> list[torch.Tensor | None]:
-        return [*([None] * (len(batch.outputs) - 1)), batch.error]
+        return [batch.error if index == self.top else None for index in batch.indices()]

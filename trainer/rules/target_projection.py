@@ -135,11 +135,15 @@ class TargetProjection(UnitRule):
     def diagnostics(self) -> dict[str, float]:
         """Each unit's last local loss J_l (the task loss for the top); "local_loss" is their mean
         over the units below the top (DRTP's J_l = −⟨z_l, t_l⟩/N falls as outputs align with targets)."""
-        if self.last_loss is None:
+        known = {name: loss for name, loss in zip(self.unit_names, (*self.local_losses, self.last_loss))
+                 if loss is not None}  # a pipeline stage knows only its own units' losses
+        if not known:
             return {}
-        losses = torch.stack([loss.float() for loss in (*self.local_losses, self.last_loss)]).tolist()
-        out = {f"local_loss/{name}": loss for name, loss in zip(self.unit_names, losses)}
-        out["local_loss"] = sum(losses[:-1]) / max(1, len(losses) - 1)
+        losses = torch.stack([loss.float() for loss in known.values()]).tolist()
+        out = {f"local_loss/{name}": loss for name, loss in zip(known, losses)}
+        below = [loss for name, loss in zip(known, losses) if name != self.unit_names[-1]]
+        if below:
+            out["local_loss"] = sum(below) / len(below)
         return out
 
 

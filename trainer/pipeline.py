@@ -1,0 +1,449 @@
+"""Unit-parallel training: a model's units split into S contiguous stages, one per process.
+
+In backprop a stage waits for the backward pass of every stage above it (backward locking);
+pipeline schedules (GPipe, 1F1B) hide part of the wait and leave a bubble of about
+(S−1)/(M+S−1) with M micro-batches. The local rules need no backward pass across stages, so
+their stages do not wait for the stages above (docs/rules.md, "Unit-parallel training"):
+
+- forward-only rules (drtp, tpsgd): the loader gives micro-batches of batch_size / M; stage s
+  runs its units' forwards and local updates on a micro-batch as soon as it arrives and sends
+  its output on. Nothing travels back, so each update is exactly that of one-process training
+  with batch = micro-batch (unit l reads unit l−1's output from before unit l−1's step either way).
+- error rules (dfa, bdfa, sdfa, hybrid DFA; shallow): the last stage sends each micro-batch's
+  output error e (N/M × C numbers) to every stage; a stage keeps the unit graphs of at most
+  S − s micro-batches until their e arrives, runs their local backwards, adds them up and steps
+  once per batch: the update of one-process training on the whole batch (BatchNorm statistics
+  aside, which are per micro-batch).
+- lra, rec_lra: the error units travel down one stage boundary at a time through the E maps
+  (one message per boundary and micro-batch; error skips take e from the top directly); each
+  stage adds up its micro-batches' updates and steps once per batch, as one process does.
+- bp, trace_bp: PyTorch's own pipeline engine on the same split (``trainer.pipeline_bp``).
+
+Every process builds the whole model (the same seed gives the same parameters) but runs and
+updates only its stage's units: activations, graphs and optimizer state are per stage, parameters
+are not. At the end of every epoch each stage broadcasts what it trained to the others, so every
+process then holds the trained model, evaluates it and can write it. Every receive waits at most
+``train.stage_timeout`` seconds: a stage that stops ends the job on every rank (``StageFailed``).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.config import ConfigError, TrainConfig
+from trainer.distributed import DistEnv
+from trainer.errors import StageFailed
+from trainer.rules.alignment import preserved_buffers
+from trainer.rules.base import Rule, RuleError, StepResult, UnitBatch, UnitRule
+from trainer.units import State, detach_state, model_units, primary
+
+if TYPE_CHECKING:
+    from trainer.pipeline_bp import BackpropPipeline
+
+ACTIVATION, ERROR, ERROR_UNITS = 0, 1, 2  # message tags: states up, e from the top, LRA's error units down
+MAX_PENDING_SENDS = 8  # unfinished sends a stage may hold before it waits: back-pressure on a fast stage
+
+
+# --- the split -------------------------------------------------------------------------------------
+
+
+def pipeline_units(rule: Rule, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The units a pipeline splits: a local rule's own (grouped) units; for end-to-end rules the
+    model's residual blocks or layers, or the blocks of its main block stack (any model)."""
+    if isinstance(rule, UnitRule):
+        return list(zip(rule.unit_names, rule.units))
+    try:
+        return model_units(model, "block")[0]
+    except ValueError:
+        return model_units(model, "children")[0]
+
+
+def _matches(name: str, entry: str) -> bool:
+    return name == entry or name.startswith(entry + ".")
+
+
+def named_stages(names: Sequence[str], boundaries: Sequence[str]) -> list[range]:
+    """Stages that begin at the first unit matching each of ``boundaries`` (a name or prefix)."""
+    starts = [0]
+    for entry in boundaries:
+        found = next((i for i, name in enumerate(names) if _matches(name, entry)), None)
+        if found is None or found <= starts[-1]:
+            why = "names no unit" if found is None else "does not come after the previous boundary"
+            raise ConfigError(f"[train] stage_boundaries: {entry!r} {why}; the units, in order: {', '.join(names)}")
+        starts.append(found)
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], len(names)])]
+
+
+def balanced_stages(seconds: Sequence[float], stages: int) -> list[range]:
+    """Contiguous stages minimising the slowest stage's time (the linear partition problem, by
+    dynamic programming over prefix sums)."""
+    n = len(seconds)
+    prefix = [0.0]
+    for t in seconds:
+        prefix.append(prefix[-1] + t)
+    inf = float("inf")
+    # cost[k][i]: the best slowest-stage time of units [0, i) in k stages; cut[k][i]: where the last begins
+    cost = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    cost[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                c = max(cost[k - 1][j], prefix[i] - prefix[j])
+                if c < cost[k][i]:
+                    cost[k][i], cut[k][i] = c, j
+    bounds, i = [], n
+    for k in range(stages, 0, -1):
+        bounds.append(range(cut[k][i], i))
+        i = cut[k][i]
+    return bounds[::-1]
+
+
+def measure_unit_seconds(units: Sequence[nn.Module], model: nn.Module, x: torch.Tensor,
+                         autocast: Callable[[], Any], repeats: int = 3) -> list[float]:
+    """Each unit's forward plus local backward time on the batch ``x`` (the fastest of ``repeats``
+    passes; BatchNorm statistics restored, no gradient kept)."""
+    best = [float("inf")] * len(units)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    with preserved_buffers(model), torch.enable_grad():
+        for _ in range(repeats):
+            state: State = x
+            for index, unit in enumerate(units):
+                sync()
+                start = time.perf_counter()
+                with autocast():
+                    out = unit(detach_state(state))
+                outputs = [t for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t)]
+                grads = [t for t in outputs if t.requires_grad]
+                if grads:
+                    torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
+                sync()
+                best[index] = min(best[index], time.perf_counter() - start)
+                state = detach_state(out)
+    for p in model.parameters():
+        p.grad = None
+    return best
+
+
+def split_stages(names: Sequence[str], units: Sequence[nn.Module], model: nn.Module, env: DistEnv,
+                 boundaries: Sequence[str], probe: torch.Tensor, autocast: Callable[[], Any]) -> tuple[list[range], str]:
+    """The stages, and a note saying how they were chosen: at ``boundaries``, or balanced by the
+    per-unit times that global rank 0 measures on ``probe`` (one micro-batch), sent to every rank."""
+    stages = env.stages
+    if len(names) < stages:
+        raise ConfigError(f"[train] pipeline_stages = {stages}, but the model has {len(names)} units "
+                          f"({', '.join(names)}): use fewer stages, or finer units ([rule] granularity or units)")
+    if boundaries:
+        ranges = named_stages(names, boundaries)
+        how = "at train.stage_boundaries"
+    else:
+        seconds = [measure_unit_seconds(units, model, probe, autocast) if env.rank == 0 else None]
+        dist.broadcast_object_list(seconds, src=0)
+        ranges = balanced_stages(seconds[0], stages)
+        shares = [sum(seconds[0][i] for i in r) / sum(seconds[0]) for r in ranges]
+        how = "balanced by measured time (" + " / ".join(f"{share:.0%}" for share in shares) + ")"
+    listed = "; ".join(f"stage {s}: {names[r.start]}…{names[r.stop - 1]}" for s, r in enumerate(ranges))
+    return ranges, f"pipeline of {stages} stages × {env.replicas} replica(s), {how}: {listed}"
+
+
+# --- what each stage owns ----------------------------------------------------------------------------
+
+
+def owned_state(units: Sequence[nn.Module], model: nn.Module, x: torch.Tensor, rule: Rule) -> list[list[torch.Tensor]]:
+    """Per unit, the tensors its updates change: the parameters its forward uses (autograd on one
+    training-mode pass: a ResNet layer unit holds its whole block but uses one conv and BN), the
+    buffers of the modules it calls (BatchNorm statistics), and the rule's own parameters of it."""
+    called: set[nn.Module] = set()
+    with_buffers = {m for unit in units for m in unit.modules() if next(m.buffers(recurse=False), None) is not None}
+    hooks = [m.register_forward_pre_hook(lambda module, args: called.add(module)) for m in with_buffers]
+    owned: list[list[torch.Tensor]] = []
+    try:
+        with preserved_buffers(model), torch.enable_grad():
+            state: State = x
+            for index, unit in enumerate(units):
+                called.clear()
+                out = unit(detach_state(state))
+                candidates = list({id(p): p for p in unit.parameters() if p.requires_grad}.values())
+                outputs = [t for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t) and t.requires_grad]
+                used = torch.autograd.grad(sum(t.float().sum() for t in outputs), candidates, allow_unused=True) \
+                    if candidates and outputs else [None] * len(candidates)
+                params = [p for p, g in zip(candidates, used) if g is not None]
+                buffers = [b for m in called for b in m.buffers(recurse=False)]
+                extra = rule.unit_rule_parameters(index) if isinstance(rule, UnitRule) else []
+                owned.append([*params, *buffers, *extra])
+                state = detach_state(out)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return owned
+
+
+def stage_state(owned: list[list[torch.Tensor]], ranges: list[range], names: Sequence[str]) -> list[list[torch.Tensor]]:
+    """Each stage's tensors (in a fixed order); a tensor two stages would both change is refused."""
+    per_stage: list[list[torch.Tensor]] = []
+    owner: dict[int, int] = {}
+    for stage, r in enumerate(ranges):
+        tensors = {}
+        for index in r:
+            for t in owned[index]:
+                if owner.setdefault(id(t), stage) != stage:
+                    raise ConfigError(f"a tensor of shape {tuple(t.shape)} is used by unit {names[index]!r} on stage "
+                                      f"{stage} and by a unit on stage {owner[id(t)]} (shared weights): a pipeline "
+                                      "keeps each parameter on one stage; move train.stage_boundaries")
+                tensors[id(t)] = t
+        per_stage.append(list(tensors.values()))
+    return per_stage
+
+
+@torch.no_grad()
+def broadcast_stage_state(per_stage: list[list[torch.Tensor]], env: DistEnv) -> None:
+    """Every rank of the pipeline gets what each stage trained (one broadcast per stage and dtype)."""
+    for stage, tensors in enumerate(per_stage):
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = collections.defaultdict(list)
+        for t in tensors:
+            by_dtype[t.dtype].append(t)
+        for dtype in sorted(by_dtype, key=str):
+            group = by_dtype[dtype]
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            dist.broadcast(flat, src=env.rank_of(stage), group=env.pipeline_group)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+# --- messages ----------------------------------------------------------------------------------------
+
+
+def state_tensors(state: State) -> list[torch.Tensor]:
+    """The tensors of a state, in order (carried plain numbers stay out: both sides know them)."""
+    return [t for t in (state if isinstance(state, tuple) else (state,)) if torch.is_tensor(t)]
+
+
+def rebuild_state(template: State, tensors: list[torch.Tensor]) -> State:
+    """A state shaped like ``template`` holding the received ``tensors``."""
+    if not isinstance(template, tuple):
+        return tensors[0]
+    received = iter(tensors)
+    return tuple(next(received) if torch.is_tensor(t) else t for t in template)
+
+
+class Courier:
+    """Point-to-point messages between the stages of one pipeline (gloo on CPU, NCCL on GPU).
+
+    Sends do not block (at most ``MAX_PENDING_SENDS`` stay unfinished); every receive waits at most
+    ``timeout_s`` and then raises ``StageFailed`` naming the stage it waited for.
+    """
+
+    def __init__(self, env: DistEnv, timeout_s: float):
+        self.env, self.timeout = env, datetime.timedelta(seconds=timeout_s)
+        self.pending: collections.deque[tuple[Any, torch.Tensor]] = collections.deque()
+
+    def send(self, tensors: list[torch.Tensor], stage: int, tag: int) -> None:
+        for t in tensors:
+            t = t.detach().contiguous()
+            self.pending.append((dist.isend(t, dst=self.env.rank_of(stage), tag=tag), t))
+        while len(self.pending) > MAX_PENDING_SENDS:
+            self._wait(self.pending.popleft()[0], stage, "to send to")
+
+    def receive(self, like: list[torch.Tensor], stage: int, tag: int, what: str) -> list[torch.Tensor]:
+        buffers = [torch.empty_like(t) for t in like]
+        works = [dist.irecv(b, src=self.env.rank_of(stage), tag=tag) for b in buffers]
+        for work in works:
+            self._wait(work, stage, f"for {what} from")
+        return buffers
+
+    def flush(self) -> None:
+        while self.pending:
+            self._wait(self.pending.popleft()[0], None, "to send")
+
+    def _wait(self, work: Any, stage: int | None, doing: str) -> None:
+        try:
+            work.wait(timeout=self.timeout)
+        except RuntimeError as err:
+            peer = "a stage" if stage is None else f"stage {stage} (rank {self.env.rank_of(stage)})"
+            gone = "timed out" if "imed out" in str(err) else "lost the connection"
+            raise StageFailed(f"stage {self.env.stage} (rank {self.env.rank}) waited {doing} {peer} and {gone} after "
+                              f"at most {self.timeout.total_seconds():g} s (train.stage_timeout): that stage has "
+                              "stopped; see its own error above") from None
+
+
+# --- one stage of a local rule ------------------------------------------------------------------------
+
+
+class LocalPipeline:
+    """One stage of a local rule: its units, the messages they need, and the schedule.
+
+    ``train_step`` takes the batch every rank's loader gives (only stage 0 reads ``x``; every stage
+    reads ``y``, the same on all) and returns, on the last stage, the loss and logits; on the
+    others a zero loss and no logits (they see none).
+    """
+
+    def __init__(self, rule: UnitRule, env: DistEnv, ranges: list[range], micro_batches: int, timeout_s: float):
+        self.rule, self.env, self.ranges = rule, env, ranges
+        self.stage, self.stages = env.stage, env.stages
+        self.units = ranges[env.stage]
+        self.first, self.last = self.stage == 0, self.stage == env.stages - 1
+        self.stage_of_unit = [s for s, r in enumerate(ranges) for _ in r]
+        rule.prepare_pipeline(self.stage_of_unit, micro_batches)
+        self.micro_batches = 1 if rule.forward_only else micro_batches  # forward-only: the loader gives micro-batches
+        self.courier = Courier(env, timeout_s)
+        top, own = rule.top, set(self.units)
+        below = [l for l in self.units if l < top]
+        # error units this stage needs from the stages above, and those it sends down
+        self.needs = sorted({src for l in below for src in rule.error_sources(l) if src not in own and src != top})
+        self.sends = {j: sorted({self.stage_of_unit[l] for l in range(self.units.start) if j in rule.error_sources(l)})
+                      for j in self.units if j != top}
+        self.sends = {j: stages for j, stages in self.sends.items() if stages}
+        self._templates: dict[int, list[State]] = {}
+        self._errors: dict[int, torch.Tensor] = {}
+
+    def templates(self, micro: int) -> list[State]:
+        """Every unit's output state for a micro-batch of ``micro`` samples (``dry_outputs``)."""
+        if micro not in self._templates:
+            zeros = torch.zeros((micro, *self.rule.ctx.input_shape), device=self.rule.ctx.device)
+            self._templates[micro] = dry_outputs(self.rule.model, self.rule.units, zeros, self.rule.autocast)
+        return self._templates[micro]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        if self.rule.forward_only:
+            return self._forward_only_step(x, y, optimizer)
+        return self._error_step(x, y, optimizer)
+
+    def _receive_input(self, micro: int) -> State:
+        template = self.templates(micro)[self.units.start - 1]
+        tensors = self.courier.receive(state_tensors(template), self.stage - 1, ACTIVATION, "activations")
+        return rebuild_state(template, tensors)
+
+    def _no_logits(self, y: torch.Tensor) -> StepResult:
+        return StepResult(torch.zeros((), device=y.device), torch.empty((0, self.rule.ctx.num_classes), device=y.device))
+
+    def _forward_only_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        """One micro-batch: forward, local update and step of each unit, output sent on at once."""
+        state = x if self.first else self._receive_input(len(y))
+        for index in self.units:
+            state = self.rule.forward_only_unit(index, state, y, optimizer)
+        if not self.last:
+            self.courier.send(state_tensors(state), self.stage + 1, ACTIVATION)
+            return self._no_logits(y)
+        return StepResult(self.rule.last_loss, primary(state))
+
+    def _error_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        """M micro-batches: forwards sent up at once, local backwards as their errors come down,
+        one optimizer step for the batch."""
+        xs, ys = x.chunk(self.micro_batches), y.chunk(self.micro_batches)
+        window = self.stages - 1 - self.stage  # micro-batches in flight beyond the current one
+        in_flight: collections.deque[tuple[int, State, list[State]]] = collections.deque()
+        losses, logits = [], []
+        batch: UnitBatch | None = None
+        for m in range(len(ys)):
+            inputs = xs[m] if self.first else self._receive_input(len(ys[m]))
+            outputs = self.rule.forward_units(inputs, self.units)
+            if self.last:
+                loss, error = self.rule.output_error(primary(outputs[-1]), ys[m])
+                self._errors[m] = error * (len(ys[m]) / len(y))  # the micro-batch's part of the batch mean
+                for stage in range(self.stages - 1):
+                    self.courier.send([self._errors[m]], stage, ERROR)
+                losses.append(loss * len(ys[m]))
+                logits.append(primary(outputs[-1]).detach())
+            else:
+                self.courier.send(state_tensors(outputs[-1]), self.stage + 1, ACTIVATION)
+            in_flight.append((m, inputs, outputs))
+            while len(in_flight) > window:
+                batch = self._local_backward(*in_flight.popleft(), ys, len(y))
+        while in_flight:
+            batch = self._local_backward(*in_flight.popleft(), ys, len(y))
+        self.rule.after_backward(batch)
+        self.rule.step(optimizer)
+        if not self.last:
+            return self._no_logits(y)
+        self.rule.last_loss = torch.stack(losses).sum() / len(y)
+        return StepResult(self.rule.last_loss, torch.cat(logits))
+
+    def _local_backward(self, m: int, inputs: State, outputs: list[State], ys: tuple[torch.Tensor, ...],
+                        samples: int) -> UnitBatch:
+        """Micro-batch m's local backwards, once its error (and any error units from above) is here."""
+        n, num_classes = len(ys[m]), self.rule.ctx.num_classes
+        if self.last:
+            error = self._errors.pop(m)
+        else:
+            like = [torch.empty((n, num_classes), device=ys[m].device)]
+            error = self.courier.receive(like, self.stages - 1, ERROR, "the output error")[0]
+        batch = UnitBatch(primary(inputs), ys[m], outputs, error, first=self.units.start, samples=samples)
+        templates = self.templates(n)
+        for src in self.needs:
+            like = [primary(templates[src]).float()]
+            batch.errors[src] = self.courier.receive(like, self.stage_of_unit[src], ERROR_UNITS, "error units")[0]
+        signals = self.rule.signals(batch)
+        for j, stages in self.sends.items():
+            for stage in stages:
+                self.courier.send([batch.errors[j].float()], stage, ERROR_UNITS)
+        self.rule.local_backward([self.rule.signal_point(i, out) for i, out in zip(batch.indices(), outputs)], signals)
+        return batch
+
+
+# --- the whole -------------------------------------------------------------------------------------
+
+PIPELINED_END_TO_END = ("bp", "trace_bp")  # through torch.distributed.pipelining
+
+
+@dataclass
+class Pipeline:
+    """This process's stage of a pipeline, and what every stage trains (for the epoch-end sync)."""
+
+    stage: LocalPipeline | BackpropPipeline
+    ranges: list[range]
+    per_stage: list[list[torch.Tensor]]
+    note: str
+
+    def synchronize(self, env: DistEnv) -> None:
+        """Every rank gets every stage's trained tensors (collective over the pipeline)."""
+        broadcast_stage_state(self.per_stage, env)
+
+
+@torch.no_grad()
+def dry_outputs(model: nn.Module, units: Sequence[nn.Module], x: torch.Tensor, autocast: Callable[[], Any]) -> list[State]:
+    """Every unit's output for the input ``x``, in evaluation mode (BatchNorm statistics untouched):
+    the shapes and dtypes of the messages between stages."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        outputs, state = [], x
+        with autocast():
+            for unit in units:
+                state = unit(state)
+                outputs.append(state)
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+    return outputs
+
+
+def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig, probe: torch.Tensor) -> Pipeline:
+    """Split the rule's (or the model's) units into ``env.stages`` stages and build this rank's.
+    ``probe`` is one micro-batch of inputs (random): it times the units and shapes the messages."""
+    if not isinstance(rule, UnitRule) and rule.name not in PIPELINED_END_TO_END:
+        raise RuleError(f"rule {rule.name!r} is not pipelined (its backward pass updates feedback weights, which "
+                        f"the pipeline engine does not run); pipelined: the local rules and {', '.join(PIPELINED_END_TO_END)}")
+    named = pipeline_units(rule, model)
+    names, units = [name for name, _ in named], [unit for _, unit in named]
+    ranges, note = split_stages(names, units, model, env, cfg.stage_boundaries, probe, rule.autocast)
+    per_stage = stage_state(owned_state(units, model, probe, rule), ranges, names)
+    if isinstance(rule, UnitRule):
+        stage: LocalPipeline | BackpropPipeline = LocalPipeline(rule, env, ranges, cfg.micro_batches, cfg.stage_timeout)
+    else:
+        from trainer.pipeline_bp import BackpropPipeline
+
+        mine = ranges[env.stage]
+        template = probe if mine.start == 0 else dry_outputs(model, units[: mine.start], probe, rule.autocast)[-1]
+        stage = BackpropPipeline(units[mine.start : mine.stop], env.stage, env.stages, env.pipeline_group, probe.device,
+                                 cfg.micro_batches, cfg.pipeline_schedule, rule.criterion, template, rule.autocast)
+    return Pipeline(stage, ranges, per_stage, note)
