@@ -265,10 +265,7 @@ class Job:
     batch: int
 
 
-def run_job(job: Job, args: argparse.Namespace, data_overrides: list[str], folder: Path) -> list[dict] | str:
-    """Run one measurement; the ranks' records, or the error (exit status and the end of stderr)."""
-    report = folder / f"{job.model}-{job.rule}-M{job.micro}-S{job.stages}.jsonl"
-    report.unlink(missing_ok=True)
+def job_command(job: Job, args: argparse.Namespace, data_overrides: list[str], report: Path) -> list[str]:
     worker_args = [str(Path(__file__).resolve()), "--worker", "--model", job.model, "--rule", job.rule,
                    "--micro", str(job.micro), "--stages", str(job.stages), "--batch", str(job.batch),
                    "--warmup", str(args.warmup), "--steps", str(args.steps), "--report", str(report),
@@ -276,24 +273,61 @@ def run_job(job: Job, args: argparse.Namespace, data_overrides: list[str], folde
     for text in data_overrides:
         worker_args += ["--set", text]
     if job.stages > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.stages}",
-                   *worker_args]
-    else:
-        command = [sys.executable, *worker_args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return f"timed out after {args.timeout} s: {shlex.join(command)}"
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.stages}",
+                *worker_args]
+    return [sys.executable, *worker_args]
+
+
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def read_report(job: Job, command: list[str], report: Path, returncode: int, stderr: str,
+                expected: int) -> list[dict] | str:
+    """The ranks' records, or the error (exit status and the end of stderr)."""
     records = [json.loads(line) for line in report.read_text().splitlines()] if report.is_file() else []
     failed = [r for r in records if "error" in r]
     if failed:  # the ranks' own tracebacks, the first rank's first
-        return (f"exit {done.returncode}: {shlex.join(command)}\n"
+        return (f"exit {returncode}: {shlex.join(command)}\n"
                 + "\n".join(f"rank {r['rank']}: {r['error'].strip()}" for r in sorted(failed, key=lambda r: r["rank"])))
-    if done.returncode != 0 or len(records) != job.stages:
-        tail = "\n".join(done.stderr.strip().splitlines()[-40:])
-        return f"exit {done.returncode}, {len(records)} of {job.stages} reports: {shlex.join(command)}\n{tail}"
+    if returncode != 0 or len(records) != expected:
+        tail = "\n".join(stderr.strip().splitlines()[-40:])
+        return f"exit {returncode}, {len(records)} of {expected} reports: {shlex.join(command)}\n{tail}"
     return sorted(records, key=lambda r: r["rank"])
+
+
+def run_job(job: Job, args: argparse.Namespace, data_overrides: list[str], folder: Path) -> list[dict] | str:
+    """Run one measurement; the ranks' records, or the error."""
+    report = folder / f"{job.model}-{job.rule}-M{job.micro}-S{job.stages}.jsonl"
+    report.unlink(missing_ok=True)
+    command = job_command(job, args, data_overrides, report)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                              env={**os.environ, **WORKER_ENV}, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {args.timeout} s: {shlex.join(command)}"
+    return read_report(job, command, report, done.returncode, done.stderr, job.stages)
+
+
+def machine_ceiling(job: Job, args: argparse.Namespace, data_overrides: list[str], folder: Path,
+                    alone: float) -> float | str:
+    """What two processes can get from this machine at all: two copies of the one-process ``job``
+    run at once, their mean images/s over ``alone`` (one copy by itself). Shared caches, memory
+    bandwidth and the machine's other load cap every two-process efficiency at this figure."""
+    running = []
+    for copy in range(STAGES):
+        report = folder / f"{job.model}-ceiling-{copy}.jsonl"
+        report.unlink(missing_ok=True)
+        command = job_command(job, args, data_overrides, report)
+        running.append((command, report, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                          text=True, env={**os.environ, **WORKER_ENV}, cwd=ROOT)))
+    rates = []
+    for command, report, process in running:
+        _, stderr = process.communicate(timeout=args.timeout)
+        records = read_report(job, command, report, process.returncode, stderr, 1)
+        if isinstance(records, str):
+            return records
+        rates.append(records[0]["images_per_s"])
+    return sum(rates) / len(rates) / alone
 
 
 def mib(value: float | None) -> float | None:
@@ -350,6 +384,18 @@ def measure_model(model: str, args: argparse.Namespace, data_overrides: list[str
                 console.print(f"{model} {label} M={micro}: {row['images_per_s']:.1f} img/s (S={STAGES}), "
                               f"{row['images_per_s_1p']:.1f} img/s (1 process), efficiency {row['efficiency']:.2f}")
             rows.append(row)
+    reference = next(((key, r) for key, r in baselines.items() if key[1] == 0 and not isinstance(r, str)), None)
+    if reference is not None:  # the whole-batch baseline of the first non-forward-only rule
+        (name, _), records = reference
+        label = next(label for label in args.rules if rule_name(label)[0] == name)
+        ceiling = machine_ceiling(Job(model, label, 1, 1, batch), args, overrides, folder, records[0]["images_per_s"])
+        if isinstance(ceiling, str):
+            notes.append(f"machine ceiling not measured: {ceiling}")
+        else:
+            for row in rows:
+                row["ceiling"] = ceiling
+            notes.append(f"machine ceiling: {STAGES} independent one-thread processes of the {label} baseline at once "
+                         f"run at {ceiling:.2f} of one alone (the best any {STAGES}-process efficiency can be here)")
     return rows, notes
 
 
@@ -385,7 +431,7 @@ def goals(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                      + ("error" if r.get("images_per_s") is None or r["best_bp_images_per_s"] is None
                         else f"{r['images_per_s'] / r['best_bp_images_per_s']:.2f}x") for r in local)
     out.append(("every local rule faster (S=2) than BP's best schedule at the same M",
-                None if not local else all(checks), text))
+                None if not local or not best_bp else all(checks), text if best_bp else "BP not measured"))
     return out
 
 

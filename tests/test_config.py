@@ -38,6 +38,12 @@ def test_valid_recipe_is_typed(tmp_path, tiny_npz):
         ("rule", {"granularity": "layer"}, "[rule] granularity: rule 'bp' has no options; remove the key"),
         ("model", {"name": "vgg"}, "[model]: name: expected one of"),
         ("train", {"compile": "yes"}, "[train] compile: expected true or false (or unset), got 'yes'"),
+        ("train", {"pipeline_stages": 2, "micro_batches": 3}, "[train] micro_batches: must divide train.batch_size = 32"),
+        ("train", {"micro_batches": 2}, "[train] micro_batches: and stage_boundaries split a batch"),
+        ("train", {"pipeline_stages": 3, "stage_boundaries": ["1"]}, "[train] stage_boundaries: must name "
+         "pipeline_stages - 1 = 2 units"),
+        ("train", {"pipeline_stages": 2, "pipeline_schedule": "zb"}, "[train] pipeline_schedule: expected one of "
+         "'gpipe', '1f1b'"),
     ],
 )
 def test_bad_values_name_file_key_and_allowed(tmp_path, tiny_npz, section, values, expected):

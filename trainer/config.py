@@ -273,6 +273,9 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
          "stage_boundaries", f"must name pipeline_stages - 1 = {r.train.pipeline_stages - 1} units (where stages "
          "2, 3, ... begin), or be empty (balanced by measured time)"),
         (r.train.stage_timeout > 0, "train", "stage_timeout", "must be positive (seconds)"),
+        (r.train.pipeline_stages > 1 or (r.train.micro_batches == 1 and not r.train.stage_boundaries), "train",
+         "micro_batches", "and stage_boundaries split a batch and the model over pipeline stages: set "
+         "train.pipeline_stages > 1 (under torchrun) or leave them unset"),
         (r.optim.lr > 0, "optim", "lr", "must be positive"),
         (0.0 <= r.optim.momentum < 1.0, "optim", "momentum", "must be in [0, 1)"),
         (r.optim.weight_decay >= 0, "optim", "weight_decay", "must be non-negative"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import inspect
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -112,12 +113,11 @@ def measure_unit_seconds(units: Sequence[nn.Module], model: nn.Module, x: torch.
     """Each unit's forward plus local backward time on the batch ``x`` (the fastest of ``repeats``
     passes; BatchNorm statistics restored, no gradient kept)."""
     best = [float("inf")] * len(units)
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     with preserved_buffers(model), torch.enable_grad():
         for _ in range(repeats):
             state: State = x
             for index, unit in enumerate(units):
-                sync()
+                _sync(x.device)
                 start = time.perf_counter()
                 with autocast():
                     out = unit(detach_state(state))
@@ -125,7 +125,7 @@ def measure_unit_seconds(units: Sequence[nn.Module], model: nn.Module, x: torch.
                 grads = [t for t in outputs if t.requires_grad]
                 if grads:
                     torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
-                sync()
+                _sync(x.device)
                 best[index] = min(best[index], time.perf_counter() - start)
                 state = detach_state(out)
     for p in model.parameters():
@@ -133,10 +133,46 @@ def measure_unit_seconds(units: Sequence[nn.Module], model: nn.Module, x: torch.
     return best
 
 
+def measure_step_seconds(params_per_unit: Sequence[Sequence[torch.Tensor]], optimizer: torch.optim.Optimizer,
+                         repeats: int = 3) -> list[float]:
+    """Each unit's optimizer step: the optimizer's own class and settings on copies of the unit's
+    parameters (the fastest of ``repeats``). A forward-only stage steps on every micro-batch, and a
+    step over ResNet-18's last blocks costs as much as their forward on a few images."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    seconds = []
+    for params in params_per_unit:
+        copies = [t.detach().clone().requires_grad_() for t in params if isinstance(t, nn.Parameter)]
+        if not copies:
+            seconds.append(0.0)
+            continue
+        for c in copies:
+            c.grad = torch.zeros_like(c)
+        scratch = type(optimizer)(copies, **settings)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first step creates the optimizer's state
+            _sync(copies[0].device)
+            start = time.perf_counter()
+            scratch.step()
+            _sync(copies[0].device)
+            best = min(best, time.perf_counter() - start)
+        seconds.append(best)
+    return seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def split_stages(names: Sequence[str], units: Sequence[nn.Module], model: nn.Module, env: DistEnv,
-                 boundaries: Sequence[str], probe: torch.Tensor, autocast: Callable[[], Any]) -> tuple[list[range], str]:
+                 boundaries: Sequence[str], probe: torch.Tensor, autocast: Callable[[], Any],
+                 owned: list[list[torch.Tensor]], optimizer: torch.optim.Optimizer,
+                 steps_per_micro_batch: float) -> tuple[list[range], str]:
     """The stages, and a note saying how they were chosen: at ``boundaries``, or balanced by the
-    per-unit times that global rank 0 measures on ``probe`` (one micro-batch), sent to every rank."""
+    per-unit cost of a micro-batch that global rank 0 measures on ``probe`` (one micro-batch): the
+    unit's forward and backward, plus ``steps_per_micro_batch`` of its optimizer steps (1 for
+    forward-only rules, 1/M for the others), sent to every rank."""
     stages = env.stages
     if len(names) < stages:
         raise ConfigError(f"[train] pipeline_stages = {stages}, but the model has {len(names)} units "
@@ -145,7 +181,11 @@ def split_stages(names: Sequence[str], units: Sequence[nn.Module], model: nn.Mod
         ranges = named_stages(names, boundaries)
         how = "at train.stage_boundaries"
     else:
-        seconds = [measure_unit_seconds(units, model, probe, autocast) if env.rank == 0 else None]
+        seconds: list[Any] = [None]
+        if env.rank == 0:
+            steps = measure_step_seconds(owned, optimizer)
+            compute = measure_unit_seconds(units, model, probe, autocast)
+            seconds = [[c + steps_per_micro_batch * t for c, t in zip(compute, steps)]]
         dist.broadcast_object_list(seconds, src=0)
         ranges = balanced_stages(seconds[0], stages)
         shares = [sum(seconds[0][i] for i in r) / sum(seconds[0]) for r in ranges]
@@ -300,9 +340,9 @@ class LocalPipeline:
         below = [l for l in self.units if l < top]
         # error units this stage needs from the stages above, and those it sends down
         self.needs = sorted({src for l in below for src in rule.error_sources(l) if src not in own and src != top})
-        self.sends = {j: sorted({self.stage_of_unit[l] for l in range(self.units.start) if j in rule.error_sources(l)})
-                      for j in self.units if j != top}
-        self.sends = {j: stages for j, stages in self.sends.items() if stages}
+        sends = {j: sorted({self.stage_of_unit[l] for l in range(self.units.start) if j in rule.error_sources(l)})
+                 for j in self.units if j != top}
+        self.sends = {j: stages for j, stages in sends.items() if stages}
         self._templates: dict[int, list[State]] = {}
         self._errors: dict[int, torch.Tensor] = {}
 
@@ -427,16 +467,21 @@ def dry_outputs(model: nn.Module, units: Sequence[nn.Module], x: torch.Tensor, a
     return outputs
 
 
-def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig, probe: torch.Tensor) -> Pipeline:
+def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig, probe: torch.Tensor,
+                   optimizer: torch.optim.Optimizer) -> Pipeline:
     """Split the rule's (or the model's) units into ``env.stages`` stages and build this rank's.
-    ``probe`` is one micro-batch of inputs (random): it times the units and shapes the messages."""
+    ``probe`` is one micro-batch of inputs (random): it times the units and shapes the messages;
+    ``optimizer`` (the session's) times the units' steps."""
     if not isinstance(rule, UnitRule) and rule.name not in PIPELINED_END_TO_END:
         raise RuleError(f"rule {rule.name!r} is not pipelined (its backward pass updates feedback weights, which "
                         f"the pipeline engine does not run); pipelined: the local rules and {', '.join(PIPELINED_END_TO_END)}")
     named = pipeline_units(rule, model)
     names, units = [name for name, _ in named], [unit for _, unit in named]
-    ranges, note = split_stages(names, units, model, env, cfg.stage_boundaries, probe, rule.autocast)
-    per_stage = stage_state(owned_state(units, model, probe, rule), ranges, names)
+    owned = owned_state(units, model, probe, rule)
+    steps = 1.0 if getattr(rule, "forward_only", False) else 1.0 / cfg.micro_batches
+    ranges, note = split_stages(names, units, model, env, cfg.stage_boundaries, probe, rule.autocast, owned,
+                                optimizer, steps)
+    per_stage = stage_state(owned, ranges, names)
     if isinstance(rule, UnitRule):
         stage: LocalPipeline | BackpropPipeline = LocalPipeline(rule, env, ranges, cfg.micro_batches, cfg.stage_timeout)
     else:

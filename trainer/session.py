@@ -189,7 +189,7 @@ def build_session(recipe: Recipe) -> Session:
         probe = torch.randn((batch_size // (1 if is_forward_only(recipe) else cfg.micro_batches), *data.input_shape),
                             device=device)
         try:
-            pipeline = build_pipeline(rule, model, env, cfg, probe)
+            pipeline = build_pipeline(rule, model, env, cfg, probe, optimizer)
         except (ConfigError, RuleError) as err:
             raise ConfigError(f"{recipe.source}: [train] pipeline_stages = {cfg.pipeline_stages} with rule "
                               f"{recipe.rule.name!r}: {err}") from None
