@@ -264,7 +264,8 @@ class LocalRepresentationAlignment(UnitRule):
                 for emap, weight in zip(self.error_maps, self.tied):
                     emap.weight.grad = error_map_layout(emap, weight.grad).float()
         if self.learns_errors and radius > 0:  # E's step is γ·lr·ΔE: ball_c(γ·ΔE) = γ·ball_(c/γ)(ΔE)
-            project_to_ball_([p.grad for p in self.error_maps.parameters() if p.grad is not None], radius / self.options.gamma)
+            grads = [p.grad for p in self.error_maps.parameters() if p.grad is not None]  # a stage: its own
+            project_to_ball_(grads, radius / self.options.gamma)
 
     # --- the equations -------------------------------------------------------------------------
 
