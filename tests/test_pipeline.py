@@ -88,6 +88,17 @@ def test_bp_through_torch_pipelining_equals_gradient_accumulation(tmp_path, tiny
                                 pipeline_schedule=schedule)
 
 
+def test_trace_bp_runs_through_torch_pipelining(tmp_path, tiny_npz):
+    """trace_bp's probes are drawn per process, so it equals no one-process run: it must train."""
+    path = write_recipe(tmp_path / "r.toml", tiny_npz, rule={"name": "trace_bp"}, model={"name": "cnn", "width": 4},
+                        optim={"name": "adamw", "lr": 0.01},
+                        train={"epochs": 3, "batch_size": 16, "pipeline_stages": 2, "micro_batches": 2})
+    result = torchrun(2, "run", str(path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["pipeline_stages"] == 2 and results["accuracy"] > 0.4  # chance is 0.25
+
+
 def test_pipeline_times_data_parallel(tmp_path, tiny_npz):
     """2 stages x 2 replicas of tpsgd: one process whose batch is the two replicas' micro-batches."""
     result = pipeline_equals_one_process(tmp_path, tiny_npz, {"name": "tpsgd"}, stages=2, micro=2, one_batch=16,
@@ -140,6 +151,7 @@ def test_a_killed_stage_ends_the_job_and_the_run_resumes(tmp_path, tiny_npz):
     killed = time.time()
     _, stderr = job.communicate(timeout=60)
     assert job.returncode != 0 and time.time() - killed < 30
+    assert f"the checkpoint of epoch" in stderr and "continue with --resume" in stderr, stderr[-3000:]  # the survivor
     epoch = torch.load(out / "checkpoint.pt")["epoch"]
     assert 1 <= epoch < 60
     parts = sorted(p.name for p in (out / "stages").iterdir())

@@ -24,7 +24,7 @@ from trainer.checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_stage_par
 from trainer.config import RESUMABLE_KEYS, ConfigError, Recipe, dump_toml, recipe_changes
 from trainer.data import Loader
 from trainer.distributed import DistEnv, all_reduce_sum, average_buffers, finish
-from trainer.errors import RunInterrupted, TrainingDiverged
+from trainer.errors import RunInterrupted, StageFailed, TrainingDiverged
 from trainer.recipes import recipe_from_dict
 from trainer.report import MetricsLog, Reporter
 from trainer.rules import Rule
@@ -170,10 +170,15 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
             return _run(recipe, out_dir, payload, reporter, notes, saved)
         except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM through sigterm_interrupts
             name = stop.signal_name if isinstance(stop, RunInterrupted) else "SIGINT"
-            kept = (f"the checkpoint of epoch {saved[-1]} is kept in {ckpt_path}; continue with --resume --out "
-                    f"{out_dir}") if saved else \
-                "no checkpoint was written yet (stopped during the first epoch): run it again to start over"
-            raise RunInterrupted(name, f"stopped by {name}: {kept}") from None
+            raise RunInterrupted(name, f"stopped by {name}: {_kept(saved, ckpt_path, out_dir)}") from None
+        except StageFailed as err:
+            raise StageFailed(f"{err}; {_kept(saved, ckpt_path, out_dir)}") from None
+        except RuntimeError as err:  # a collective (log-step loss, epoch-end sync) with a process gone
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not _lost_peer(err):
+                raise
+            reason = str(err).strip().splitlines()[0].split("] ", 1)[-1][:200]
+            raise StageFailed(f"rank {os.environ.get('RANK')} lost another process of the job ({reason}): it has "
+                              f"stopped, see its own error; {_kept(saved, ckpt_path, out_dir)}") from None
         except TrainingDiverged as err:
             kept = f"the last good checkpoint (epoch {saved[-1]}) is kept in {ckpt_path}" if saved else \
                 "no checkpoint was written yet (it diverged in the first epoch)"
@@ -181,6 +186,20 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
                 _write_results(out_dir, {"state": "diverged", "recipe": recipe.source, "rule": recipe.rule.name,
                                          "message": str(err)})
             raise TrainingDiverged(f"{err}; {kept}. Lower optim.lr or check the data.") from None
+
+
+def _kept(saved: list[int], ckpt_path: Path, out_dir: Path) -> str:
+    """What a stopped run leaves, and how to go on."""
+    if saved:
+        return f"the checkpoint of epoch {saved[-1]} is kept in {ckpt_path}; continue with --resume --out {out_dir}"
+    return "no checkpoint was written yet (stopped during the first epoch): run it again to start over"
+
+
+def _lost_peer(err: RuntimeError) -> bool:
+    """Whether a torch.distributed error says another process went away or stopped answering."""
+    text = str(err)
+    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Timed out",
+                                          "timed out", "Broken pipe", "pair closure"))
 
 
 def _write_results(out_dir: Path, results: dict[str, Any]) -> None:

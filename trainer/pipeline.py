@@ -489,6 +489,10 @@ def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig,
 
         mine = ranges[env.stage]
         template = probe if mine.start == 0 else dry_outputs(model, units[: mine.start], probe, rule.autocast)[-1]
-        stage = BackpropPipeline(units[mine.start : mine.stop], env.stage, env.stages, env.pipeline_group, probe.device,
-                                 cfg.micro_batches, cfg.pipeline_schedule, rule.criterion, template, rule.autocast)
+        try:
+            stage = BackpropPipeline(units[mine.start : mine.stop], env.stage, env.stages, env.pipeline_group,
+                                     probe.device, cfg.micro_batches, cfg.pipeline_schedule, rule.criterion, template,
+                                     rule.autocast)
+        except ValueError as err:  # a state the engine cannot send (checked on every stage alike)
+            raise RuleError(str(err)) from None
     return Pipeline(stage, ranges, per_stage, note)
