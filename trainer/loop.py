@@ -173,12 +173,6 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
             raise RunInterrupted(name, f"stopped by {name}: {_kept(saved, ckpt_path, out_dir)}") from None
         except StageFailed as err:
             raise StageFailed(f"{err}; {_kept(saved, ckpt_path, out_dir)}") from None
-        except RuntimeError as err:  # a collective (log-step loss, epoch-end sync) with a process gone
-            if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not _lost_peer(err):
-                raise
-            reason = str(err).strip().splitlines()[0].split("] ", 1)[-1][:200]
-            raise StageFailed(f"rank {os.environ.get('RANK')} lost another process of the job ({reason}): it has "
-                              f"stopped, see its own error; {_kept(saved, ckpt_path, out_dir)}") from None
         except TrainingDiverged as err:
             kept = f"the last good checkpoint (epoch {saved[-1]}) is kept in {ckpt_path}" if saved else \
                 "no checkpoint was written yet (it diverged in the first epoch)"
@@ -186,6 +180,12 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
                 _write_results(out_dir, {"state": "diverged", "recipe": recipe.source, "rule": recipe.rule.name,
                                          "message": str(err)})
             raise TrainingDiverged(f"{err}; {kept}. Lower optim.lr or check the data.") from None
+        except RuntimeError as err:  # a collective (log-step loss, epoch-end sync) lost a process
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not _lost_peer(err):
+                raise
+            reason = str(err).strip().splitlines()[0].split("] ", 1)[-1][:200]
+            raise StageFailed(f"rank {os.environ.get('RANK')} lost another process of the job ({reason}): it has "
+                              f"stopped, see its own error; {_kept(saved, ckpt_path, out_dir)}") from None
 
 
 def _kept(saved: list[int], ckpt_path: Path, out_dir: Path) -> str:
