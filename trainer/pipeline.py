@@ -445,7 +445,10 @@ class Pipeline:
     note: str
 
     def synchronize(self, env: DistEnv) -> None:
-        """Every rank gets every stage's trained tensors (collective over the pipeline)."""
+        """At an epoch's end: this stage's sends finished, then every rank gets every stage's
+        trained tensors (collective over the pipeline)."""
+        if isinstance(self.stage, LocalPipeline):
+            self.stage.courier.flush()
         broadcast_stage_state(self.per_stage, env)
 
 
