@@ -339,7 +339,7 @@ def measure_model(model: str, args: argparse.Namespace, data_overrides: list[str
     """Every (rule, M) of one model: the pipeline runs and their one-process baselines."""
     spec = MODELS[model]
     batch = getattr(args, spec.batch_flag)
-    overrides = data_overrides if model == "resnet18" else []
+    overrides = [*(data_overrides if model == "resnet18" else []), *args.set]
     rows, notes = [], []
     baselines: dict[tuple[str, int], list[dict] | str] = {}
     for label in args.rules:
@@ -524,7 +524,8 @@ def main() -> None:
     parser.add_argument("--rule", choices=RULES, help=argparse.SUPPRESS)
     parser.add_argument("--stages", type=int, default=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[],
+                        help="an override for every run, pipeline and baseline alike (e.g. rule.granularity=\"layer\")")
     args = parser.parse_args()
     if args.worker:
         args.micro = args.micro[0]

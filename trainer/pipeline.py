@@ -108,8 +108,32 @@ def balanced_stages(seconds: Sequence[float], stages: int) -> list[range]:
     return bounds[::-1]
 
 
+Backward = Callable[[int, State], None]  # a unit's local backward from its output (index, output)
+
+
+def ones_backward(index: int, out: State) -> None:
+    """A stand-in local backward: every tensor of the output that has a graph gets ones."""
+    outputs = [t for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t) and t.requires_grad]
+    if outputs:
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+
+
+def forward_only_backward(rule: UnitRule, y: torch.Tensor) -> Backward:
+    """A forward-only rule's own local backward (its signal included: DRTP's and tpSGD's scale with
+    the unit's output, which is largest in the first units)."""
+    def backward(index: int, out: State) -> None:
+        if index < rule.top:
+            signal = rule.unit_signal(index, primary(out), y)
+        else:
+            signal = rule.output_error(primary(out), y)[1]
+        rule.local_backward([rule.signal_point(index, out)], [signal])
+
+    return backward
+
+
 def measure_unit_seconds(units: Sequence[nn.Module], model: nn.Module, x: torch.Tensor,
-                         autocast: Callable[[], Any], repeats: int = 3) -> list[float]:
+                         autocast: Callable[[], Any], backward: Backward = ones_backward,
+                         repeats: int = 3) -> list[float]:
     """Each unit's forward plus local backward time on the batch ``x`` (the fastest of ``repeats``
     passes; BatchNorm statistics restored, no gradient kept)."""
     best = [float("inf")] * len(units)
@@ -121,10 +145,7 @@ def measure_unit_seconds(units: Sequence[nn.Module], model: nn.Module, x: torch.
                 start = time.perf_counter()
                 with autocast():
                     out = unit(detach_state(state))
-                outputs = [t for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t)]
-                grads = [t for t in outputs if t.requires_grad]
-                if grads:
-                    torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
+                backward(index, out)
                 _sync(x.device)
                 best[index] = min(best[index], time.perf_counter() - start)
                 state = detach_state(out)
@@ -168,10 +189,10 @@ def _sync(device: torch.device) -> None:
 def split_stages(names: Sequence[str], units: Sequence[nn.Module], model: nn.Module, env: DistEnv,
                  boundaries: Sequence[str], probe: torch.Tensor, autocast: Callable[[], Any],
                  owned: list[list[torch.Tensor]], optimizer: torch.optim.Optimizer,
-                 steps_per_micro_batch: float) -> tuple[list[range], str]:
+                 steps_per_micro_batch: float, backward: Backward = ones_backward) -> tuple[list[range], str]:
     """The stages, and a note saying how they were chosen: at ``boundaries``, or balanced by the
     per-unit cost of a micro-batch that global rank 0 measures on ``probe`` (one micro-batch): the
-    unit's forward and backward, plus ``steps_per_micro_batch`` of its optimizer steps (1 for
+    unit's forward and ``backward``, plus ``steps_per_micro_batch`` of its optimizer steps (1 for
     forward-only rules, 1/M for the others), sent to every rank."""
     stages = env.stages
     if len(names) < stages:
@@ -184,7 +205,7 @@ def split_stages(names: Sequence[str], units: Sequence[nn.Module], model: nn.Mod
         seconds: list[Any] = [None]
         if env.rank == 0:
             steps = measure_step_seconds(owned, optimizer)
-            compute = measure_unit_seconds(units, model, probe, autocast)
+            compute = measure_unit_seconds(units, model, probe, autocast, backward)
             seconds = [[c + steps_per_micro_batch * t for c, t in zip(compute, steps)]]
         dist.broadcast_object_list(seconds, src=0)
         ranges = balanced_stages(seconds[0], stages)
@@ -481,9 +502,11 @@ def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig,
     named = pipeline_units(rule, model)
     names, units = [name for name, _ in named], [unit for _, unit in named]
     owned = owned_state(units, model, probe, rule)
-    steps = 1.0 if getattr(rule, "forward_only", False) else 1.0 / cfg.micro_batches
+    forward_only = isinstance(rule, UnitRule) and rule.forward_only
+    backward = forward_only_backward(rule, torch.randint(0, rule.ctx.num_classes, (len(probe),), device=probe.device)) \
+        if forward_only else ones_backward
     ranges, note = split_stages(names, units, model, env, cfg.stage_boundaries, probe, rule.autocast, owned,
-                                optimizer, steps)
+                                optimizer, 1.0 if forward_only else 1.0 / cfg.micro_batches, backward)
     per_stage = stage_state(owned, ranges, names)
     if isinstance(rule, UnitRule):
         stage: LocalPipeline | BackpropPipeline = LocalPipeline(rule, env, ranges, cfg.micro_batches, cfg.stage_timeout)
