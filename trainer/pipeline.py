@@ -44,7 +44,7 @@ from trainer.distributed import DistEnv
 from trainer.errors import StageFailed
 from trainer.rules.alignment import preserved_buffers
 from trainer.rules.base import Rule, RuleError, StepResult, UnitBatch, UnitRule
-from trainer.units import State, detach_state, model_units, primary
+from trainer.units import State, detach_state, dry_outputs, model_units, primary, used_parameters
 
 if TYPE_CHECKING:
     from trainer.pipeline_bp import BackpropPipeline
@@ -232,11 +232,8 @@ def owned_state(units: Sequence[nn.Module], model: nn.Module, x: torch.Tensor, r
             for index, unit in enumerate(units):
                 called.clear()
                 out = unit(detach_state(state))
-                candidates = list({id(p): p for p in unit.parameters() if p.requires_grad}.values())
-                outputs = [t for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t) and t.requires_grad]
-                used = torch.autograd.grad(sum(t.float().sum() for t in outputs), candidates, allow_unused=True) \
-                    if candidates and outputs else [None] * len(candidates)
-                params = [p for p, g in zip(candidates, used) if g is not None]
+                outputs = [t.float() for t in state_tensors(out) if t.requires_grad]
+                params = used_parameters(unit, sum(t.sum() for t in outputs)) if outputs else []
                 buffers = [b for m in called for b in m.buffers(recurse=False)]
                 extra = rule.unit_rule_parameters(index) if isinstance(rule, UnitRule) else []
                 owned.append([*params, *buffers, *extra])
@@ -315,8 +312,8 @@ class Courier:
         while len(self.pending) > MAX_PENDING_SENDS:
             self._wait(self.pending.popleft()[0], stage, "to send to")
 
-    def receive(self, like: list[torch.Tensor], stage: int, tag: int, what: str) -> list[torch.Tensor]:
-        buffers = [torch.empty_like(t) for t in like]
+    def receive(self, buffers: list[torch.Tensor], stage: int, tag: int, what: str) -> list[torch.Tensor]:
+        """Fill ``buffers`` (fresh, of the message's shapes and dtypes) from ``stage``; returns them."""
         works = [dist.irecv(b, src=self.env.rank_of(stage), tag=tag) for b in buffers]
         for work in works:
             self._wait(work, stage, f"for {what} from")
@@ -349,7 +346,7 @@ class LocalPipeline:
     """
 
     def __init__(self, rule: UnitRule, env: DistEnv, ranges: list[range], micro_batches: int, timeout_s: float):
-        self.rule, self.env, self.ranges = rule, env, ranges
+        self.rule, self.env = rule, env
         self.stage, self.stages = env.stage, env.stages
         self.units = ranges[env.stage]
         self.first, self.last = self.stage == 0, self.stage == env.stages - 1
@@ -381,11 +378,12 @@ class LocalPipeline:
 
     def _receive_input(self, micro: int) -> State:
         template = self.templates(micro)[self.units.start - 1]
-        tensors = self.courier.receive(state_tensors(template), self.stage - 1, ACTIVATION, "activations")
+        buffers = [torch.empty_like(t) for t in state_tensors(template)]
+        tensors = self.courier.receive(buffers, self.stage - 1, ACTIVATION, "activations")
         return rebuild_state(template, tensors)
 
     def _no_logits(self, y: torch.Tensor) -> StepResult:
-        return StepResult(torch.zeros((), device=y.device), torch.empty((0, self.rule.ctx.num_classes), device=y.device))
+        return StepResult.unseen(self.rule.ctx.num_classes, y.device)
 
     def _forward_only_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
         """One micro-batch: forward, local update and step of each unit, output sent on at once."""
@@ -436,13 +434,13 @@ class LocalPipeline:
         if self.last:
             error = self._errors.pop(m)
         else:
-            like = [torch.empty((n, num_classes), device=ys[m].device)]
-            error = self.courier.receive(like, self.stages - 1, ERROR, "the output error")[0]
+            buffer = torch.empty((n, num_classes), device=ys[m].device)
+            error = self.courier.receive([buffer], self.stages - 1, ERROR, "the output error")[0]
         batch = UnitBatch(primary(inputs), ys[m], outputs, error, first=self.units.start, samples=samples)
         templates = self.templates(n)
         for src in self.needs:
-            like = [primary(templates[src]).float()]
-            batch.errors[src] = self.courier.receive(like, self.stage_of_unit[src], ERROR_UNITS, "error units")[0]
+            buffer = torch.empty(primary(templates[src]).shape, device=ys[m].device)  # sent as float32
+            batch.errors[src] = self.courier.receive([buffer], self.stage_of_unit[src], ERROR_UNITS, "error units")[0]
         signals = self.rule.signals(batch)
         for j, stages in self.sends.items():
             for stage in stages:
@@ -461,7 +459,6 @@ class Pipeline:
     """This process's stage of a pipeline, and what every stage trains (for the epoch-end sync)."""
 
     stage: LocalPipeline | BackpropPipeline
-    ranges: list[range]
     per_stage: list[list[torch.Tensor]]
     note: str
 
@@ -471,24 +468,6 @@ class Pipeline:
         if isinstance(self.stage, LocalPipeline):
             self.stage.courier.flush()
         broadcast_stage_state(self.per_stage, env)
-
-
-@torch.no_grad()
-def dry_outputs(model: nn.Module, units: Sequence[nn.Module], x: torch.Tensor, autocast: Callable[[], Any]) -> list[State]:
-    """Every unit's output for the input ``x``, in evaluation mode (BatchNorm statistics untouched):
-    the shapes and dtypes of the messages between stages."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        outputs, state = [], x
-        with autocast():
-            for unit in units:
-                state = unit(state)
-                outputs.append(state)
-    finally:
-        for module, mode in modes:
-            module.train(mode)
-    return outputs
 
 
 def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig, probe: torch.Tensor,
@@ -521,4 +500,4 @@ def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig,
                                      rule.autocast)
         except ValueError as err:  # a state the engine cannot send (checked on every stage alike)
             raise RuleError(str(err)) from None
-    return Pipeline(stage, ranges, per_stage, note)
+    return Pipeline(stage, per_stage, note)

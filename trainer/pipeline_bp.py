@@ -37,8 +37,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from trainer.rules.base import StepResult
-from trainer.units import State, primary
+from trainer.rules.base import Rule, StepResult
+from trainer.units import State, evaluation_mode, primary
 
 Schedule = Literal["gpipe", "1f1b"]
 SCHEDULES: dict[str, type] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -178,14 +178,8 @@ class BackpropPipeline:
 
         In eval mode and without grad, so BatchNorm statistics and dropout's RNG are untouched; each
         module's own training flag is restored afterwards."""
-        modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        try:
-            with torch.no_grad():
-                out = self.module(*(t.detach() for t in inputs))
-        finally:
-            for m, training in modes:
-                m.training = training
+        with evaluation_mode(self.module), torch.no_grad():
+            out = self.module(*(t.detach() for t in inputs))
         if self.is_last and (out.dim() != 2 or out.shape[0] != self.micro_batch):
             raise ValueError(f"the last unit returns shape {tuple(out.shape)}, not logits "
                              f"(micro_batch={self.micro_batch}, classes)")
@@ -248,10 +242,8 @@ class BackpropPipeline:
             out = self.schedule.step(target=y.to(self.device), losses=losses)
         else:
             out = self.schedule.step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        Rule.step(optimizer)
         if self.is_last:
             return StepResult(torch.stack([l.detach().float() for l in losses]).mean(), out.detach())
-        return StepResult(torch.zeros((), device=self.device),
-                          torch.empty(0, self.classes, device=self.device, dtype=self.logits_dtype))
+        return StepResult.unseen(self.classes, self.device, self.logits_dtype)
 

@@ -165,7 +165,8 @@ def build_session(recipe: Recipe) -> Session:
     device = resolve_device(cfg.device, env.local_rank)
     torch.manual_seed(cfg.seed)
     # a forward-only rule updates on every micro-batch: its loader gives micro-batches (trainer.pipeline)
-    batch_size = cfg.batch_size // cfg.micro_batches if pipelined and is_forward_only(recipe) else cfg.batch_size
+    forward_only = pipelined and is_forward_only(recipe)
+    batch_size = cfg.batch_size // cfg.micro_batches if forward_only else cfg.batch_size
     try:
         data = build_data(recipe.data, device, batch_size, cfg.eval_batch_size, cfg.seed, env.replica, env.replicas)
     except ConfigError as err:
@@ -186,8 +187,8 @@ def build_session(recipe: Recipe) -> Session:
         average_gradients_before_step(optimizer, env.replicas, env.replica_group)
     pipeline = None
     if pipelined:
-        probe = torch.randn((batch_size // (1 if is_forward_only(recipe) else cfg.micro_batches), *data.input_shape),
-                            device=device)
+        micro_batch = batch_size if forward_only else batch_size // cfg.micro_batches
+        probe = torch.randn((micro_batch, *data.input_shape), device=device)
         try:
             pipeline = build_pipeline(rule, model, env, cfg, probe, optimizer)
         except (ConfigError, RuleError) as err:

@@ -14,7 +14,8 @@ are computed up to their final ReLU, and a unit without a trailing activation ha
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+import contextlib
+from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import torch
 import torchvision
@@ -156,6 +157,42 @@ def _named_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Modul
         f"cannot split a {type(model).__name__} into units by granularity = {granularity!r}: name the cuts "
         "([rule] units = [\"features.3\", ...]), use granularity = \"children\", or put UnitEnd markers in its forward"
     )
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (BatchNorm statistics untouched, no dropout), then every module's
+    own training flag back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+
+
+@torch.no_grad()
+def dry_outputs(model: nn.Module, units: Sequence[nn.Module], x: torch.Tensor,
+                autocast: Callable[[], Any] = contextlib.nullcontext) -> list[State]:
+    """Every unit's output for the input ``x``, in evaluation mode: the shapes and dtypes of what
+    the units produce (and, in a pipeline, of the messages between stages)."""
+    outputs, state = [], x
+    with evaluation_mode(model), autocast():
+        for unit in units:
+            state = unit(state)
+            outputs.append(state)
+    return outputs
+
+
+def used_parameters(unit: nn.Module, output: torch.Tensor) -> list[nn.Parameter]:
+    """The parameters of ``unit`` that its ``output`` depends on (autograd; a ResNet layer unit
+    holds its whole block as a submodule but uses only its conv and BN)."""
+    candidates = list({id(p): p for p in unit.parameters() if p.requires_grad}.values())
+    if not candidates or not output.requires_grad:
+        return []
+    used = torch.autograd.grad(output.sum(), candidates, allow_unused=True)
+    return [p for p, g in zip(candidates, used) if g is not None]
 
 
 def run_units(units: list[nn.Module], x: torch.Tensor) -> torch.Tensor:

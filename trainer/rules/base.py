@@ -22,7 +22,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
-from trainer.units import Granularity, State, detach_state, model_units, primary
+from trainer.units import Granularity, State, detach_state, dry_outputs, model_units, primary
 
 
 class RuleError(ValueError):
@@ -36,6 +36,11 @@ class StepResult:
 
     loss: torch.Tensor
     logits: torch.Tensor
+
+    @classmethod
+    def unseen(cls, num_classes: int, device: torch.device, dtype: torch.dtype = torch.float32) -> StepResult:
+        """What a pipeline stage below the last reports: a zero loss and no logits (it sees none)."""
+        return cls(torch.zeros((), device=device), torch.empty((0, num_classes), device=device, dtype=dtype))
 
 
 @dataclass(frozen=True)
@@ -326,19 +331,8 @@ class UnitRule(Rule):
         (error,) = torch.autograd.grad(loss, leaf)
         return loss.detach(), error
 
-    @torch.no_grad()
     def _probe_output_shapes(self) -> list[tuple[int, ...]]:
         """Per-sample shape of each unit's output ``h_l``, from one dry forward in eval mode
         (so BatchNorm running statistics are not touched)."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            state: State = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
-            shapes = []
-            for unit in self.units:
-                state = unit(state)
-                shapes.append(tuple(primary(state).shape[1:]))
-        finally:
-            for module, mode in modes:
-                module.train(mode)
-        return shapes
+        zeros = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
+        return [tuple(primary(out).shape[1:]) for out in dry_outputs(self.model, self.units, zeros)]

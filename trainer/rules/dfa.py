@@ -28,7 +28,7 @@ from torch import nn
 from trainer.rules.alignment import angle_degrees, flat_gradient, preserved_buffers
 from trainer.rules.base import RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
-from trainer.units import Granularity, State, detach_state, primary
+from trainer.units import Granularity, State, detach_state, primary, used_parameters
 
 
 @dataclass
@@ -137,9 +137,7 @@ class DFA(UnitRule):
         with preserved_buffers(self.model), torch.enable_grad():
             for _, unit in self.model_units:
                 state = unit.forward(state)  # the plain module, not its compiled wrapper
-                candidates = [p for p in unit.parameters() if p.requires_grad]
-                used = torch.autograd.grad(primary(state).sum(), candidates, allow_unused=True) if candidates else []
-                owned.append([p for p, g in zip(candidates, used) if g is not None])
+                owned.append(used_parameters(unit, primary(state)))
                 state = detach_state(state)
         return owned
 
