@@ -89,7 +89,8 @@ class DeviceLoader:
         self.x = images.x.to(device)
         self.y = images.y.to(device)
         self.num_samples = len(self.y)
-        self.batch_size = min(batch_size, self.num_samples // world_size) if train else batch_size
+        # at least 1, so that a split smaller than the world is refused by _check_one_batch, not divided by
+        self.batch_size = max(1, min(batch_size, self.num_samples // world_size)) if train else batch_size
         self.train, self.crop_padding, self.flip, self.seed = train, crop_padding, flip, seed
         self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(stats.mean, device=device).view(1, -1, 1, 1)
@@ -250,9 +251,12 @@ def load_npz(path: str | Path, key: str = "[data] path") -> Images:
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or 0 in x.shape[1:]:
         raise ConfigError(f"{key}: {path}: x must be uint8 of shape (N, H, W) or (N, H, W, C) with H, W, C >= 1, "
                           f"got {x.dtype} {x.shape}")
+    if len(x) == 0:  # caught here: an empty split divides by zero in the loop (a test_path only after an epoch)
+        raise ConfigError(f"{key}: {path} holds 0 image(s): at least 2 are needed to train on (1 to evaluate); "
+                          f"x has shape {x.shape}: save the images into it")
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"{key}: {path}: y must be integer labels of shape ({len(x)},), got {y.dtype} {y.shape}")
-    if len(y) and y.min() < 0:
+    if y.min() < 0:
         raise ConfigError(f"{key}: {path}: labels must be non-negative, found {int(y.min())}")
     images = torch.from_numpy(np.ascontiguousarray(x))
     images = images.unsqueeze(1) if x.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
