@@ -55,7 +55,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from trainer.loop import train
+    from trainer.loop import OptimOrigin, train
     from trainer.run_folder import auto_out
 
     path = find_recipe(args.recipe)
@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         out = auto_out(path.stem)
     else:
         out = Path(args.out) if args.out else Path("runs") / path.stem
-    train(recipe, out, resume=args.resume, console=console)
+    train(recipe, out, resume=args.resume, console=console, origin=OptimOrigin.read(path, args.set))
     return 0
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import resource
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,10 +21,10 @@ from torch import nn
 
 from trainer.checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_stage_part, remove_stage_parts, save_checkpoint,
                                 save_stage_part)
-from trainer.config import RESUMABLE_KEYS, ConfigError, Recipe, dump_toml, recipe_changes
+from trainer.config import RESUMABLE_KEYS, ConfigError, Recipe, dump_toml, parse_override, recipe_changes, tomllib
 from trainer.data import Loader
 from trainer.distributed import DistEnv, all_reduce_sum, average_buffers, finish
-from trainer.errors import RunInterrupted, StageFailed, TrainingDiverged
+from trainer.errors import RunInterrupted, StageFailed, TrainingDiverged, divergence
 from trainer.recipes import recipe_from_dict
 from trainer.report import MetricsLog, Reporter
 from trainer.rules import Rule
@@ -74,7 +74,13 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
     seen, window_images = 0, 0
     epoch_start = window_start = time.perf_counter()
     for i, (x, y) in enumerate(s.data.train.batches(epoch)):
-        out = s.stepper.train_step(x, y, s.optimizer)
+        try:
+            out = s.stepper.train_step(x, y, s.optimizer)
+        except RuntimeError as err:  # a Python scalar (lr, Adam's step size) beyond float32 in the update
+            if "without overflow" not in str(err):
+                raise
+            raise TrainingDiverged(f"the update of step {step + 1} (epoch {epoch + 1}) overflowed float32 "
+                                   f"({err})") from None
         s.scheduler.step()
         step += 1
         n = len(out.logits)  # 0 on the pipeline stages below the last: they see no logits
@@ -87,8 +93,9 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
             if s.env.enabled:  # every rank takes the same decision on divergence
                 total, count = all_reduce_sum([loss_now * n, n])
                 loss_now = total / count
-            if not math.isfinite(loss_now):
-                raise TrainingDiverged(f"loss became {loss_now} at step {step} (epoch {epoch + 1})")
+            reason = divergence(loss_now, s.data.num_classes)
+            if reason is not None:
+                raise TrainingDiverged(f"{reason} at step {step} (epoch {epoch + 1})")
             reporter.step({"step": step, "epoch": epoch + 1, "split": "train", "loss": loss_now, "lr": s.lr,
                            "images_per_s": window_images / (time.perf_counter() - window_start),
                            "peak_memory_mb": peak_memory_mb(device), **s.rule.diagnostics()}, i + 1, steps)
@@ -100,6 +107,9 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
     loss_total, correct_total, seen_total = loss_sum.item(), correct.item(), seen
     if s.env.enabled:
         loss_total, correct_total, seen_total = all_reduce_sum([loss_total, correct_total, seen_total])
+    reason = divergence(loss_total / seen_total, s.data.num_classes)  # spikes between the logged steps
+    if reason is not None:
+        raise TrainingDiverged(f"the mean training {reason} in epoch {epoch + 1}")
     return step, {"step": step, "epoch": epoch + 1, "train_loss": loss_total / seen_total,
                   "train_accuracy": correct_total / seen_total, "images_per_s": seen_total / train_time,
                   "train_seconds": train_time, "peak_memory_mb": peak_memory_mb(device)}
@@ -144,12 +154,59 @@ def resume_notes(recipe: Recipe, payload: dict[str, Any], out_dir: Path) -> list
     return notes
 
 
-def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class OptimOrigin:
+    """Where a run's ``[optim]`` values came from: its recipe file (written for ``rule``), ``--set``,
+    or the defaults. Learning rates are tuned per rule, so a run whose ``--set rule.name`` replaced
+    the file's rule says what it inherited, and a diverged run says where its ``optim.lr`` came from."""
+
+    recipe: str  # the recipe's name
+    rule: str  # the rule its file names
+    file_keys: tuple[str, ...]  # the [optim] keys the file sets, in its order
+    set_keys: frozenset[str]  # the [optim] keys given by --set
+
+    @classmethod
+    def read(cls, path: Path, overrides: list[str]) -> "OptimOrigin":
+        """From a recipe file that ``load_recipe`` has read (and validated) with ``overrides``."""
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        dotted = [parse_override(text)[0] for text in overrides]
+        return cls(path.stem, str(tree.get("rule", {}).get("name", "bp")), tuple(tree.get("optim", {})),
+                   frozenset(key.removeprefix("optim.") for key in dotted if key.startswith("optim.")))
+
+    def inherited(self, recipe: Recipe) -> str | None:
+        """The note of a run whose rule is not the one its recipe was tuned for, or None."""
+        kept = [key for key in self.file_keys if key not in self.set_keys]
+        if recipe.rule.name == self.rule or not kept:
+            return None
+        values = recipe.to_dict()["optim"]
+        listed = ", ".join(f"optim.{key}={values[key]!r}" for key in kept)
+        return (f"rule {recipe.rule.name} inherits {listed} from recipe {self.recipe}, tuned for rule {self.rule} "
+                "(change them with --set optim.KEY=VALUE)")
+
+
+def lr_hint(recipe: Recipe, origin: OptimOrigin | None) -> str:
+    """The likely fix of a diverged run: a lower learning rate, saying where the current one came from."""
+    lr = recipe.optim.lr
+    if origin is None:
+        source = ""
+    elif "lr" in origin.set_keys:
+        source = " came from --set"
+    elif "lr" in origin.file_keys:
+        tuned = f", tuned for rule {origin.rule}" if origin.rule != recipe.rule.name else ""
+        source = f" came from recipe {origin.recipe}{tuned}"
+    else:
+        source = " is the default"
+    return f"optim.lr={lr:g} ({recipe.optim.name}){source}: lower it, e.g. --set optim.lr={lr / 10:g}, or check the data"
+
+
+def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None,
+          origin: OptimOrigin | None = None) -> dict[str, Any]:
     """Train a recipe into ``out_dir`` (checkpoint, metrics.jsonl, recipe.toml, results.json).
 
     The folder is checked and locked before anything is built. Under torchrun every rank trains
     its shard; rank 0 alone prints, logs and writes files. SIGINT and SIGTERM end the run with
-    ``RunInterrupted`` saying what was kept; a NaN loss with ``TrainingDiverged``.
+    ``RunInterrupted`` saying what was kept; a loss that ``divergence`` calls diverged with
+    ``TrainingDiverged``, whose message says where ``optim.lr`` came from (``origin``).
     """
     main = int(os.environ.get("RANK", "0")) == recipe.train.pipeline_stages - 1  # DistEnv.is_main, before the job
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -157,7 +214,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
         if main:
             folder.claim(resume)
         payload = load_checkpoint(ckpt_path) if resume else None
-        notes = list(folder.notes)
+        inherited = origin.inherited(recipe) if origin is not None else None
+        notes = [*([inherited] if inherited else []), *folder.notes]
         if payload is not None:
             if payload["epoch"] >= recipe.train.epochs:
                 raise ConfigError(f"{out_dir}: the run already finished {payload['epoch']} of train.epochs = "
@@ -179,7 +237,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
             if main:
                 _write_results(out_dir, {"state": "diverged", "recipe": recipe.source, "rule": recipe.rule.name,
                                          "message": str(err)})
-            raise TrainingDiverged(f"{err}; {kept}. Lower optim.lr or check the data.") from None
+            raise TrainingDiverged(f"{err}; {kept}; {lr_hint(recipe, origin)}") from None
         except RuntimeError as err:  # a collective (log-step loss, epoch-end sync) lost a process
             if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not _lost_peer(err):
                 raise

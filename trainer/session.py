@@ -180,6 +180,7 @@ def build_session(recipe: Recipe) -> Session:
                           rule_context(recipe, device, data.num_classes, data.input_shape))
     except RuleError as err:
         raise ConfigError(f"{recipe.source}: [rule] (rule {recipe.rule.name!r}): {err}") from None
+    rule.check_divergence = False  # the loop decides, alike on every rank (after an all-reduce)
     optimizer = build_optimizer(recipe.optim, model, rule)
     if env.enabled:
         broadcast_state([model, rule])
