@@ -49,6 +49,10 @@ class DataConfig:
     num_classes: int = 0  # 0: the data set's own (10 for mnist/cifar10, ...; npz: inferred from the labels)
 
 
+MAX_CLASSES = 1 << 20
+"""Labels are class indices below this (a million classes; ImageNet-21k has 21,841): a larger one is
+a wrapped or foreign value (a uint64 -1, an ID, a hash) whose classifier would not fit in memory."""
+
 BUILTIN_MODELS = ("mlp", "cnn", "rnn", "vit", "resnet18", "resnet34", "resnet50", "resnet20", "resnet32", "resnet56")
 
 
@@ -288,7 +292,8 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
         (r.data.crop_padding >= -1, "data", "crop_padding", "must be -1 (default) or >= 0"),
         (r.data.image_size >= 8, "data", "image_size", "must be at least 8"),
         (r.data.num_workers >= 0, "data", "num_workers", "must be non-negative"),
-        (r.data.num_classes >= 0, "data", "num_classes", "must be 0 (the data set's own) or the number of classes"),
+        (0 <= r.data.num_classes <= MAX_CLASSES, "data", "num_classes",
+         f"must be 0 (the data set's own) or the number of classes, at most {MAX_CLASSES}"),
         (all(h >= 1 for h in r.model.hidden), "model", "hidden", "widths must be at least 1"),
         (r.model.width >= 1, "model", "width", "must be at least 1"),
         (r.model.rnn_hidden >= 1, "model", "rnn_hidden", "must be at least 1"),

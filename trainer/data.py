@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.config import ConfigError, DataConfig
+from trainer.config import MAX_CLASSES, ConfigError, DataConfig
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -254,10 +254,14 @@ def load_npz(path: str | Path, key: str = "[data] path") -> Images:
     if len(x) == 0:  # caught here: an empty split divides by zero in the loop (a test_path only after an epoch)
         raise ConfigError(f"{key}: {path} holds 0 image(s): at least 2 are needed to train on (1 to evaluate); "
                           f"x has shape {x.shape}: save the images into it")
-    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"{key}: {path}: y must be integer labels of shape ({len(x)},), got {y.dtype} {y.shape}")
-    if y.min() < 0:
-        raise ConfigError(f"{key}: {path}: labels must be non-negative, found {int(y.min())}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):  # bool and float labels too
+        raise ConfigError(f"{key}: {path}: y must be integer labels of shape ({len(x)},), got {y.dtype} {y.shape}; "
+                          "save class indices, e.g. y.reshape(-1).astype(numpy.int64)")
+    low, high = int(y.min()), int(y.max())  # Python ints: a uint64 2**64-1 stays itself, not int64's -1
+    if low < 0 or high >= MAX_CLASSES:
+        raise ConfigError(f"{key}: {path}: label {low if low < 0 else high} ({y.dtype}) is out of range: labels are "
+                          f"class indices 0 to {MAX_CLASSES - 1}; relabel y as 0..K-1, e.g. "
+                          "numpy.unique(y, return_inverse=True)[1]")
     images = torch.from_numpy(np.ascontiguousarray(x))
     images = images.unsqueeze(1) if x.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
     return Images(images, torch.from_numpy(y.astype(np.int64)))
