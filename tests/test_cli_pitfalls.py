@@ -4,10 +4,13 @@ were wrong, and tracebacks where one clear line belongs. Each test failed before
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from trainer.cli import main
 
-from conftest import write_recipe
-from test_reliability import cli, fails_cleanly
+from conftest import make_pattern_images, write_recipe
+from test_reliability import cli, fails_cleanly, run_once, snapshot
 
 # On tiny.npz, DFA at lr 5 (constant) blows the loss up to ~2e4 at step 3 and back to 0 by step 4:
 # the logged steps of log_every = 5 never see it, the epoch's mean loss (2647) does.
@@ -63,3 +66,36 @@ def test_a_learning_rate_beyond_float32_is_a_diverged_run(tmp_path, tiny_npz, ca
                   expect="the update of step 1 (epoch 1) overflowed float32")
     assert main(["run", str(recipe), "--out", str(tmp_path / "run2"), "--set", "optim.lr=1e308",
                  "--set", "optim.name=adamw"]) == 3
+
+
+# --- 3. --resume refuses data files that changed under the same name --------------------------
+
+
+def test_resume_refuses_an_npz_overwritten_with_other_images(tmp_path, tiny_npz, capsys):
+    recipe, out = run_once(tmp_path, tiny_npz, capsys)
+    x, y = make_pattern_images(400, seed=1)  # the same size, other images
+    np.savez(tiny_npz, x=x, y=y)
+    before = snapshot(out)
+    fails_cleanly(capsys, "run", str(recipe), "--out", str(out), "--resume", "--set", "train.epochs=3",
+                  expect=f"{tiny_npz} (data.path): the file changed since the checkpoint was written (its sha256 "
+                         "differs); --resume needs the images it trained on")
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_a_changed_test_path(tmp_path, tiny_npz, capsys):
+    held_out = tmp_path / "held_out.npz"
+    np.savez(held_out, **dict(zip("xy", make_pattern_images(100, seed=2))))
+    recipe, out = run_once(tmp_path, tiny_npz, capsys, data={"test_path": str(held_out)})
+    np.savez(held_out, **dict(zip("xy", make_pattern_images(120, seed=2))))
+    fails_cleanly(capsys, "run", str(recipe), "--out", str(out), "--resume", "--set", "train.epochs=3",
+                  expect=f"{held_out} (data.test_path): the file changed since the checkpoint was written (")
+
+
+def test_resume_of_a_checkpoint_without_fingerprints_goes_on(tmp_path, tiny_npz, capsys):
+    recipe, out = run_once(tmp_path, tiny_npz, capsys)
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    del payload["data"]["files"]  # as written before checkpoints held them
+    torch.save(payload, out / "checkpoint.pt")
+    code, _, err = cli(capsys, "run", str(recipe), "--out", str(out), "--resume", "--set", "train.epochs=3")
+    assert code == 0, err
+    assert "files" in torch.load(out / "checkpoint.pt", weights_only=True)["data"]

@@ -9,8 +9,10 @@ parameters learn at another rate or decay otherwise than the recipe's ``[optim]`
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -111,6 +113,7 @@ class Session:
     total_steps: int
     env: DistEnv
     pipeline: Pipeline | None = None  # this process's stage, when train.pipeline_stages > 1
+    data_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # data_fingerprints of the recipe
 
     @property
     def stepper(self) -> Rule | LocalPipeline | BackpropPipeline:
@@ -198,7 +201,23 @@ def build_session(recipe: Recipe) -> Session:
     torch.manual_seed(cfg.seed + env.rank)  # ranks draw different randomness (e.g. probes) from here on
     total = cfg.epochs * len(data.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
-    return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, pipeline)
+    return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, pipeline,
+                   data_fingerprints(recipe))
+
+
+def data_fingerprints(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """The size and sha256 of each data file the recipe names (npz: data.path, data.test_path), by
+    key: the recipe says only a path, and a resume must refuse other images under the same name."""
+    named = {"data.path": recipe.data.path, "data.test_path": recipe.data.test_path} if recipe.data.name == "npz" else {}
+    prints = {}
+    for key, name in named.items():
+        if name:
+            digest = hashlib.sha256()
+            with open(name, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            prints[key] = {"file": name, "size": Path(name).stat().st_size, "sha256": digest.hexdigest()}
+    return prints
 
 
 def is_forward_only(recipe: Recipe) -> bool:
@@ -228,7 +247,7 @@ def checkpoint_payload(s: Session, epoch: int, step: int, rng: list[dict[str, An
         "pipeline": {"stages": s.env.stages} if s.pipeline is not None else None,
         "scheduler": s.scheduler.state_dict(), "rng": rng,
         "data": {"mean": list(s.data.stats.mean), "std": list(s.data.stats.std),
-                 "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape)},
+                 "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape), "files": s.data_files},
     }
 
 
@@ -242,6 +261,13 @@ def restore(s: Session, payload: dict[str, Any], part: dict[str, Any] | None = N
     if stages != s.env.stages:
         raise ConfigError(f"the checkpoint was written by a pipeline of {stages} stage(s); resume it with "
                           f"train.pipeline_stages = {stages} (got {s.env.stages})")
+    for key, saved in payload["data"].get("files", {}).items():  # checkpoints before fingerprints have none
+        now = s.data_files.get(key)
+        if now is not None and now != saved:
+            change = f"{saved['size']} → {now['size']} bytes" if now["size"] != saved["size"] else "its sha256 differs"
+            raise ConfigError(f"{now['file']} ({key}): the file changed since the checkpoint was written ({change}); "
+                              "--resume needs the images it trained on: put that file back, or start a new run with "
+                              "another --out")
     try:
         s.model.load_state_dict(payload["model"])
         s.rule.load_state_dict(payload["rule"])
