@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from trainer.rules.base import RuleError
+
 
 @contextlib.contextmanager
 def preserved_buffers(model: nn.Module) -> Iterator[None]:
@@ -39,3 +41,11 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     if denominator == 0:
         return 90.0
     return math.degrees(math.acos((a @ b / denominator).clamp(-1, 1).item()))
+
+
+def needs_labels(y: torch.Tensor | None, rule: str) -> torch.Tensor:
+    """The labels an alignment pass measures on; a ``prepare()``'d forward must have been given them."""
+    if y is None:
+        raise RuleError(f"rule {rule!r}: align_every measures the angles on the batch's labels, which the "
+                        "prepared forward was not given: call net(x, y), or set align_every = 0")
+    return y

@@ -1,7 +1,8 @@
 """The ``Rule`` interface: a rule owns how a batch becomes parameter updates.
 
 The training loop only calls ``rule.train_step(x, y, optimizer)`` and ``rule(x)`` (evaluation),
-so every learning rule plugs in without touching the loop. A rule steps the optimizer itself:
+so every learning rule plugs in without touching the loop; a user's own loop may instead call
+``net = rule.prepare()`` and keep its ``loss.backward(); optimizer.step()`` (``trainer.rules.prepared``). A rule steps the optimizer itself:
 end-to-end rules once per batch, forward-only rules once per unit, right after that unit's
 forward (the optimizer skips parameters whose ``.grad`` is None, so per-unit steps through one
 optimizer only move that unit).
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
 
+from trainer.errors import TrainingDiverged, divergence
 from trainer.units import Granularity, State, detach_state, dry_outputs, model_units, primary
 
 
@@ -67,23 +70,65 @@ class RuleContext:
         return nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
 
 
+def _checks_divergence(train_step):  # noqa: ANN001, ANN202 (a decorator of every rule's train_step)
+    """``train_step`` that raises ``TrainingDiverged`` when the step's loss has diverged (NaN,
+    infinite or exploded, ``trainer.errors.divergence``) unless ``rule.check_divergence`` is off.
+    A subclass's train_step calling its parent's is checked once, by the outermost call."""
+    @functools.wraps(train_step)
+    def checked(self: Rule, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        if self._in_step:
+            return train_step(self, x, y, optimizer)
+        self._in_step = True
+        try:
+            result = train_step(self, x, y, optimizer)
+        finally:
+            self._in_step = False
+        self.steps_taken += 1
+        if self.check_divergence:
+            why = divergence(float(result.loss), self.ctx.num_classes)
+            if why:
+                raise TrainingDiverged(
+                    f"rule {self.name!r}: {why} at step {self.steps_taken}; lower the learning rate (a rate tuned "
+                    "for another rule often diverges), or set rule.check_divergence = False to go on")
+        return result
+
+    checked.checks_divergence = True
+    return checked
+
+
 class Rule(nn.Module, abc.ABC):
     """Base class of learning rules. Subclasses set ``name`` and ``Options`` (a dataclass).
 
     The rule is an nn.Module so that its own state (fixed feedback matrices as buffers, learned
     error matrices as parameters) moves with ``.to()`` and is saved by ``state_dict()``. The model
-    is held without registering it, so the rule's state never duplicates the model's.
+    is held without registering it, so the rule's state never duplicates the model's; ``train()``
+    and ``eval()`` set the model's mode too.
+
+    ``train_step`` raises ``TrainingDiverged`` on a diverged loss (one host sync a step); set
+    ``check_divergence = False`` to go on regardless (the trainer's loop does, and decides itself).
+    ``preparable`` says whether ``prepare()`` can express the rule's update through autograd; a
+    rule that cannot sets it to the reason.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type]
     notes: tuple[str, ...] = ()  # what the rule decided for the user (e.g. where it cut the model), printed
+    preparable: ClassVar[bool | str] = True
+    check_divergence: bool = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("train_step")
+        if step is not None and not getattr(step, "__isabstractmethod__", False) \
+                and not getattr(step, "checks_divergence", False):
+            cls.train_step = _checks_divergence(step)
 
     def __init__(self, model: nn.Module, options: object, ctx: RuleContext):
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: see the class docstring
         self.options, self.ctx = options, ctx
         self.criterion = ctx.criterion()
+        self._in_step, self.steps_taken = False, 0
 
     @abc.abstractmethod
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
@@ -92,6 +137,35 @@ class Rule(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for evaluation."""
         return self.model(x)
+
+    def train(self, mode: bool = True) -> Rule:
+        """The rule's and the model's mode (dropout, BatchNorm statistics)."""
+        super().train(mode)
+        self.model.train(mode)
+        return self
+
+    def prepare(self) -> nn.Module:
+        """The rule as a module for your own loop: ``loss = criterion(net(x), y); loss.backward();
+        optimizer.step()`` performs exactly ``train_step``'s update (``trainer.rules.prepared``).
+        Its parameters are the model's and the rule's own (LRA's E maps, Kolen–Pollack's B)."""
+        from trainer.rules.prepared import PreparedRule  # noqa: PLC0415 (prepared imports this module)
+
+        if self.preparable is not True:
+            raise RuleError(f"rule {self.name!r} cannot be prepared for loss.backward(): {self.preparable}; "
+                            "call rule.train_step(x, y, optimizer) in your loop instead")
+        return PreparedRule(self)
+
+    def prepared_forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The training forward of ``prepare()``'d end-to-end rules: the model's logits, with
+        ``after_backward`` queued to run when their backward ends."""
+        from trainer.rules.prepared import after_backward_of  # noqa: PLC0415
+
+        with self.autocast():
+            logits = self.model(x)
+        return after_backward_of(logits, lambda: self.prepared_after_backward(x, y))
+
+    def prepared_after_backward(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """What ``prepare()``'d training runs when a backward ends (``train_step``'s after-backward)."""
 
     def param_options(self) -> dict[nn.Parameter, ParamOptions]:
         """Optimizer settings of parameters that differ from the recipe's ``[optim]`` (e.g. LRA's γ
@@ -152,7 +226,7 @@ class UnitBatch:
     """
 
     x: torch.Tensor  # the input of unit ``first``
-    y: torch.Tensor
+    y: torch.Tensor | None  # None: a prepare()'d forward given no labels
     outputs: list[State]  # each unit's output, with its graph
     error: torch.Tensor  # e = ∂loss/∂logits of the top unit (a batch mean: softmax − one-hot over N)
     first: int = 0  # the unit index of outputs[0]
@@ -205,6 +279,11 @@ class UnitRule(Rule):
             self.model_units, note = model_units(model, options.granularity, options.units)
         except ValueError as err:
             raise RuleError(str(err)) from None
+        if len(self.model_units) < 2:
+            raise RuleError(
+                f"rule {self.name!r} found a single unit in {type(model).__name__} ({note or 'granularity ' + repr(options.granularity)}): "
+                "a local rule would train it as plain backprop. Cut it into units: name submodules to cut after "
+                "(units = [...]), use granularity = \"children\", put UnitEnd markers in its forward, or use rule 'bp'")
         self.notes = (note,) if note else ()
         grouped = self.group_units(self.model_units)
         self.unit_names = [name for name, _ in grouped]
@@ -294,6 +373,13 @@ class UnitRule(Rule):
         self.local_backward([self.signal_point(index, out)], [signal])
         self.step(optimizer)
         return detach_state(out)
+
+    def prepared_forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """``prepare()``'s training forward: the units as in ``train_step``, their signals injected
+        by the backward of the logits (``trainer.rules.prepared``)."""
+        from trainer.rules.prepared import inject_signals  # noqa: PLC0415
+
+        return inject_signals(self, x, y, self.forward_units(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: State = x

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from trainer.rules.alignment import angle_degrees, flat_gradient, preserved_buffers
+from trainer.rules.alignment import angle_degrees, flat_gradient, needs_labels, preserved_buffers
 from trainer.rules.base import RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
 from trainer.units import Granularity, State, detach_state, primary, used_parameters
@@ -172,7 +172,7 @@ class DFA(UnitRule):
         """Every ``align_every`` steps, the DFA-vs-BP angles of the update now in ``.grad``."""
         self.steps += 1
         if self.options.align_every and self.steps % self.options.align_every == 0:
-            self.angles = self.measure_alignment(batch.x, batch.y)
+            self.angles = self.measure_alignment(batch.x, needs_labels(batch.y, self.name))
 
     def measure_alignment(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Angle (degrees) between each unit's update now in ``.grad`` and its BP gradient on

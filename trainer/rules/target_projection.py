@@ -95,6 +95,8 @@ class TargetProjection(UnitRule):
 
     name = "drtp"
     Options = DRTPOptions
+    preparable = ("its units learn from projected labels, each stepping right after its own forward, "
+                  "which no single backward of a loss expresses")
 
     def __init__(self, model: nn.Module, options: DRTPOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from kernels import convert_to_feedback, feedback_layers
-from trainer.rules.alignment import angle_degrees, preserved_buffers
-from trainer.rules.base import ParamOptions, RuleContext, RuleError
+from trainer.rules.alignment import angle_degrees, needs_labels, preserved_buffers
+from trainer.rules.base import ParamOptions, RuleContext, RuleError, StepResult
 from trainer.rules.bp import Backprop
 
 FeedbackInit = Literal["match", "default", "xavier"]
@@ -78,6 +78,17 @@ class KolenPollackOptions(WeightTransportOptions):
             raise ValueError(f"kp_decay must be >= 0, got {self.kp_decay}")
 
 
+def check_optimizer_holds(optimizer: torch.optim.Optimizer, feedback: list[nn.Parameter], rule: str) -> None:
+    """Kolen–Pollack's B learns through the optimizer: one that does not hold B (built before the
+    rule converted the model) would train it as plain FA, so refuse it."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = sum(id(b) not in held for b in feedback)
+    if missing:
+        raise RuleError(f"rule {rule!r}: the optimizer does not hold the feedback weights B of {missing} of "
+                        f"{len(feedback)} layers, so B would never learn (plain FA): build the optimizer after the "
+                        "rule, from rule.model.parameters() (or rule.prepare().parameters())")
+
+
 class WeightTransport(Backprop):
     """Backprop with feedback weights in place of W's transpose in every dense and conv layer."""
 
@@ -102,10 +113,12 @@ class WeightTransport(Backprop):
         """The feedback weights (or magnitudes) the layers keep: 0 for seeded, usf and brsf."""
         return sum(layer.feedback_nbytes for _, layer in self.layers)
 
-    def after_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def after_backward(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         self.steps += 1
         if self.options.align_every and self.steps % self.options.align_every == 0:
-            self.angles = self.measure_alignment(x, y)
+            self.angles = self.measure_alignment(x, needs_labels(y, self.name))
+
+    prepared_after_backward = after_backward
 
     @contextlib.contextmanager
     def exact_backward(self) -> Iterator[None]:
@@ -169,6 +182,10 @@ class KolenPollack(WeightTransport):
     """kp: B receives W's gradient and decay, so it converges to W without reading it."""
 
     name, mode, Options = "kp", "kp", KolenPollackOptions
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        check_optimizer_holds(optimizer, [layer.feedback_weight for _, layer in self.layers], self.name)
+        return super().train_step(x, y, optimizer)
 
     def param_options(self) -> dict[nn.Parameter, ParamOptions]:
         """B's own weight decay when ``kp_decay`` is set (else W's, through ``[optim]``)."""
