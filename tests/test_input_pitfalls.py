@@ -77,3 +77,62 @@ def test_labels_that_do_not_fit_are_refused_naming_the_value(tmp_path, capsys, v
 def test_a_huge_num_classes_is_refused(tmp_path, tiny_npz, capsys):
     fails_cleanly(capsys, *run(tmp_path, tiny_npz, "data.num_classes=10000000000"),
                   expect="[data] num_classes: must be 0 (the data set's own) or the number of classes, at most 1048576")
+
+
+# --- 4. models whose outputs are not (N, num_classes) logits -------------------------------------
+
+HEADS = '''
+import torch
+from torch import nn
+
+
+class Head(nn.Module):
+    def __init__(self, features, outputs, shape=None, train_tuple=False):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(features, outputs))
+        self.shape, self.train_tuple = shape, train_tuple
+
+    def forward(self, x):
+        out = self.fc(x)
+        if self.shape == "tuple" or (self.train_tuple and self.training):
+            return out, out.detach()
+        return out.unsqueeze(1) if self.shape == "n1c" else out
+
+
+def wide(num_classes, input_shape):
+    return Head(input_shape[0] * input_shape[1] * input_shape[2], 1000)
+
+
+def narrow(num_classes, input_shape):
+    return Head(input_shape[0] * input_shape[1] * input_shape[2], num_classes - 1)
+
+
+def pair(num_classes, input_shape):
+    return Head(input_shape[0] * input_shape[1] * input_shape[2], num_classes, shape="tuple")
+
+
+def n1c(num_classes, input_shape):
+    return Head(input_shape[0] * input_shape[1] * input_shape[2], num_classes, shape="n1c")
+
+
+def pair_in_training(num_classes, input_shape):
+    return Head(input_shape[0] * input_shape[1] * input_shape[2], num_classes, train_tuple=True)
+'''
+
+
+@pytest.mark.parametrize("factory, expect", [
+    ("wide", "returns a (2, 1000) tensor in eval mode for 2 images; expected (N, C) = (2, 4) logits, C = num_classes "
+             "= 4 (the data's classes): its output width 1000 must be num_classes = 4: pass num_classes to the final layer"),
+    ("narrow", "returns a (2, 3) tensor in eval mode for 2 images; expected (N, C) = (2, 4) logits"),
+    ("pair", "returns a tuple of 2 items in eval mode for 2 images; expected (N, C) = (2, 4) logits, C = num_classes "
+             "= 4 (the data's classes): return the logits alone from forward, flattened to (N, C)"),
+    ("n1c", "returns a (2, 1, 4) tensor in eval mode for 2 images; expected (N, C) = (2, 4) logits"),
+    ("pair_in_training", "returns a tuple of 2 items in train mode for 2 images"),
+])
+def test_a_factory_must_return_n_by_num_classes_logits(tmp_path, tiny_npz, capsys, monkeypatch, factory, expect):
+    (tmp_path / "pitfall_heads.py").write_text(HEADS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "pitfall_heads", raising=False)
+    fails_cleanly(capsys, *run(tmp_path, tiny_npz, model={"name": f"python:pitfall_heads:{factory}"}),
+                  expect=f"[model] name: python:pitfall_heads:{factory} {expect}")

@@ -215,16 +215,19 @@ def _fit_input_channels(model: nn.Module, channels: int) -> None:
 
 
 @torch.no_grad()
-def _check_input_size(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
-    """One dry forward in eval mode on two blank images: a size the model cannot take is refused
-    here, naming the layer that fails, not deep in the first training step."""
+def _dry_forward(model: nn.Module, name: str, input_shape: tuple[int, ...], training: bool) -> object:
+    """One forward on two blank images in train or eval mode, leaving the model as it was (modes,
+    BatchNorm statistics, the global RNG that dropout draws from): a size the model cannot take is
+    refused here, naming the layer that fails, not deep in the first training step."""
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: entered.append(n))
              for n, m in model.named_modules() if n and not list(m.children())]
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    buffers = [b.clone() for b in model.buffers()]
+    model.train(training)
     try:
-        model(torch.zeros((2, *input_shape)))
+        with torch.random.fork_rng(devices=[]):
+            return model(torch.zeros((2, *input_shape)))
     except Exception as err:
         layer = entered[-1] if entered else "its first layer"
         reason = " ".join(str(err).split())[:200]
@@ -236,6 +239,29 @@ def _check_input_size(model: nn.Module, name: str, input_shape: tuple[int, ...])
             hook.remove()
         for module, mode in modes:
             module.train(mode)
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+
+
+def _check_logits(out: object, name: str, num_classes: int, training: bool) -> None:
+    """The loss and every rule take (N, C) logits with C the data's classes: a wider output would
+    train its extra classes towards nothing without a word, a narrower one fails in the loss."""
+    if isinstance(out, torch.Tensor) and tuple(out.shape) == (2, num_classes):
+        return
+    if isinstance(out, torch.Tensor):
+        got = f"a {tuple(out.shape)} tensor"
+    else:
+        got = f"a {type(out).__name__}" + (f" of {len(out)} items" if isinstance(out, (tuple, list, dict)) else "")
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        fix = (f"its output width {out.shape[1]} must be num_classes = {num_classes}: pass num_classes to the "
+               "final layer (e.g. nn.Linear(features, num_classes))")
+    elif hasattr(out, "logits"):  # torchvision's GoogLeNetOutputs, InceptionOutputs
+        fix = "the trainer trains the main logits alone: leave [model] kwargs aux_logits unset"
+    else:
+        fix = "return the logits alone from forward, flattened to (N, C)"
+    raise ConfigError(f"[model] name: {name} returns {got} in {'train' if training else 'eval'} mode for 2 images; "
+                      f"expected (N, C) = (2, {num_classes}) logits, C = num_classes = {num_classes} (the data's "
+                      f"classes): {fix}")
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -261,7 +287,8 @@ def _build(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int
         else:
             model = _user_model(target, input_shape, num_classes, cfg.kwargs)
         _fit_input_channels(model, input_shape[0])
-        _check_input_size(model, cfg.name, input_shape)
+        for training in (False, True):  # a model of another's may answer otherwise in train mode (aux heads)
+            _check_logits(_dry_forward(model, cfg.name, input_shape, training), cfg.name, num_classes, training)
         return model
     if cfg.name == "vit":
         model = _vit(input_shape, num_classes, cfg)
