@@ -136,3 +136,16 @@ def test_a_factory_must_return_n_by_num_classes_logits(tmp_path, tiny_npz, capsy
     monkeypatch.delitem(__import__("sys").modules, "pitfall_heads", raising=False)
     fails_cleanly(capsys, *run(tmp_path, tiny_npz, model={"name": f"python:pitfall_heads:{factory}"}),
                   expect=f"[model] name: python:pitfall_heads:{factory} {expect}")
+
+
+# --- 1. a device index this machine does not have ----------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cuda:99999999999999999999", "cuda:128"])
+def test_a_gpu_index_beyond_the_machines_names_its_devices(tmp_path, tiny_npz, capsys, device):
+    import torch
+
+    count = torch.cuda.device_count()
+    there = f"its GPUs are {', '.join(f'cuda:{i}' for i in range(count))}" if count else "it has no CUDA device"
+    fails_cleanly(capsys, *run(tmp_path, tiny_npz, f"train.device={device}"),
+                  expect=f"[train] device = {device!r}: this machine has no such device ({there}); use one of those")

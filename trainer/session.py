@@ -33,8 +33,18 @@ if TYPE_CHECKING:
 
 
 def device_name(name: str) -> str:
-    """``[train] device`` as this machine reads it: "auto" is cuda when available, else cpu."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    """``[train] device`` as this machine reads it: "auto" is cuda when available, else cpu. A
+    ``cuda:N`` must be one of this machine's GPUs: torch refuses a long index with a traceback and
+    wraps one above 127 (``cuda:128`` is ``cuda:-128``)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    index = name.partition(":")[2]
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        there = f"its GPUs are {', '.join(f'cuda:{i}' for i in range(count))}" if count else "it has no CUDA device"
+        raise ConfigError(f"[train] device = {name!r}: this machine has no such device ({there}); "
+                          "use one of those, 'cpu' or 'auto'")
+    return name
 
 
 def on_cuda_by_default(flag: bool | None, device_type: str) -> bool:
