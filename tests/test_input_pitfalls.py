@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.cli import main
 
@@ -117,7 +118,21 @@ def n1c(num_classes, input_shape):
 
 def pair_in_training(num_classes, input_shape):
     return Head(input_shape[0] * input_shape[1] * input_shape[2], num_classes, train_tuple=True)
+
+
+def pooled(num_classes, input_shape):
+    return nn.Sequential(nn.Conv2d(input_shape[0], 4, 3, padding=1), nn.MaxPool2d(8), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, num_classes))
 '''
+
+
+@pytest.fixture
+def heads(tmp_path, monkeypatch):
+    """``python:pitfall_heads:FACTORY`` importable from the working directory."""
+    (tmp_path / "pitfall_heads.py").write_text(HEADS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "pitfall_heads", raising=False)
 
 
 @pytest.mark.parametrize("factory, expect", [
@@ -129,11 +144,7 @@ def pair_in_training(num_classes, input_shape):
     ("n1c", "returns a (2, 1, 4) tensor in eval mode for 2 images; expected (N, C) = (2, 4) logits"),
     ("pair_in_training", "returns a tuple of 2 items in train mode for 2 images"),
 ])
-def test_a_factory_must_return_n_by_num_classes_logits(tmp_path, tiny_npz, capsys, monkeypatch, factory, expect):
-    (tmp_path / "pitfall_heads.py").write_text(HEADS)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(__import__("sys").modules, "pitfall_heads", raising=False)
+def test_a_factory_must_return_n_by_num_classes_logits(tmp_path, tiny_npz, capsys, heads, factory, expect):
     fails_cleanly(capsys, *run(tmp_path, tiny_npz, model={"name": f"python:pitfall_heads:{factory}"}),
                   expect=f"[model] name: python:pitfall_heads:{factory} {expect}")
 
@@ -143,9 +154,27 @@ def test_a_factory_must_return_n_by_num_classes_logits(tmp_path, tiny_npz, capsy
 
 @pytest.mark.parametrize("device", ["cuda:99999999999999999999", "cuda:128"])
 def test_a_gpu_index_beyond_the_machines_names_its_devices(tmp_path, tiny_npz, capsys, device):
-    import torch
-
     count = torch.cuda.device_count()
     there = f"its GPUs are {', '.join(f'cuda:{i}' for i in range(count))}" if count else "it has no CUDA device"
     fails_cleanly(capsys, *run(tmp_path, tiny_npz, f"train.device={device}"),
                   expect=f"[train] device = {device!r}: this machine has no such device ({there}); use one of those")
+
+
+# --- 6. images smaller than a model can take ------------------------------------------------------
+
+
+def test_the_cnn_on_1x1_images_names_the_size_it_needs(tmp_path, capsys):
+    npz = save(tmp_path / "dots.npz", np.full((16, 1, 1), 200, np.uint8), np.arange(16) % 2)
+    fails_cleanly(capsys, *run(tmp_path, npz, model={"name": "cnn"}),
+                  expect="[model] name: cnn cannot take 1x1 images: its two 2x2 max-pools need at least 4x4; use larger "
+                         "images or another [model] name (mlp, rnn and the resnets take any size)")
+
+
+def test_a_model_that_pools_too_small_images_away_names_the_smallest_size(heads):
+    from trainer.config import ConfigError, ModelConfig
+    from trainer.models import build_model
+
+    with pytest.raises(ConfigError, match=r"python:pitfall_heads:pooled cannot take 1x4x4 inputs: 1 fails \(RuntimeError: "
+                                          r".*\); it needs images of at least 8x8: use larger images"):
+        build_model(ModelConfig(name="python:pitfall_heads:pooled"), (1, 4, 4), 3)
+    assert build_model(ModelConfig(name="python:pitfall_heads:pooled"), (1, 8, 8), 3)(torch.zeros(1, 1, 8, 8)).shape == (1, 3)

@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 import torchvision
@@ -22,6 +23,7 @@ class LayeredNet(nn.Sequential):
     """A plain feed-forward net stored as stages of layers (no residual connections)."""
 
 
+ANY_SIZE = "another [model] name (mlp, rnn and the resnets take any size)"
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
@@ -41,6 +43,9 @@ def _cnn(input_shape: tuple[int, ...], num_classes: int, width: int, activation:
     """Two conv-BN-act-pool layers and two dense layers: the usual small CNN for MNIST. A bounded
     activation (tanh) keeps rules whose targets never stop pulling (DRTP) from growing without end."""
     channels, height, width_px = input_shape
+    if min(height, width_px) < 4:  # checked before its dense layer is made for 0 inputs
+        raise ConfigError(f"[model] name: cnn cannot take {height}x{width_px} images: its two 2x2 max-pools need at "
+                          f"least 4x4; use larger images or {ANY_SIZE}")
     act = ACTIVATIONS[activation]
 
     def conv(c_in: int, c_out: int) -> nn.Sequential:
@@ -214,11 +219,18 @@ def _fit_input_channels(model: nn.Module, channels: int) -> None:
                 return
 
 
+class _ForwardFailed(Exception):
+    """A dry forward that raised: the last layer entered, and the error."""
+
+    def __init__(self, layer: str, err: Exception):
+        super().__init__(layer, err)
+        self.layer, self.err = layer, err
+
+
 @torch.no_grad()
-def _dry_forward(model: nn.Module, name: str, input_shape: tuple[int, ...], training: bool) -> object:
+def _dry_forward(model: nn.Module, input_shape: tuple[int, ...], training: bool) -> object:
     """One forward on two blank images in train or eval mode, leaving the model as it was (modes,
-    BatchNorm statistics, the global RNG that dropout draws from): a size the model cannot take is
-    refused here, naming the layer that fails, not deep in the first training step."""
+    BatchNorm statistics, the global RNG that dropout draws from); _ForwardFailed names the layer."""
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: entered.append(n))
              for n, m in model.named_modules() if n and not list(m.children())]
@@ -229,11 +241,7 @@ def _dry_forward(model: nn.Module, name: str, input_shape: tuple[int, ...], trai
         with torch.random.fork_rng(devices=[]):
             return model(torch.zeros((2, *input_shape)))
     except Exception as err:
-        layer = entered[-1] if entered else "its first layer"
-        reason = " ".join(str(err).split())[:200]
-        raise ConfigError(f"[model] name: {name} cannot take {'x'.join(map(str, input_shape))} inputs: {layer} fails "
-                          f"({type(err).__name__}: {reason}); use larger images ([data] image_size for image "
-                          "folders) or a model built for this size (e.g. [model] kwargs)") from None
+        raise _ForwardFailed(entered[-1] if entered else "its first layer", err) from None
     finally:
         for hook in hooks:
             hook.remove()
@@ -241,6 +249,28 @@ def _dry_forward(model: nn.Module, name: str, input_shape: tuple[int, ...], trai
             module.train(mode)
         for buffer, saved in zip(model.buffers(), buffers):
             buffer.copy_(saved)
+
+
+def _smallest_side(make: Callable[[tuple[int, int, int]], nn.Module], channels: int) -> int | None:
+    """The smallest square image side (up to 1024) at which ``make(shape)`` builds and runs in eval
+    mode: doubling, then bisection (sizes that pool to nothing fail below it); None if none runs."""
+
+    def runs(side: int) -> bool:
+        shape = (channels, side, side)
+        try:
+            _dry_forward(make(shape), shape, training=False)
+        except (_ForwardFailed, ConfigError):
+            return False
+        return True
+
+    high = next((side for side in (2**k for k in range(11)) if runs(side)), None)
+    if high is None:
+        return None
+    low = high // 2  # fails (or is 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if runs(mid) else (mid, high)
+    return high
 
 
 def _check_logits(out: object, name: str, num_classes: int, training: bool) -> None:
@@ -265,11 +295,18 @@ def _check_logits(out: object, name: str, num_classes: int, training: bool) -> N
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The network named by ``[model]`` for inputs of ``input_shape`` (C, H, W), with every
-    BatchNorm's momentum set when ``batchnorm_momentum`` is (torchvision's MobileNets use 0.01,
-    tuned for long ImageNet runs: in a short run their running statistics lag the weights and
-    evaluation collapses)."""
+    """The network named by ``[model]`` for inputs of ``input_shape`` (C, H, W), checked by dry
+    forwards to take this size and return (N, num_classes) logits, with every BatchNorm's momentum
+    set when ``batchnorm_momentum`` is (torchvision's MobileNets use 0.01, tuned for long ImageNet
+    runs: in a short run their running statistics lag the weights and evaluation collapses)."""
     model = _build(cfg, input_shape, num_classes)
+    external = cfg.name.partition(":")[0] in ("torchvision", "python")
+    for training in (False, True) if external else (False,):  # another's model may differ in train mode (aux heads)
+        try:
+            out = _dry_forward(model, input_shape, training)
+        except _ForwardFailed as failed:
+            raise _size_error(cfg, input_shape, num_classes, model, failed) from None
+        _check_logits(out, cfg.name, num_classes, training)
     if cfg.batchnorm_momentum is not None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -277,9 +314,25 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
     return model
 
 
+def _size_error(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int, model: nn.Module,
+                failed: _ForwardFailed) -> ConfigError:
+    """A size the model cannot take, refused at build time naming the layer that fails and the
+    smallest size that runs, not deep in the first training step."""
+    kind = cfg.name.partition(":")[0]
+    if kind == "torchvision":  # built for any size: only the input changes
+        smallest = _smallest_side(lambda shape: model, input_shape[0])
+    else:
+        smallest = _smallest_side(lambda shape: _build(cfg, shape, num_classes), input_shape[0])
+    needs = f"; it needs images of at least {smallest}x{smallest}" if smallest else ""
+    other = "a model built for this size (e.g. [model] kwargs)" if kind in ("torchvision", "python") else ANY_SIZE
+    reason = " ".join(str(failed.err).split())[:200]
+    return ConfigError(f"[model] name: {cfg.name} cannot take {'x'.join(map(str, input_shape))} inputs: {failed.layer} "
+                       f"fails ({type(failed.err).__name__}: {reason}){needs}: use larger images ([data] image_size "
+                       f"for image folders) or {other}")
+
+
 def _build(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Models from torchvision or a user's factory take the data's channels
-    (``_fit_input_channels``) and are checked to run at this size."""
+    """Models from torchvision or a user's factory take the data's channels (``_fit_input_channels``)."""
     kind, _, target = cfg.name.partition(":")
     if kind in ("torchvision", "python"):
         if kind == "torchvision":
@@ -287,8 +340,6 @@ def _build(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int
         else:
             model = _user_model(target, input_shape, num_classes, cfg.kwargs)
         _fit_input_channels(model, input_shape[0])
-        for training in (False, True):  # a model of another's may answer otherwise in train mode (aux heads)
-            _check_logits(_dry_forward(model, cfg.name, input_shape, training), cfg.name, num_classes, training)
         return model
     if cfg.name == "vit":
         model = _vit(input_shape, num_classes, cfg)
