@@ -1,19 +1,30 @@
 """Pitfalls a user met on the command line (issue 24): runs that went on silently although they
 were wrong, and tracebacks where one clear line belongs. Each test failed before its fix."""
 
+import io
+import itertools
 import json
+import shutil
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from trainer.cli import main
+from trainer.config import dump_toml, tomllib
+from trainer.runs import summarize
 
 from conftest import make_pattern_images, write_recipe
 from test_reliability import cli, fails_cleanly, run_once, snapshot
 
 # On tiny.npz, DFA at lr 5 (constant) blows the loss up to ~2e4 at step 3 and back to 0 by step 4:
 # the logged steps of log_every = 5 never see it, the epoch's mean loss (2647) does.
+COUNTER = itertools.count()
 HOT = {"optim": {"lr": 5.0, "schedule": "constant"}, "train": {"epochs": 1}}
 
 
@@ -99,3 +110,118 @@ def test_resume_of_a_checkpoint_without_fingerprints_goes_on(tmp_path, tiny_npz,
     code, _, err = cli(capsys, "run", str(recipe), "--out", str(out), "--resume", "--set", "train.epochs=3")
     assert code == 0, err
     assert "files" in torch.load(out / "checkpoint.pt", weights_only=True)["data"]
+
+
+# --- 5. trainer runs and trainer plot on damaged files -------------------------------------------
+
+
+def damage(folder: Path, file: str, key: str, value: Any, line: int = -1) -> None:
+    """Set ``key`` of results.json or of line ``line`` of metrics.jsonl ("": the whole), or ``section.key``
+    of recipe.toml."""
+    path = folder / file
+    if file == "results.json":
+        path.write_text(json.dumps(value if key == "" else {**json.loads(path.read_text()), key: value}))
+    elif file == "metrics.jsonl":
+        lines = path.read_text().splitlines()
+        lines[line] = json.dumps(value if key == "" else {**json.loads(lines[line]), key: value})
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        tree = tomllib.loads(path.read_text())
+        section, name = key.split(".")
+        tree[section][name] = value
+        path.write_text(dump_toml(tree))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished two-epoch run, copied by each test that damages it."""
+    root = tmp_path_factory.mktemp("finished")
+    x, y = make_pattern_images(64, size=8)
+    np.savez(root / "tiny.npz", x=x, y=y)
+    recipe = write_recipe(root / "tiny.toml", root / "tiny.npz", model={"name": "mlp", "hidden": [8]},
+                          train={"batch_size": 16, "log_every": 1})
+    with redirect_stdout(io.StringIO()):
+        assert main(["run", str(recipe), "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+def quietly(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("file, key, value, shown", [
+    ("results.json", "accuracy", "x", 'damaged (results.json: accuracy is "x", not a number)'),
+    ("results.json", "", [], "damaged (results.json: not a JSON object)"),
+    ("metrics.jsonl", "epoch", [1], "damaged (metrics.jsonl line 8: epoch is [1], not an integer)"),
+    ("metrics.jsonl", "", [1, 2], "damaged (metrics.jsonl line 8: not a JSON object but list)"),
+    ("recipe.toml", "rule.name", 3, "damaged (recipe.toml: [rule] name is not a string)"),
+    ("recipe.toml", "train.epochs", "two", "damaged (recipe.toml: [train] epochs is not an integer)"),
+])
+def test_runs_shows_a_damaged_run_as_damaged(tmp_path, finished, file, key, value, shown):
+    run = shutil.copytree(finished, tmp_path / "runs" / "run")
+    damage(run, file, key, value)
+    code, stdout, err = quietly("runs", str(tmp_path / "runs"))
+    assert code == 0 and "Traceback" not in err, err
+    assert "damaged" in stdout and summarize(run).state == shown  # the table may wrap the state
+
+
+def test_plot_skips_damaged_lines_with_one_warning(tmp_path, finished):
+    pytest.importorskip("matplotlib")
+    run = shutil.copytree(finished, tmp_path / "run")
+    damage(run, "metrics.jsonl", "accuracy", "x", line=-1)
+    damage(run, "metrics.jsonl", "", "not an object", line=2)
+    code, stdout, err = quietly("plot", str(run), "--out", str(tmp_path / "p.png"))
+    assert code == 0 and "Traceback" not in err, err
+    warnings = [line for line in stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {run / 'metrics.jsonl'}: skipped 2 damaged line(s) (line 3: not a JSON object "
+                        "but str)"]
+
+
+def kind(value: Any) -> str:
+    """A value's JSON type, numbers as one."""
+    return "number" if type(value) in (int, float) else type(value).__name__
+
+
+def toml_can_hold(value: Any) -> bool:
+    """TOML has no null."""
+    inner = value if isinstance(value, list) else value.values() if isinstance(value, dict) else []
+    return value is not None and all(map(toml_can_hold, inner))
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+                    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+                    max_leaves=4)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(file=st.sampled_from(["results.json", "metrics.jsonl", "recipe.toml"]), pick=st.integers(0, 99),
+       line=st.integers(0, 99), value=JSON)
+def test_runs_and_plot_survive_any_field_of_any_type(tmp_path, finished, file, pick, line, value):
+    """Any key of results.json, of any metrics line (or the line itself), or rule.name / train.epochs
+    of recipe.toml set to any JSON value: no traceback, and a value of another type is damage."""
+    pytest.importorskip("matplotlib")
+    run = shutil.copytree(finished, tmp_path / f"runs-{next(COUNTER)}" / "run")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    line %= len(lines)
+    if file == "results.json":
+        fields = json.loads((run / file).read_text())
+    elif file == "metrics.jsonl":
+        fields = {"": json.loads(lines[line]), **json.loads(lines[line])}  # "": the whole line
+    else:
+        assume(toml_can_hold(value))
+        tree = tomllib.loads((run / file).read_text())
+        fields = {"rule.name": tree["rule"]["name"], "train.epochs": tree["train"]["epochs"]}
+    key = sorted(fields)[pick % len(fields)]
+    original = fields[key]
+    damage(run, file, key, value, line)
+    code, stdout, err = quietly("runs", str(run.parent))
+    assert code == 0 and "Traceback" not in err, err
+    if kind(value) != kind(original):
+        assert summarize(run).state.startswith("damaged (")
+    code, stdout, err = quietly("plot", str(run), "--out", str(run / "p.png"))
+    assert code == 0 and "Traceback" not in err, err
+    assert len([line for line in stdout.splitlines() if line.startswith("warning:")]) <= 1

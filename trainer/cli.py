@@ -141,8 +141,9 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
         return "-" if value is None else f"{100 * value:.2f}%"
 
     for r in runs:
-        table.add_row(str(r.path), r.recipe, r.rule, f"{r.epochs_done}/{r.epochs or '?'}", pct(r.best), pct(r.last),
-                      "-" if r.images_per_s is None else f"{r.images_per_s:,.0f}", r.state)
+        table.add_row(escape(str(r.path)), escape(r.recipe), escape(r.rule), f"{r.epochs_done}/{r.epochs or '?'}",
+                      pct(r.best), pct(r.last), "-" if r.images_per_s is None else f"{r.images_per_s:,.0f}",
+                      escape(r.state))
     console.print(table)
     return 0
 
@@ -152,7 +153,8 @@ def cmd_plot(args: argparse.Namespace, console: Console) -> int:
 
     runs = [Path(run) for run in args.runs]
     out = Path(args.out) if args.out else runs[0] / f"{args.metric}.png"
-    plot_runs(runs, args.metric, out)
+    for warning in plot_runs(runs, args.metric, out):
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
     console.print(f"wrote {escape(str(out))}", soft_wrap=True, highlight=False)
     return 0
 

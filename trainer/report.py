@@ -26,16 +26,51 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """The complete records of a metrics.jsonl (JSON objects with a step), and the numbers of the
-    lines that are not (a line a killed run left half-written)."""
+_NUMBER = ((int, float), "a number")
+RECORD_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "step": (int, "an integer"), "epoch": (int, "an integer"), "split": (str, "a string"), "time": (str, "a string"),
+    **{key: _NUMBER for key in ("loss", "accuracy", "train_loss", "train_accuracy", "lr", "images_per_s",
+                                "peak_memory_mb", "train_seconds")},
+}  # what readers of metrics.jsonl rely on; other keys (rule diagnostics) are free
+EPOCH_KEYS = ("train_loss", "train_accuracy", "images_per_s", "peak_memory_mb")  # an epoch's record has them all
+
+
+TORN = "not a complete record (a run killed mid-write)"  # a non-JSON last line: not damage, a killed run's
+
+
+def type_problem(fields: dict[str, Any], types: dict[str, tuple[type | tuple[type, ...], str]]) -> str | None:
+    """The first of ``fields`` whose value is not of its type in ``types`` (bools are no numbers),
+    said for people, or None."""
+    for key, value in fields.items():
+        if key in types and (isinstance(value, bool) or not isinstance(value, types[key][0])):
+            return f"{key} is {json.dumps(value)[:40]}, not {types[key][1]}"
+    return None
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a parsed metrics line is not a record this trainer wrote (not an object, a key missing, a
+    value of the wrong type), or None: readers then need no checks of their own."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    needed = ("step", "epoch", *(("loss",) if record.get("split") == "train" else EPOCH_KEYS))
+    missing = [key for key in needed if key not in record]
+    return f"no {missing[0]!r}" if missing else type_problem(record, RECORD_TYPES)
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """The records of a metrics.jsonl, and (line number, what is wrong) for every other line: the
+    last line a killed run left half-written (``TORN``), or one damaged since."""
     records, broken = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-            int(record["step"])
-        except (ValueError, KeyError, TypeError):
-            broken.append(number)
+        except ValueError:
+            broken.append((number, TORN if number == len(lines) else "not JSON"))
+            continue
+        problem = record_problem(record)
+        if problem is not None:
+            broken.append((number, problem))
             continue
         records.append(record)
     return records, broken
@@ -53,9 +88,8 @@ class MetricsLog:
             path.write_text("")
             return
         records, broken = read_metrics(path)
-        self.notes = [f"dropped line {number} of {path}: not a complete record (a run killed mid-write)"
-                      for number in broken]
-        self.kept = [r for r in records if int(r["step"]) <= resume_step]
+        self.notes = [f"dropped line {number} of {path}: {problem}" for number, problem in broken]
+        self.kept = [r for r in records if r["step"] <= resume_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
 
     def write(self, record: dict[str, Any]) -> None:

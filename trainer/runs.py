@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError, tomllib
-from trainer.report import read_metrics
+from trainer.report import RECORD_TYPES, TORN, read_metrics, type_problem
 from trainer.run_folder import CHECKPOINT_NAME, LOCK_NAME, lock_owner
 
-def read_records(run: Path) -> list[dict[str, Any]]:
-    """The complete records of a run's metrics.jsonl (a half-written last line is skipped)."""
+
+def read_records(run: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """The records of a run's metrics.jsonl, and (line number, what is wrong) for its other lines."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run}: no metrics.jsonl (not a run folder?)")
-    return read_metrics(path)[0]
+    return read_metrics(path)
 
 
 @dataclass
@@ -33,32 +34,76 @@ class RunSummary:
     best: float | None  # held-out accuracy
     last: float | None
     images_per_s: float | None
-    state: str  # finished, running, interrupted, diverged, empty
+    state: str  # finished, running, interrupted, diverged, empty; damaged (FILE: what) when a file is
+
+
+RESULT_TYPES = {
+    **RECORD_TYPES, **dict.fromkeys(("state", "recipe", "rule", "device", "message"), (str, "a string")),
+    **dict.fromkeys(("epochs", "steps", "world_size", "pipeline_stages"), (int, "an integer")),
+    "rule_state_mb": RECORD_TYPES["train_seconds"], "epoch_seconds": (list, "a list"),
+}  # the keys of results.json (trainer.loop), which may also hold an epoch's record
+
+
+def _read_results(run: Path) -> dict[str, Any]:
+    """results.json's keys that ``trainer runs`` shows ({} when there is none); ValueError names a damaged one."""
+    path = run / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ValueError("results.json: not JSON") from None
+    if not isinstance(results, dict):
+        raise ValueError("results.json: not a JSON object")
+    problem = type_problem(results, RESULT_TYPES)
+    if problem is not None:
+        raise ValueError(f"results.json: {problem}")
+    return results
 
 
 def _recipe_epochs(run: Path) -> tuple[str, int | None]:
-    """(rule name, train.epochs) from the run's recipe.toml, by reading two keys of it."""
-    try:
-        tree = tomllib.loads((run / "recipe.toml").read_text())
-        return str(tree.get("rule", {}).get("name", "?")), tree.get("train", {}).get("epochs")
-    except (OSError, ValueError):
+    """(rule name, train.epochs) from the run's recipe.toml, by reading two keys of it (("?", None)
+    without one); ValueError names a damaged one."""
+    path = run / "recipe.toml"
+    if not path.exists():
         return "?", None
+    try:
+        tree = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ValueError("recipe.toml: not TOML") from None
+    rule, train = tree.get("rule", {}), tree.get("train", {})
+    name = rule.get("name", "?") if isinstance(rule, dict) else None
+    epochs = train.get("epochs") if isinstance(train, dict) else "not a table"
+    if not isinstance(name, str):
+        raise ValueError("recipe.toml: [rule] name is not a string")
+    if epochs is not None and type(epochs) is not int:
+        raise ValueError("recipe.toml: [train] epochs is not an integer")
+    return name, epochs
 
 
 def summarize(run: Path) -> RunSummary:
-    """A run folder's recipe, progress, accuracy and state."""
+    """A run folder's recipe, progress, accuracy and state; what can be read of a damaged one."""
+    damage: list[str] = []
+    results: dict[str, Any] = {}
+    rule, epochs = "?", None
     try:
-        results = json.loads((run / "results.json").read_text())
-    except (OSError, ValueError):
-        results = {}
+        results = _read_results(run)
+    except ValueError as err:
+        damage.append(str(err))
     try:
-        records = read_records(run)
+        rule, epochs = _recipe_epochs(run)
+    except ValueError as err:
+        damage.append(str(err))
+    try:
+        records, broken = read_records(run)
     except ConfigError:
-        records = []
-    epochs_done = [r for r in records if r.get("split") not in (None, "train") and "train_loss" in r]
+        records, broken = [], []
+    damage += [f"metrics.jsonl line {number}: {problem}" for number, problem in broken if problem != TORN]
+    epochs_done = [r for r in records if r.get("split") not in (None, "train")]
     accuracies = [r["accuracy"] for r in epochs_done if "accuracy" in r]
-    rule, epochs = _recipe_epochs(run)
-    if (run / LOCK_NAME).exists() and lock_owner(run) is not None:
+    if damage:
+        state = f"damaged ({damage[0]}{f'; {len(damage) - 1} more' if len(damage) > 1 else ''})"
+    elif (run / LOCK_NAME).exists() and lock_owner(run) is not None:
         state = "running"
     elif results.get("state") in ("finished", "diverged"):
         state = results["state"]
@@ -66,10 +111,10 @@ def summarize(run: Path) -> RunSummary:
         state = "interrupted"
     else:
         state = "empty"
-    recipe = Path(str(results.get("recipe", ""))).stem or run.name
+    recipe = Path(results.get("recipe", "")).stem or run.name
     return RunSummary(run, recipe, results.get("rule", rule), len(epochs_done), epochs,
                       max(accuracies) if accuracies else None, accuracies[-1] if accuracies else None,
-                      epochs_done[-1].get("images_per_s") if epochs_done else None, state)
+                      epochs_done[-1]["images_per_s"] if epochs_done else None, state)
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -88,9 +133,10 @@ def run_labels(runs: list[Path]) -> list[str]:
     return [str(run.relative_to(common)) if run != common else run.name for run in resolved]
 
 
-def plot_runs(runs: list[Path], metric: str, out: Path) -> Path:
+def plot_runs(runs: list[Path], metric: str, out: Path) -> list[str]:
     """Training and held-out ``metric`` (accuracy or loss) per epoch, one colour per run; training
-    loss also at every logged step. Written as a PNG of 1000 x 500 pixels."""
+    loss also at every logged step. Written as a PNG of 1000 x 500 pixels. Returns a warning for
+    each run whose metrics.jsonl has damaged lines (they are skipped)."""
     try:
         import matplotlib
 
@@ -99,9 +145,14 @@ def plot_runs(runs: list[Path], metric: str, out: Path) -> Path:
     except ImportError:
         raise ConfigError("trainer plot needs matplotlib: pip install 'bpfree-trainer[plot]'") from None
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
+    warnings: list[str] = []
     for index, (run, label) in enumerate(zip(runs, run_labels(runs))):
-        records = read_records(run)
-        epochs = [r for r in records if r.get("split") not in (None, "train") and "train_loss" in r]
+        records, broken = read_records(run)
+        damaged = [(number, problem) for number, problem in broken if problem != TORN]
+        if damaged:
+            warnings.append(f"{run / 'metrics.jsonl'}: skipped {len(damaged)} damaged line(s) (line {damaged[0][0]}: "
+                            f"{damaged[0][1]})")
+        epochs = [r for r in records if r.get("split") not in (None, "train")]
         colour = f"C{index % 10}"
         if metric == "loss":
             steps = [r for r in records if r.get("split") == "train"]
@@ -124,4 +175,4 @@ def plot_runs(runs: list[Path], metric: str, out: Path) -> Path:
         raise ConfigError(f"--out {out}: cannot write the plot ({err.strerror or err})") from None
     finally:
         plt.close(fig)
-    return out
+    return warnings
