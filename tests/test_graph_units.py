@@ -145,3 +145,78 @@ def test_dfa_trains_the_zoo_cut_into_its_blocks(builder):
     x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.arange(8) % 4
     losses = [rule.train_step(x, y, optimizer).loss.item() for _ in range(6)]
     assert losses[-1] < losses[0], losses
+
+
+class FunctionalActs(nn.Module):
+    """A forward that applies its activations as functions and methods, as pytorch/examples do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x, attn_mask=None, is_causal=False):  # optional extras, as timm's blocks have
+        h = nn.functional.relu(self.fc1(x.flatten(1)))
+        h = self.fc2(h).tanh()
+        if attn_mask is not None:
+            h = h + attn_mask
+        return self.fc3(h)
+
+
+def test_cuts_land_after_the_activation_whether_functional_method_or_module():
+    units, _ = model_units(FunctionalActs(), "children")
+    x = torch.randn(6, 12)
+    h1 = units[0][1](x)
+    assert (h1 >= 0).all() and (h1 == 0).any(), "unit 1's output is after its ReLU"
+    assert (units[1][1](h1).abs() <= 1).all(), "unit 2's output is after its tanh"
+    resnet = build_model(ModelConfig(name="resnet18", cifar_stem=True), (3, 16, 16), 10)
+    names = [name for name, _ in model_units(resnet, "children")[0]]
+    assert "bn1" not in names and names[:2] == ["conv1", "relu"], "bn1 and the ReLU after it are one cut"
+
+
+def test_dfa_signal_passes_through_a_functional_relu():
+    """DFA's update of the unit before F.relu is the reference ``g·relu'(a)`` pushed into fc1."""
+    model = FunctionalActs()
+    rule = build_rule("dfa", rule_options_class("dfa")(granularity="children"), model,
+                      RuleContext(num_classes=4, input_shape=(12,)))
+    x, y = torch.randn(9, 12), torch.randint(0, 4, (9,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    a = model.fc1(x).detach()
+    logits = model(x).detach().requires_grad_()
+    (e,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y), logits)
+    g = rule.feedback[0].project(e, out_dtype=torch.float32)
+    want = (g * (a > 0)).t() @ x
+    model.fc1.weight.register_hook(lambda grad: seen.append(grad.clone()))
+    seen = []
+    rule.train_step(x, y, optimizer)
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_with_required_extra_inputs_names_them_and_the_fix():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x, mask):
+            return self.out(self.fc(x) * mask)
+
+    with pytest.raises(ValueError, match=r"several inputs \(x, mask\) without defaults.*give the others defaults"):
+        model_units(TwoInputs(), "layer", ["fc"])
+
+
+def test_a_model_of_one_unit_is_refused_with_the_fix():
+    single = nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))
+    with pytest.raises(RuleError, match=r"single unit.*plain backprop.*units = \[\.\.\.\]"):
+        build_rule("dfa", rule_options_class("dfa")(), single, RuleContext(num_classes=4, input_shape=(12,)))
+
+    class Wrapped(nn.Module):  # one top-level child: "children" has nothing to cut
+        def __init__(self):
+            super().__init__()
+            self.m = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            return self.m(x)
+
+    with pytest.raises(RuleError, match=r"single unit in Wrapped \(units: the whole model \(granularity = \"children\" finds no block stack .* 1 top-level child"):
+        build_rule("dfa", rule_options_class("dfa")(granularity="children"), Wrapped(),
+                   RuleContext(num_classes=4, input_shape=(12,)))

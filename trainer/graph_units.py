@@ -15,12 +15,28 @@ through it.
 
 from __future__ import annotations
 
+import inspect
+import operator
+
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 # the main stack of blocks of common architectures, for granularity = "children"
 BLOCK_CONTAINERS = ("features", "encoder.layers", "stages", "layers", "blocks", "trunk")
+
+# elementwise activations a cut moves past, so that a unit's output h is after its activation
+# (the signal at h then passes through the activation's derivative), whether the forward calls
+# them as functions, tensor methods or modules
+ACTIVATION_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.elu, F.leaky_relu,
+                        F.hardswish, F.hardsigmoid, F.mish, F.selu, F.celu, F.softplus, F.tanh, F.sigmoid,
+                        F.hardtanh, torch.tanh, torch.sigmoid}
+ACTIVATION_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid,
+                      nn.Mish, nn.SELU, nn.CELU, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.PReLU)
+# what torch.fx adds for a forward argument traced at its default value (an assertion of it)
+_SPECIALISATION_CHECKS = {fx._symbolic_trace._assert_is_none, torch._assert, operator.eq}
 
 
 class UnitEnd(nn.Module):
@@ -59,7 +75,11 @@ def children_cuts(model: nn.Module) -> tuple[list[str], str]:
             cuts = [f"{name}.{child}" for child, _ in container.named_children()]
             return cuts, f"units: after each of the {len(cuts)} blocks of {name}, then the rest of the model"
     children = [name for name, _ in model.named_children()]
-    return children[:-1], f"units: after each of the top-level children {', '.join(children[:-1])}, then {children[-1]}"
+    if len(children) < 2:
+        return [], (f"units: the whole model (granularity = \"children\" finds no block stack "
+                    f"({', '.join(BLOCK_CONTAINERS)}) and {len(children)} top-level child to cut after)")
+    shown = ", ".join(children[:-1]) if len(children) <= 8 else f"{', '.join(children[:6])}, ... {children[-2]}"
+    return children[:-1], f"units: after each top-level child but the last ({shown}), then {children[-1]}"
 
 
 def trace(model: nn.Module, cuts: list[str]) -> fx.GraphModule:
@@ -71,14 +91,54 @@ def trace(model: nn.Module, cuts: list[str]) -> fx.GraphModule:
         raise ValueError(f"units: {', '.join(map(repr, unknown))} names no submodule of {type(model).__name__} "
                          f"(its children: {children}, ...; nested names look like 'features.3')")
     try:
-        graph = _CutTracer(set(cuts)).trace(model)
+        graph = _CutTracer(set(cuts)).trace(model, concrete_args=_defaults(model))
     except Exception as err:
         raise ValueError(
             f"units: {type(model).__name__}'s forward cannot be traced by torch.fx ({type(err).__name__}: "
             f"{' '.join(str(err).split())[:200]}); keep Python control flow on tensor values inside a submodule "
             "named as a cut (it stays whole), or make the model an nn.Sequential whose children are the units "
             "(they need not be traceable)") from None
+    _drop_specialised_inputs(graph)
     return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
+
+
+def _defaults(model: nn.Module) -> dict[str, object]:
+    """The forward's arguments after the first that have defaults (timm's ``attn_mask=None``, a
+    flag): traced at those values, so a forward with optional extras still has one input."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params
+            if p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _drop_specialised_inputs(graph: fx.Graph) -> None:
+    """Remove the placeholders of the arguments traced at their defaults (``_defaults``), with the
+    assertions fx adds on them: a unit graph has one input, the state. A placeholder used by
+    anything else (an argument without a default) stays, and is refused by ``cut_units``."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        checks, frontier = [], [node]
+        while frontier:
+            for user in frontier.pop().users:
+                if user.op == "call_function" and user.target in _SPECIALISATION_CHECKS and user not in checks:
+                    checks.append(user)
+                    frontier.append(user)
+        if node.args and all(u in checks for n in (node, *checks) for u in n.users):  # args: (default,)
+            for check in reversed(checks):
+                graph.erase_node(check)
+            graph.erase_node(node)
+
+
+def _past_activations(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """``node``, or the last of the elementwise activations applied to it alone, in a chain."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not user.args or user.args[0] is not node:
+            break
+        if not ((user.op == "call_function" and user.target in ACTIVATION_FUNCTIONS)
+                or (user.op == "call_method" and user.target in ACTIVATION_METHODS)
+                or (user.op == "call_module" and isinstance(modules.get(user.target), ACTIVATION_MODULES))):
+            break
+        node = user
+    return node
 
 
 def _item(state: tuple, position: int) -> object:
@@ -91,8 +151,11 @@ def cut_units(model: nn.Module, cuts: list[str]) -> list[tuple[str, nn.Module]]:
     the last unit ends at the model's output. Each unit is named by its cut (the last: "output")."""
     gm = trace(model, cuts)
     nodes = list(gm.graph.nodes)
-    if sum(n.op == "placeholder" for n in nodes) != 1:
-        raise ValueError(f"units: {type(model).__name__}'s forward takes several inputs; local rules need one")
+    inputs = [n.target for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise ValueError(f"units: {type(model).__name__}'s forward takes several inputs ({', '.join(inputs)}) without "
+                         "defaults; local rules need one: give the others defaults, or wrap the model in a module "
+                         "whose forward takes the images alone")
     wanted = set(cuts) | set(markers(model))
     cut_nodes = [n for n in nodes if n.op == "call_module" and n.target in wanted]
     missing = sorted(set(cuts) - {n.target for n in cut_nodes})
@@ -101,6 +164,13 @@ def cut_units(model: nn.Module, cuts: list[str]) -> list[tuple[str, nn.Module]]:
     repeated = sorted({n.target for n in cut_nodes if sum(m.target == n.target for m in cut_nodes) > 1})
     if repeated:
         raise ValueError(f"units: {', '.join(repeated)} runs more than once in the forward; cut at modules that run once")
+    # a cut after a module lands after the activations applied to it (a marker stays where it is);
+    # two cuts that then meet (bn1 and the relu after it) are one, named by the later
+    modules = dict(model.named_modules())
+    ends = [n if isinstance(modules[n.target], UnitEnd) else _past_activations(n, modules) for n in cut_nodes]
+    names = [n.target for n in cut_nodes]
+    keep = [k for k in range(len(ends)) if k + 1 == len(ends) or ends[k] is not ends[k + 1]]
+    cut_nodes, names = [ends[k] for k in keep], [names[k] for k in keep]
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((position[u] for u in n.users), default=-1) for n in nodes}
     output = nodes[-1]
@@ -130,7 +200,7 @@ def cut_units(model: nn.Module, cuts: list[str]) -> list[tuple[str, nn.Module]]:
         if k < len(cut_nodes):
             out = states[k]
             graph.output(lookup(out[0]) if len(out) == 1 else tuple(lookup(n) for n in out))
-            name = cut_nodes[k].target
+            name = names[k]
         else:
             graph.output(fx.node.map_arg(output.args[0], lookup))
             name = "output"
