@@ -225,3 +225,35 @@ def test_runs_and_plot_survive_any_field_of_any_type(tmp_path, finished, file, p
     code, stdout, err = quietly("plot", str(run), "--out", str(run / "p.png"))
     assert code == 0 and "Traceback" not in err, err
     assert len([line for line in stdout.splitlines() if line.startswith("warning:")]) <= 1
+
+
+# --- 4. trainer eval of a run folder whose recipe.toml or checkpoint recipe is another model -------
+
+
+def two_models(tmp_path: Path, npz: Path, capsys) -> tuple[Path, Path]:
+    """Finished one-epoch runs of an MLP and of a CNN on the same data."""
+    recipe = write_recipe(tmp_path / "r.toml", npz, train={"epochs": 1})
+    mlp, cnn = tmp_path / "mlp", tmp_path / "cnn"
+    assert main(["run", str(recipe), "--out", str(mlp)]) == 0
+    assert main(["run", str(recipe), "--out", str(cnn), "--set", "model.name=cnn", "--set", "model.width=4"]) == 0
+    capsys.readouterr()
+    return mlp, cnn
+
+
+def test_eval_says_that_a_swapped_recipe_toml_is_not_what_it_evaluates(tmp_path, tiny_npz, capsys):
+    mlp, cnn = two_models(tmp_path, tiny_npz, capsys)
+    shutil.copy(cnn / "recipe.toml", mlp / "recipe.toml")
+    code, stdout, err = cli(capsys, "eval", str(mlp), "--json")
+    assert code == 0, err
+    assert (f"note: {mlp / 'recipe.toml'} differs from the recipe saved in the checkpoint (model.name, model.width); "
+            "eval uses the checkpoint's own: model mlp, rule bp") in err
+    assert json.loads(stdout.splitlines()[-1])["accuracy"] > 0.5
+
+
+def test_eval_refuses_a_checkpoint_whose_saved_recipe_is_another_model(tmp_path, tiny_npz, capsys):
+    mlp, cnn = two_models(tmp_path, tiny_npz, capsys)
+    payload = torch.load(mlp / "checkpoint.pt", weights_only=True)
+    payload["recipe"] = torch.load(cnn / "checkpoint.pt", weights_only=True)["recipe"]
+    torch.save(payload, mlp / "checkpoint.pt")
+    fails_cleanly(capsys, "eval", str(mlp), expect=f"{mlp}: the checkpoint's model does not fit 'cnn' built from the "
+                                                   "recipe saved in it (Error(s) in loading state_dict")

@@ -90,6 +90,24 @@ def _eval_images(spec: str, recipe: Recipe) -> tuple["Images", str]:
     return test, f"{kind} {split}"
 
 
+def _recipe_toml_note(run: Path, saved: Recipe) -> str | None:
+    """What a run folder's recipe.toml says otherwise than the recipe saved in its checkpoint, which
+    eval uses (the checkpoint's model was built from it), or None."""
+    from trainer.config import recipe_changes
+
+    path = run / "recipe.toml"
+    if not path.is_file():
+        return None
+    try:
+        changed = recipe_changes(saved.to_dict(), load_recipe(path).to_dict())
+    except ConfigError:
+        changed = ["(it is not a valid recipe)"]
+    if not changed:
+        return None
+    return (f"{path} differs from the recipe saved in the checkpoint ({', '.join(changed[:4])}); eval uses the "
+            f"checkpoint's own: model {saved.model.name}, rule {saved.rule.name}")
+
+
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     import torch
 
@@ -100,6 +118,9 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
     trained = trained_model(load_checkpoint(args.run), source=args.run)
     recipe, shape, num_classes = trained.recipe, trained.input_shape, trained.num_classes
+    note = _recipe_toml_note(Path(args.run), recipe)
+    if note:
+        console.print(f"[dim]note:[/] {escape(note)}", soft_wrap=True, highlight=False)
     if args.data is None and recipe.data.name == "imagefolder":
         loader, name = build_data(recipe.data, trained.device, 1, recipe.train.eval_batch_size, 0).test, "imagefolder val"
     else:

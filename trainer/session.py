@@ -311,11 +311,17 @@ def trained_model(payload: dict[str, Any], source: str) -> TrainedModel:
     device = resolve_device(recipe.train.device)
     shape, num_classes = tuple(payload["data"]["input_shape"]), payload["data"]["num_classes"]
     model = build_model(recipe.model, shape, num_classes).to(device)
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
-    unexpected = [key for key in unexpected if key.rsplit(".", 1)[-1] not in FEEDBACK_STATE_KEYS]
-    if missing or unexpected:  # the feedback state of weight-transport layers is the rule's, not the model's
-        raise ConfigError(f"{source}: the checkpoint's model does not fit {recipe.model.name!r} built from its "
-                          f"recipe (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    except RuntimeError as err:  # the same names with other shapes
+        reason: str | None = " ".join(str(err).split())[:300]
+    else:  # the feedback state of weight-transport layers is the rule's, not the model's
+        unexpected = [key for key in unexpected if key.rsplit(".", 1)[-1] not in FEEDBACK_STATE_KEYS]
+        reason = f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else None
+    if reason is not None:
+        raise ConfigError(f"{source}: the checkpoint's model does not fit {recipe.model.name!r} built from the "
+                          f"recipe saved in it ({reason}); the checkpoint was edited or mixed from two runs: evaluate "
+                          "a checkpoint as training wrote it")
     model.eval()
     stats = NormStats(tuple(payload["data"]["mean"]), tuple(payload["data"]["std"]))
     return TrainedModel(recipe, device, model, stats, shape, num_classes, payload["epoch"], payload["step"])
