@@ -178,3 +178,41 @@ def test_a_model_that_pools_too_small_images_away_names_the_smallest_size(heads)
                                           r".*\); it needs images of at least 8x8: use larger images"):
         build_model(ModelConfig(name="python:pitfall_heads:pooled"), (1, 4, 4), 3)
     assert build_model(ModelConfig(name="python:pitfall_heads:pooled"), (1, 8, 8), 3)(torch.zeros(1, 1, 8, 8)).shape == (1, 3)
+
+
+# --- 7. trace_bp probes that cannot fit in memory ------------------------------------------------
+
+
+def test_probe_bytes_on_made_up_convs():
+    from trainer.rules.trace_bp import ConvShape, probe_bytes
+
+    convs = [ConvShape(c_in=3, c_out=8, taps=9, positions_in=16, positions_out=16),
+             ConvShape(c_in=8, c_out=16, taps=9, positions_in=16, positions_out=4)]
+    kept = (3 + 8) * 2 * 5  # X·Z of both convs, batch 2, r = 5
+    largest_backward = max(8 * 9 * 2 + 16 + 9 * 16, 16 * 9 * 2 + 16 + 9 * 4) * 5  # A, Z and S_k Z of one conv
+    assert probe_bytes(convs, batch=2, probes=5) == 4 * (kept + largest_backward) == 7240
+    assert probe_bytes(convs, batch=4, probes=10) > 2 * probe_bytes(convs, batch=2, probes=5)
+
+
+def test_conv_shapes_are_those_the_probes_see():
+    from trainer.config import ModelConfig
+    from trainer.models import build_model
+    from trainer.rules import RuleContext, build_rule, rule_options_class
+    from trainer.rules.trace_bp import ConvShape
+
+    model = build_model(ModelConfig(name="cnn", width=4), (1, 12, 12), 3)
+    rule = build_rule("trace_bp", rule_options_class("trace_bp")(probes=3), model,
+                      RuleContext(num_classes=3, input_shape=(1, 12, 12)))
+    rule.train_step(torch.randn(5, 1, 12, 12), torch.arange(5) % 3, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert rule.convs == [ConvShape(c_in=4, c_out=8, taps=9, positions_in=36, positions_out=36)]  # the first is exact
+
+
+def test_probes_beyond_the_memory_are_refused_before_the_first_step(tmp_path, tiny_npz, capsys, monkeypatch):
+    import trainer.rules.trace_bp as trace_bp
+
+    monkeypatch.setattr(trace_bp.Backprop, "train_step", lambda *args: pytest.fail("the step ran"))
+    err = fails_cleanly(capsys, *run(tmp_path, tiny_npz, "rule.probes=1000000000", model={"name": "cnn", "width": 8},
+                                     rule={"name": "trace_bp"}),
+                        expect="[rule] probes = 1000000000: trace_bp's probes need about ")
+    assert "GiB at batch 32 (1 converted conv(s); it grows with probes x batch), but cpu has " in err
+    assert "GiB free; lower rule.probes (16 to 64 are usual) or train.batch_size" in err

@@ -14,13 +14,17 @@ seeds every rank alike gets identical probes on all ranks (correlated, not avera
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Sequence
 
+import torch
 from torch import nn
 
 from kernels import TraceConv2d, convert_to_trace_conv
-from trainer.rules.base import RuleContext, RuleError
+from trainer.config import ConfigError
+from trainer.rules.base import RuleContext, RuleError, StepResult
 from trainer.rules.bp import Backprop
 
 Probe = Literal["gaussian", "rademacher", "orthogonal"]  # kernels.trace_conv.PROBES
@@ -31,7 +35,8 @@ class TraceBPOptions:
     """Options of ``trace_bp``.
 
     probes: r, the number of probe vectors; each converted conv stores C_in·r numbers per sample
-    instead of C_in·H·W, and the estimate's variance falls like 1/r.
+    instead of C_in·H·W, and the estimate's variance falls like 1/r. Probes whose memory alone
+    (``probe_bytes``) exceeds the free memory are refused before the first step's forward.
     probe: gaussian or rademacher entries, or orthogonal (each position in one random column).
     keep_first_exact: leave the first conv exact, as in the paper: its input is the image, whose few
     channels are cheap to keep.
@@ -53,6 +58,82 @@ class TraceBPOptions:
             raise ValueError(f"probes must be >= 1, got {self.probes}")
 
 
+@dataclass(frozen=True)
+class ConvShape:
+    """One converted conv, as its probes see one sample: channels, kernel taps, positions (H*W)."""
+
+    c_in: int
+    c_out: int
+    taps: int
+    positions_in: int
+    positions_out: int
+
+
+def probe_bytes(convs: Sequence[ConvShape], batch: int, probes: int) -> int:
+    """The bytes the probes take in one step (float32, ``kernels.trace_conv``): every conv's X·Z
+    (C_in x r a sample) is kept from its forward to its backward; the backward then makes, one conv
+    at a time, the stage-1 product A (C_out x taps x r a sample) and the probe matrices Z (positions
+    x r) and S_k Z (taps x output positions x r; the PyTorch path's, the Triton kernels make them in
+    registers). The rest of the step (activations, gradients) comes on top."""
+    kept = sum(c.c_in for c in convs) * batch * probes
+    backward = max(c.c_out * c.taps * batch + c.positions_in + c.taps * c.positions_out for c in convs) * probes
+    return 4 * (kept + backward)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a step can still take: the GPU's free memory, or the host's available memory (free
+    pages and reclaimable caches) within the cgroup's limit, which the OOM killer enforces."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemAvailable:"):
+            free = int(line.split()[1]) * 1024
+    limit, used = _read("/sys/fs/cgroup/memory.max").strip(), _read("/sys/fs/cgroup/memory.current").strip()
+    if limit.isdigit() and used.isdigit():
+        free = min(free, int(limit) - int(used))
+    return free
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:  # not Linux, or no cgroup v2
+        return ""
+
+
+def check_probe_memory(convs: Sequence[ConvShape], batch: int, probes: int, device: torch.device) -> None:
+    """Refuse probes whose memory alone exceeds what is free, before the step that would be killed."""
+    need, free = probe_bytes(convs, batch, probes), free_bytes(device)
+    if need > free:
+        raise ConfigError(f"[rule] probes = {probes}: trace_bp's probes need about {need / 2**30:.3g} GiB at batch "
+                          f"{batch} ({len(convs)} converted conv(s); it grows with probes x batch), but {device} has "
+                          f"{free / 2**30:.3g} GiB free; lower rule.probes (16 to 64 are usual) or train.batch_size")
+
+
+def conv_shapes(model: nn.Module, sample: torch.Tensor) -> list[ConvShape]:
+    """The converted convs of ``model`` as ``sample`` (one image) meets them, in an eval-mode pass
+    (each conv exact: no probes) of ``model.forward``, not of a compiled ``model(...)``."""
+    shapes: list[ConvShape] = []
+
+    def record(conv: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        shapes.append(ConvShape(conv.in_channels, conv.out_channels, conv.kernel_size[0] * conv.kernel_size[1],
+                                args[0].shape[2] * args[0].shape[3], out.shape[2] * out.shape[3]))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, TraceConv2d)]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.forward(sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes:
+            module.train(mode)
+    return shapes
+
+
 class TraceBackprop(Backprop):
     """Backprop through the model with its convolutions converted to trace-estimated ones."""
 
@@ -71,3 +152,12 @@ class TraceBackprop(Backprop):
             why = "keep_first_exact leaves its only conv exact" if has_conv else "it has no Conv2d"
             raise RuleError(f"no convolution of the model to estimate ({why}); use rule 'bp'")
         super().__init__(model, options, ctx)  # compiles the converted model
+        self.convs: list[ConvShape] = []
+        self._checked_batch = 0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        if len(x) != self._checked_batch:  # RuleContext has no batch size: checked before the first step's forward
+            self.convs = self.convs or conv_shapes(self.model, x[:1])
+            check_probe_memory(self.convs, len(x), self.options.probes, x.device)
+            self._checked_batch = len(x)
+        return super().train_step(x, y, optimizer)
