@@ -4,7 +4,11 @@ were wrong, and tracebacks where one clear line belongs. Each test failed before
 import io
 import itertools
 import json
+import os
 import shutil
+import socket
+import threading
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -15,8 +19,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import trainer.run_folder
 from trainer.cli import main
-from trainer.config import dump_toml, tomllib
+from trainer.config import ConfigError, dump_toml, tomllib
+from trainer.run_folder import LOCK_NAME, RunFolder, lock_owner
 from trainer.runs import summarize
 
 from conftest import make_pattern_images, write_recipe
@@ -257,3 +263,48 @@ def test_eval_refuses_a_checkpoint_whose_saved_recipe_is_another_model(tmp_path,
     torch.save(payload, mlp / "checkpoint.pt")
     fails_cleanly(capsys, "eval", str(mlp), expect=f"{mlp}: the checkpoint's model does not fit 'cnn' built from the "
                                                    "recipe saved in it (Error(s) in loading state_dict")
+
+
+# --- 8. run.lock is never empty, and an empty one is not stale while it may be being written ----
+
+
+def test_an_empty_lock_being_written_is_waited_for(tmp_path):
+    lock = tmp_path / LOCK_NAME
+    lock.write_text("")  # another trainer has created its lock and is about to write it
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": "just now"}
+    writer = threading.Timer(0.3, lambda: lock.write_text(json.dumps(owner)))
+    writer.start()
+    try:
+        assert lock_owner(tmp_path) == owner
+    finally:
+        writer.join()
+    with pytest.raises(ConfigError, match=f"in use by process {os.getpid()} on .* since just now"):
+        RunFolder(tmp_path).claim(resume=False)
+
+
+def test_an_empty_lock_left_long_ago_is_stale(tmp_path, tiny_npz, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("")
+    os.utime(out / LOCK_NAME, (time.time() - 60, time.time() - 60))
+    code, stdout, err = cli(capsys, "run", str(write_recipe(tmp_path / "r.toml", tiny_npz, train={"epochs": 1})),
+                            "--out", str(out))
+    assert code == 0, err
+    assert "removed a stale lock" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "recipe.toml", "results.json"]
+
+
+def test_the_lock_is_in_place_only_once_written(tmp_path, monkeypatch):
+    seen = []
+
+    def link(source, target):
+        seen.append(json.loads(Path(source).read_text()))
+        real_link(source, target)
+
+    real_link = os.link
+    monkeypatch.setattr(trainer.run_folder.os, "link", link)
+    with RunFolder(tmp_path / "run").claim(resume=False):
+        assert json.loads((tmp_path / "run" / LOCK_NAME).read_text()) == seen[0]
+        assert seen[0]["pid"] == os.getpid()
+        assert [p.name for p in (tmp_path / "run").iterdir()] == [LOCK_NAME], "no temporary file is left"
+    assert not (tmp_path / "run").exists()
