@@ -308,3 +308,21 @@ def test_the_lock_is_in_place_only_once_written(tmp_path, monkeypatch):
         assert seen[0]["pid"] == os.getpid()
         assert [p.name for p in (tmp_path / "run").iterdir()] == [LOCK_NAME], "no temporary file is left"
     assert not (tmp_path / "run").exists()
+
+
+# --- 6. trainer eval --device: a GPU-trained checkpoint on a machine without one ------------------
+
+
+def test_eval_of_a_cuda_checkpoint_here_takes_device_cpu(tmp_path, tiny_npz, capsys, monkeypatch):
+    _, out = run_once(tmp_path, tiny_npz, capsys, train={"epochs": 1})
+    payload = torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")
+    payload["recipe"]["train"]["device"] = "cuda"  # as if trained on a GPU
+    torch.save(payload, out / "checkpoint.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fails_cleanly(capsys, "eval", str(out), expect=f"{out}: it trained with [train] device = 'cuda' but CUDA is not "
+                                                   f"available here; use 'cpu' or 'auto' (trainer eval {out} --device cpu)")
+    err = fails_cleanly(capsys, "eval", str(out), "--device", "cuda:0", expect="--device cuda:0: [train] device = ")
+    assert err.rstrip().endswith(f"(trainer eval {out} --device cpu)")
+    code, stdout, err = cli(capsys, "eval", str(out), "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(stdout.splitlines()[-1])["samples"] == 100

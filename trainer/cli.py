@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,7 +117,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from trainer.loop import evaluate
     from trainer.session import trained_model
 
-    trained = trained_model(load_checkpoint(args.run), source=args.run)
+    trained = trained_model(load_checkpoint(args.run), source=args.run, device_flag=args.device)
     recipe, shape, num_classes = trained.recipe, trained.input_shape, trained.num_classes
     note = _recipe_toml_note(Path(args.run), recipe)
     if note:
@@ -180,6 +181,13 @@ def cmd_plot(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _device(text: str) -> str:
+    """``--device``: a value that ``[train] device`` takes."""
+    if re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (N a device index), got {text!r}")
+    return text
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="Train, evaluate and compare recipes of backprop-free and low-memory learning rules.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -194,6 +202,8 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="a run folder or a checkpoint file")
     ev.add_argument("--data", help="another data set: npz:PATH, mnist5k, mnist:ROOT, cifar10:ROOT, cifar100:ROOT")
     ev.add_argument("--json", action="store_true", help="print the result as a JSON object on the last line")
+    ev.add_argument("--device", type=_device, help="evaluate on this device (auto, cpu, cuda, cuda:N) instead of "
+                    "the one it trained on, e.g. a GPU-trained run on a machine without one")
     sub.add_parser("list", help="list the built-in recipes")
     show = sub.add_parser("show", help="print a recipe as a run on this machine uses it (defaults filled in)")
     show.add_argument("recipe")

@@ -305,10 +305,15 @@ class TrainedModel:
     step: int
 
 
-def trained_model(payload: dict[str, Any], source: str) -> TrainedModel:
-    """The plain model of a checkpoint in eval mode (every rule's checkpoint loads into it)."""
+def trained_model(payload: dict[str, Any], source: str, device_flag: str | None = None) -> TrainedModel:
+    """The plain model of a checkpoint in eval mode (every rule's checkpoint loads into it), on the
+    device it trained on or on ``device_flag`` (``trainer eval --device``)."""
     recipe = recipe_from_dict(payload["recipe"], source=f"{source} (saved recipe)")
-    device = resolve_device(recipe.train.device)
+    try:
+        device = resolve_device(device_flag or recipe.train.device)
+    except ConfigError as err:  # a GPU this machine lacks
+        where = f"--device {device_flag}:" if device_flag else f"{source}: it trained with"
+        raise ConfigError(f"{where} {err} (trainer eval {source} --device cpu)") from None
     shape, num_classes = tuple(payload["data"]["input_shape"]), payload["data"]["num_classes"]
     model = build_model(recipe.model, shape, num_classes).to(device)
     try:
