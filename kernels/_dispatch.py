@@ -4,8 +4,15 @@ Where. CUDA tensors always run the Triton kernels. CPU tensors run the PyTorch p
 ``TRITON_INTERPRET=1`` is set (before Triton is first imported): then the Triton kernels run
 under Triton's interpreter, which is how the test suite checks them on a machine without a GPU.
 
-CPU paths may fuse their elementwise work with ``torch.compile`` (:func:`compiled_on_cpu`); it
-falls back to eager PyTorch, with one warning, wherever compiling is unavailable or fails.
+Without Triton. Triton is installed on Linux only (pyproject.toml), so it is imported guarded:
+where it cannot be imported (macOS, Windows) the package still imports and every op runs its
+PyTorch path, CUDA tensors included (the same results, without the fused kernels); the first op
+to run logs one line saying so. The Triton kernels are then stand-ins that refuse to launch
+(:func:`require_triton`).
+
+CPU paths may fuse their elementwise work with ``torch.compile`` (:func:`compiled_on_cpu`): only once
+they have run :data:`COMPILE_AFTER_S` seconds eagerly, so that a short run never waits for a
+compile; it falls back to eager PyTorch, with one warning, wherever compiling is unavailable or fails.
 
 Tiles. Each tile side is ``tile(n, lo, hi)``: the next power of two of the dimension ``n`` it
 covers, clamped to ``[lo, hi]`` (``lo`` = 16 where the side feeds ``tl.dot``; ``hi`` is the kernel's
@@ -26,52 +33,125 @@ AMD backend has no 3xTF32, and TF32 only on gfx942).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
+import time
 import warnings
 from typing import Callable, Literal, TypeVar
 
 import torch
-import triton
-import triton.language as tl
 
-TL_DTYPES: dict[torch.dtype, tl.dtype] = {torch.float32: tl.float32, torch.float16: tl.float16,
-                                          torch.bfloat16: tl.bfloat16}
-"""Triton dtype of each torch dtype the kernels take."""
-FLOAT_DTYPES: tuple[torch.dtype, ...] = tuple(TL_DTYPES)
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # pyproject.toml installs triton on Linux only
+    triton = tl = None
+    TRITON_MISSING: str | None = f"{type(error).__name__}: {error}"
+else:
+    TRITON_MISSING = None
+"""Why Triton cannot be imported, or None where it can."""
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 """Floating dtypes the ops accept: float32, float16, bfloat16."""
 HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+COMPILE_AFTER_S = 3.0
+"""Eager seconds a :func:`compiled_on_cpu` function runs before it is compiled: compiling costs
+2-20 s (inductor's cache warm or cold, 2 CPU cores), so only a function that has cost about that
+much already is compiled; afterwards it runs 5-20x faster."""
 
 _Fn = TypeVar("_Fn", bound=Callable[..., torch.Tensor])
 
 DotRule = Literal["matmul", "conv", "fp32"]
 """Which precision a kernel's float32 dots take: like torch's matmuls, like its convolutions, or near fp32."""
 
+logger = logging.getLogger("kernels")
+
 
 def triton_interpreting() -> bool:
     """True when Triton kernels execute under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return TRITON_MISSING is None and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _notice_reference_paths() -> None:
+    """Say once per process that the ops run their PyTorch paths because Triton is missing."""
+    logger.warning("kernels: Triton cannot be imported (%s), so every op runs its PyTorch reference path "
+                   "(CUDA tensors too): same results, without the fused kernels", TRITON_MISSING)
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether an op given ``tensor`` should launch its Triton kernel rather than the PyTorch path."""
+    """Whether an op given ``tensor`` should launch its Triton kernel rather than the PyTorch path
+    (never without Triton; the first such call logs why)."""
+    if TRITON_MISSING is not None:
+        _notice_reference_paths()
+        return False
     return tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreting())
 
 
+def _triton_missing(op: str) -> RuntimeError:
+    return RuntimeError(f"{op} runs a Triton kernel, but Triton cannot be imported ({TRITON_MISSING}); "
+                        "install triton (Linux only), or call the op's PyTorch path")
+
+
+def require_triton(op: str) -> None:
+    """Raise a RuntimeError naming ``op`` where Triton cannot be imported."""
+    if TRITON_MISSING is not None:
+        raise _triton_missing(op)
+
+
+class _MissingKernel:
+    """A Triton kernel's stand-in where Triton cannot be imported: launching it raises."""
+
+    def __init__(self, fn: Callable) -> None:
+        functools.update_wrapper(self, fn)
+
+    def __getitem__(self, grid: object) -> Callable:
+        raise _triton_missing(self.__name__)
+
+
+def jit(fn: Callable | None = None, **options: object) -> Callable:
+    """``triton.jit`` (as ``@jit`` or ``@jit(...)``), or a :class:`_MissingKernel` without Triton."""
+    if triton is not None:
+        return triton.jit(fn, **options)
+    return _MissingKernel if fn is None else _MissingKernel(fn)
+
+
+def cdiv(n: int, d: int) -> int:
+    """``ceil(n / d)`` for positive ints (a launch grid's size)."""
+    return -(-n // d)
+
+
+@functools.cache
+def _quiet_cuda_probe() -> None:
+    """Inductor's C++ backend imports ``torch.utils.cpp_extension``, which logs "No CUDA runtime is
+    found" on a machine with a CUDA toolkit but no GPU: noise for a CPU compile, so that record is dropped."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
+
+
 def compiled_on_cpu(fn: _Fn) -> _Fn:
-    """``fn`` compiled by ``torch.compile`` (one fused C++ loop from inductor) when its tensor
-    arguments are on the CPU; ``fn`` itself otherwise, under a TorchDispatchMode (dynamo skips the
-    frame) and from the first failure to compile on (no C++ compiler, no dynamo), after a warning.
-    Compiling happens on the first CPU call (importing dynamo costs a second: not at import);
-    ``dynamic=True`` keeps it to one graph for all shapes."""
+    """``fn``, compiled by ``torch.compile`` (one fused C++ loop from inductor) once its calls with
+    CPU tensors have taken :data:`COMPILE_AFTER_S` seconds eagerly; ``fn`` itself for other devices,
+    under a TorchDispatchMode (dynamo skips the frame) and from the first failure to compile on (no
+    C++ compiler, no dynamo), after a warning. Both give the same results; ``dynamic=True`` keeps it
+    to one graph for all shapes."""
     compiled: list[Callable[..., torch.Tensor]] = []  # [the compiled fn] once made, [fn] after a failure
+    eager_s = 0.0
 
     @functools.wraps(fn)
     def run(*args: torch.Tensor) -> torch.Tensor:
+        nonlocal eager_s
         if (compiled and compiled[0] is fn) or any(a.device.type != "cpu" for a in args):
             return fn(*args)
+        if not compiled and eager_s < COMPILE_AFTER_S:
+            start = time.perf_counter()
+            out = fn(*args)
+            eager_s += time.perf_counter() - start
+            return out
         try:
             if not compiled:
+                _quiet_cuda_probe()
                 compiled.append(torch.compile(fn, dynamic=True))
             return compiled[0](*args)
         except Exception as error:  # noqa: BLE001 -- whatever failed to compile, eager is correct
@@ -83,9 +163,25 @@ def compiled_on_cpu(fn: _Fn) -> _Fn:
     return run  # type: ignore[return-value]
 
 
+def define_op(qualname: str) -> Callable[[Callable[..., object]], torch._ops.OpOverload]:
+    """Register the decorated function as the op ``qualname`` (a ``torch.library`` op: opaque to
+    ``torch.compile``; its schema inferred from the type hints; it mutates nothing) and return its
+    OpOverload, for ``torch.library.register_fake`` / ``register_autograd``. Like
+    ``torch.library.custom_op``, without the import of ``torch._dynamo`` that custom_op's kernels
+    make at their first call (1-2 s on 2 CPU cores): an op's first eager call stays cheap."""
+
+    def register(fn: Callable[..., object]) -> torch._ops.OpOverload:
+        torch.library.define(qualname, torch.library.infer_schema(fn, mutates_args=()))
+        torch.library.impl(qualname, "CompositeExplicitAutograd", fn)
+        namespace, name = qualname.split("::")
+        return getattr(getattr(torch.ops, namespace), name).default
+
+    return register
+
+
 def tile(n: int, lo: int, hi: int) -> int:
     """The tile side for a dimension of size ``n``: its next power of two, clamped to ``[lo, hi]``."""
-    return min(hi, max(lo, triton.next_power_of_2(n)))
+    return min(hi, max(lo, 1 << max(0, n - 1).bit_length()))
 
 
 def dot_operands(*dtypes: torch.dtype) -> tl.dtype:
@@ -94,7 +190,7 @@ def dot_operands(*dtypes: torch.dtype) -> tl.dtype:
     common = dtypes[0] if dtypes[0] in HALF_DTYPES and all(d == dtypes[0] for d in dtypes) else torch.float32
     if common == torch.bfloat16 and triton_interpreting():
         common = torch.float32
-    return TL_DTYPES[common]
+    return getattr(tl, str(common).removeprefix("torch."))
 
 
 def dot_precision(operands: tl.dtype, rule: DotRule) -> str | None:

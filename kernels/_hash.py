@@ -8,8 +8,8 @@ its PyTorch reference (and CPU and GPU) agree exactly. The mixer is Chris Wellon
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from kernels._dispatch import jit, tl
 
 _MASK32 = 0xFFFFFFFF
 _M1 = 0x7FEB352D
@@ -54,7 +54,7 @@ def sign_from_hash_torch(h: torch.Tensor) -> torch.Tensor:
     return 1 - 2 * ((h >> 31) & 1)
 
 
-@triton.jit
+@jit
 def mix32(x):
     """lowbias32 on uint32 values (wrapping arithmetic)."""
     x = x ^ (x >> 16)
@@ -64,7 +64,7 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+@jit
 def hash2(key, rows, cols):
     """hash(key, row, col) as uint32; ``rows`` and ``cols`` are non-negative ints below 2**32."""
     return mix32(mix32(rows.to(tl.uint32) ^ key) ^ cols.to(tl.uint32))

@@ -22,35 +22,42 @@ bytes of the output (+ mask); for C in the hundreds or more it becomes bound by 
 :func:`project_labels` is the one-hot fast path used by target projection (DRTP, tpSGD):
 ``scale * onehot(labels) @ S``, i.e. a scaled row gather of S. It shares the kernel (no dot).
 
-Dispatch (``kernels._dispatch``): CUDA tensors run Triton; CPU tensors run the PyTorch path below,
-except under ``TRITON_INTERPRET=1`` where the Triton kernel runs on CPU. The PyTorch path makes S
-as float32 ±1 one block of columns at a time (the words unpacked, or the hash evaluated, in one
-pass fused by ``torch.compile``; eager where that is unavailable) and ``addmm``-s each block into its
-columns of the output, so it never holds S whole and writes the output once: it costs less than
-the dense float32 projection ``(e @ B) * scale`` it replaces. The first CPU call in a process
-compiles the sign generators: 2-3 s with inductor's on-disk cache, 5-10 s without (2 CPU cores).
+Dispatch (``kernels._dispatch``): CUDA tensors run Triton; CPU tensors (and every tensor where
+Triton cannot be imported) run the PyTorch path below, except under ``TRITON_INTERPRET=1`` where
+the Triton kernel runs on CPU. The PyTorch path makes S as float32 ±1 one block of columns at a
+time (the words unpacked, or the hash evaluated) and ``addmm``-s each block into its columns of the
+output, so it never holds S whole and writes the output once. Its sign makers run eagerly at first
+and are fused by ``torch.compile`` once they have taken a few seconds
+(``kernels._dispatch.compiled_on_cpu``): then the path costs less than the dense float32 projection
+``(e @ B) * scale`` it replaces, while a short run never waits for the compile (2-3 s with
+inductor's on-disk cache, 5-10 s without, on 2 CPU cores) and the first call costs milliseconds.
 Both ops are registered with ``torch.library`` (namespace ``bpfree``), so
-``torch.compile(fullgraph=True)`` treats them as single opaque ops with no graph break. They have
-no autograd formula: they produce gradient *signals*, so call them on tensors that do not require
-grad (or under ``torch.no_grad()``).
+``torch.compile(fullgraph=True)`` treats them as single opaque ops with no graph break.
+``binary_feedback_project`` is differentiable: ``d e = scale * (grad * mask) @ S^T`` and
+``d mask = grad * scale * (e @ S)``, made in PyTorch a block of S at a time (a signal is usually
+made without grad, so the backward has no Triton kernel).
 """
+
+from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels._dispatch import (
     FLOAT_DTYPES,
+    cdiv,
     check_number,
     check_tensor,
     compiled_on_cpu,
+    define_op,
     dot_operands,
     dot_precision,
+    jit,
     tile,
+    tl,
     use_triton,
 )
 from kernels._hash import hash2, hash2_torch, sign_from_hash_torch, stream_key
@@ -233,7 +240,7 @@ def pack_signs(signs: torch.Tensor) -> PackedSigns:
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit
 def _sign_bits(words_ptr, key, rows, cols, valid, num_words, SEEDED: tl.constexpr):
     """0/1 bits of S[rows, cols] as an int32 tile (1 means -1); ``rows``, ``cols`` int64."""
     if SEEDED:
@@ -244,7 +251,7 @@ def _sign_bits(words_ptr, key, rows, cols, valid, num_words, SEEDED: tl.constexp
     return bits
 
 
-@triton.jit(do_not_specialize=["key"])
+@jit(do_not_specialize=["key"])
 def _binary_feedback_kernel(
     e_ptr, labels_ptr, words_ptr, mask_ptr, out_ptr,
     N, C, D, num_words, key, scale,
@@ -316,7 +323,7 @@ def _launch(
     else:
         block_n, block_c, block_d = tile(n, 1, 32), 16, tile(dim, 1, 256)
         dot_dtype, precision = tl.float32, None
-    grid = (triton.cdiv(n, block_n) * triton.cdiv(dim, block_d),)
+    grid = (cdiv(n, block_n) * cdiv(dim, block_d),)
     _binary_feedback_kernel[grid](
         source, source, words, mask if mask is not None else out, out,
         n, feedback.num_classes, dim, math.ceil(dim / _BITS), feedback.key if seeded else 0, float(scale),
@@ -381,7 +388,7 @@ def _feedback_from_args(words: Optional[torch.Tensor], seed: int, stream: int, n
     return PackedSigns(words, num_classes, dim)
 
 
-@torch.library.custom_op("bpfree::binary_feedback_project", mutates_args=())
+@define_op("bpfree::binary_feedback_project")
 def _project_op(e: torch.Tensor, words: Optional[torch.Tensor], mask: Optional[torch.Tensor], seed: int,
                 stream: int, num_classes: int, dim: int, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     feedback = _feedback_from_args(words, seed, stream, num_classes, dim)
@@ -393,12 +400,56 @@ def _project_op(e: torch.Tensor, words: Optional[torch.Tensor], mask: Optional[t
     return out
 
 
-@_project_op.register_fake
+@torch.library.register_fake(_project_op)
 def _(e, words, mask, seed, stream, num_classes, dim, scale, out_dtype):
     return e.new_empty((e.shape[0], dim), dtype=out_dtype)
 
 
-@torch.library.custom_op("bpfree::project_labels", mutates_args=())
+@define_op("bpfree::binary_feedback_project_backward")
+def _project_backward_op(grad: torch.Tensor, words: Optional[torch.Tensor], mask: Optional[torch.Tensor], seed: int,
+                         stream: int, num_classes: int, dim: int, scale: float,
+                         e_dtype: torch.dtype) -> torch.Tensor:
+    """The projection's gradient w.r.t. e, ``scale * (grad * mask) @ S^T`` (N x C), in PyTorch on
+    every device: a backward pass is rare (the op makes signals), so it has no Triton kernel."""
+    feedback = _feedback_from_args(words, seed, stream, num_classes, dim)
+    g = grad.float() if mask is None else grad.float() * mask.float()
+    out = torch.empty((grad.shape[0], num_classes), dtype=torch.float32, device=grad.device)
+    height, width = _blocks(num_classes, dim)
+    for start in range(0, dim, width):
+        stop = min(start + width, dim)
+        for row in range(0, num_classes, height):
+            rows = torch.arange(row, min(row + height, num_classes), device=grad.device)
+            out[:, row:row + height].addmm_(g[:, start:stop], feedback.sign_block(rows, start, stop).t(),
+                                            beta=1 if start else 0, alpha=scale)
+    return out.to(e_dtype)
+
+
+@torch.library.register_fake(_project_backward_op)
+def _(grad, words, mask, seed, stream, num_classes, dim, scale, e_dtype):
+    return grad.new_empty((grad.shape[0], num_classes), dtype=e_dtype)
+
+
+def _project_setup_context(ctx, inputs, output) -> None:
+    e, words, mask, *args, _ = inputs
+    ctx.save_for_backward(e, words, mask)
+    ctx.args, ctx.dtypes = args, (e.dtype, None if mask is None else mask.dtype)
+
+
+def _project_backward(ctx, grad: torch.Tensor) -> tuple:
+    """``d e = scale * (grad * mask) @ S^T``; ``d mask = grad * scale * (e @ S)``."""
+    e, words, mask = ctx.saved_tensors
+    grad_e = grad_mask = None
+    if ctx.needs_input_grad[0]:
+        grad_e = _project_backward_op(grad.contiguous(), words, mask, *ctx.args, ctx.dtypes[0])
+    if ctx.needs_input_grad[2]:
+        grad_mask = (grad.float() * _project_op(e, words, None, *ctx.args, torch.float32)).to(ctx.dtypes[1])
+    return grad_e, None, grad_mask, None, None, None, None, None, None
+
+
+torch.library.register_autograd(_project_op, _project_backward, setup_context=_project_setup_context)
+
+
+@define_op("bpfree::project_labels")
 def _labels_op(labels: torch.Tensor, words: Optional[torch.Tensor], seed: int, stream: int, num_classes: int,
                dim: int, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     if labels.numel():
@@ -415,7 +466,7 @@ def _labels_op(labels: torch.Tensor, words: Optional[torch.Tensor], seed: int, s
     return out
 
 
-@_labels_op.register_fake
+@torch.library.register_fake(_labels_op)
 def _(labels, words, seed, stream, num_classes, dim, scale, out_dtype):
     return labels.new_empty((labels.shape[0], dim), dtype=out_dtype)
 

@@ -62,6 +62,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from kernels._dispatch import define_op
 from kernels._hash import stream_key
 from kernels._modules import swap_modules, unsupported_conv2d
 
@@ -116,7 +117,7 @@ def _check_config(op: str, mode: str, init: str, storage: str, seed: int) -> Non
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("bpfree::feedback_draw", mutates_args=())
+@define_op("bpfree::feedback_draw")
 def feedback_draw(weight: Tensor, seed: int, step: Optional[Tensor], dist: str) -> Tensor:
     """A unit-variance draw of ``weight``'s shape, dtype and device (``dist`` "uniform": U(-sqrt 3,
     sqrt 3); "normal": N(0, 1)) from a generator seeded with ``seed``, or with
@@ -128,7 +129,7 @@ def feedback_draw(weight: Tensor, seed: int, step: Optional[Tensor], dist: str) 
     return z.uniform_(-_SQRT3, _SQRT3, generator=generator) if dist == "uniform" else z.normal_(generator=generator)
 
 
-@feedback_draw.register_fake
+@torch.library.register_fake(feedback_draw)
 def _feedback_draw_fake(weight, seed, step, dist):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 

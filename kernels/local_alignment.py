@@ -50,13 +50,25 @@ and ``torch.ops.bpfree.local_sgd_step_`` with fake implementations, so they trac
 functions: the public wrappers detach their inputs.
 """
 
+from __future__ import annotations
+
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels._dispatch import FLOAT_DTYPES, check_number, check_tensor, dot_operands, dot_precision, tile, use_triton
+from kernels._dispatch import (
+    FLOAT_DTYPES,
+    cdiv,
+    check_number,
+    define_op,
+    check_tensor,
+    dot_operands,
+    dot_precision,
+    jit,
+    tile,
+    tl,
+    use_triton,
+)
 
 __all__ = [
     "LOCAL_KINDS",
@@ -113,7 +125,7 @@ class WeightUpdate(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit
 def _act(x, ACT: tl.constexpr):
     """phi(x) for ACT = 0 relu, 1 tanh, 2 sigmoid, 3 identity (fp32)."""
     if ACT == 0:
@@ -128,7 +140,7 @@ def _act(x, ACT: tl.constexpr):
     return out
 
 
-@triton.jit
+@jit
 def _act_grad(x, ACT: tl.constexpr):
     """phi'(x) for the same activation codes (fp32)."""
     if ACT == 0:
@@ -144,7 +156,7 @@ def _act_grad(x, ACT: tl.constexpr):
     return out
 
 
-@triton.jit
+@jit
 def _project_tile(
     u_ptr, p_ptr, rows, cols, row_mask, col_mask, C, D, scale,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -164,7 +176,7 @@ def _project_tile(
     return acc * scale
 
 
-@triton.jit
+@jit
 def _signal_rule(proj, a, z, beta, alpha, IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr):
     """(signal, target) from the projection tile; the target is only meaningful for LRA."""
     if IS_LRA:
@@ -182,7 +194,7 @@ def _signal_rule(proj, a, z, beta, alpha, IS_LRA: tl.constexpr, ACT: tl.constexp
     return g, y
 
 
-@triton.jit
+@jit
 def _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha,
                  IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr):
     """Load a tile of a (and z, else z = a) and apply the rule to the projected tile."""
@@ -194,7 +206,7 @@ def _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha,
     return _signal_rule(proj, a, z, beta, alpha, IS_LRA, ACT, HAS_Z)
 
 
-@triton.jit
+@jit
 def _signal_kernel(
     u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, d_ptr, y_ptr,
     N, C, D, scale, beta, alpha,
@@ -218,7 +230,7 @@ def _signal_kernel(
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _weight_update_kernel(
     u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, zp_ptr, dw_ptr, w_ptr, partial_ptr, factor_ptr,
     N, C, D, DP, scale, beta, alpha, lr,
@@ -292,7 +304,7 @@ def _launch_signal(
     # registers; 64 x 128 over 4 warps spilled on sm_90 (benchmarks/compile_kernels.py).
     block_m, block_d, block_c = tile(N, 16, 64), tile(D, 16, 64), tile(C, 16, 32)
     diag = d is not None and y is not None
-    grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
+    grid = (cdiv(N, block_m), cdiv(D, block_d))
     dot_dtype = dot_operands(upstream.dtype, P.dtype)
     _signal_kernel[grid](
         upstream, P, a, a if z is None else z, g, d if diag else g, y if diag else g,
@@ -334,7 +346,7 @@ def _launch_weight_update(
                        beta=beta, alpha=alpha, activation=activation, scale=scale)
     block_d, block_dp = tile(D, 16, _BLOCK_D), tile(DP, 16, _BLOCK_DP)
     dot_dtype, mm_dtype = dot_operands(upstream.dtype, P.dtype), dot_operands(a.dtype, z_prev.dtype)
-    n_programs = triton.cdiv(D, block_d) * triton.cdiv(DP, block_dp)
+    n_programs = cdiv(D, block_d) * cdiv(DP, block_dp)
     partials = torch.empty(n_programs, device=a.device, dtype=torch.float32)
 
     def launch(write_dw: bool, step: bool, factor: torch.Tensor | None) -> None:
@@ -470,7 +482,7 @@ def local_weight_update_reference(
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("bpfree::local_signal", mutates_args=())
+@define_op("bpfree::local_signal")
 def _local_signal_op(
     kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: Optional[torch.Tensor],
     beta: float, alpha: float, activation: str, scale: float, diagnostics: bool,
@@ -488,13 +500,13 @@ def _local_signal_op(
     return g.to(a.dtype), a.new_empty(0), a.new_empty(0)
 
 
-@_local_signal_op.register_fake
+@torch.library.register_fake(_local_signal_op)
 def _(kind, upstream, P, a, z, beta, alpha, activation, scale, diagnostics):
     extra = a.shape if diagnostics else (0,)
     return torch.empty_like(a), a.new_empty(extra), a.new_empty(extra)
 
 
-@torch.library.custom_op("bpfree::local_weight_update", mutates_args=())
+@define_op("bpfree::local_weight_update")
 def _local_weight_update_op(
     kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: Optional[torch.Tensor],
     z_prev: torch.Tensor, beta: float, alpha: float, activation: str, scale: float,
@@ -512,12 +524,13 @@ def _local_weight_update_op(
     return dw, norm, factor
 
 
-@_local_weight_update_op.register_fake
+@torch.library.register_fake(_local_weight_update_op)
 def _(kind, upstream, P, a, z, z_prev, beta, alpha, activation, scale, max_norm, fuse_signal):
     scalar = a.new_empty((), dtype=torch.float32)
     return a.new_empty(a.shape[1], z_prev.shape[1]), scalar, torch.empty_like(scalar)
 
 
+# custom_op, not define_op: it mutates ``weight``, whose version counter custom_op bumps.
 @torch.library.custom_op("bpfree::local_sgd_step_", mutates_args=("weight",))
 def _local_sgd_step_op(
     weight: torch.Tensor, lr: float, kind: str, upstream: torch.Tensor, P: torch.Tensor,

@@ -18,10 +18,9 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
+from kernels._dispatch import jit, tl
 from kernels._hash import hash2, hash2_torch, stream_key
 
 __all__ = ["PROBES", "probe_matrix"]
@@ -70,7 +69,7 @@ def probe_matrix(
     return torch.where(bucket == col, sign * math.sqrt(probes), 0.0)
 
 
-@triton.jit
+@jit
 def probe_tile(key1, key2, pos, col, valid, r, scale, PROBE: tl.constexpr):
     """Z[pos, col] for a [BLOCK_P, 1] x [1, BLOCK_R] tile, zero where ``valid`` is false or col >= r."""
     if PROBE == 0:

@@ -38,7 +38,8 @@ float32/float16/bfloat16. Transposed convs, other padding modes, 1-d/3-d convs a
 subclasses are refused with an error naming the layer.
 
 Kernels: CUDA tensors run the Triton kernel, CPU tensors the PyTorch references, except under
-``TRITON_INTERPRET=1`` where CPU tensors run the Triton kernel (``kernels._dispatch``). One
+``TRITON_INTERPRET=1`` where CPU tensors run the Triton kernel; without Triton every tensor runs the
+references (``kernels._dispatch``). One
 kernel does both products with Z: stage 1, and the forward's ``X Z``, which is stage 1 of a 1x1
 stride-1 conv (``S_0 = I``). Its dots take float32 operands, in TF32 where torch allows it for
 convolutions (``torch.backends.cudnn.allow_tf32``, True by default: the "conv" rule of
@@ -53,11 +54,20 @@ import math
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import Tensor, nn
 
-from kernels._dispatch import FLOAT_DTYPES, check_tensor, dot_precision, tile, use_triton
+from kernels._dispatch import (
+    FLOAT_DTYPES,
+    cdiv,
+    check_tensor,
+    define_op,
+    dot_precision,
+    jit,
+    require_triton,
+    tile,
+    tl,
+    use_triton,
+)
 from kernels._modules import unsupported_conv2d
 from kernels.conv_geometry import ConvGeometry
 from kernels.probes import PROBE_CODE, check_probe_args, probe_keys, probe_matrix, probe_tile
@@ -89,7 +99,7 @@ def _launch_config(probes: int) -> dict[str, object]:
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["r", "key1", "key2"])
+@jit(do_not_specialize=["r", "key1", "key2"])
 def _probe_matmul_kernel(
     dy_ptr, a_ptr, M, C_out, N, P_out, W_out, H, W, KW, K, n_rblocks,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, r, key1, key2, scale,
@@ -140,8 +150,8 @@ def _probe_matmul(dy: Tensor, seed: int, probes: int, probe: str, geometry: Conv
     a = torch.empty((c_out, geometry.taps, n, probes), dtype=torch.float32, device=dy.device)
     key1, key2 = probe_keys(seed)
     config = _launch_config(probes)
-    n_rblocks = triton.cdiv(probes, config["BLOCK_R"])
-    grid = (geometry.taps * n_rblocks, triton.cdiv(n * c_out, config["BLOCK_M"]))
+    n_rblocks = cdiv(probes, config["BLOCK_R"])
+    grid = (geometry.taps * n_rblocks, cdiv(n * c_out, config["BLOCK_M"]))
     (h, w), (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = (
         geometry.input_hw, geometry.stride, geometry.padding, geometry.dilation)
     _probe_matmul_kernel[grid](
@@ -177,18 +187,19 @@ def trace_compress_triton(x: Tensor, seed: int, probes: int, probe: str) -> Tens
     ``X Z`` is stage 1 of the weight gradient for a 1x1 stride-1 conv (``S_0 = I``), so the same
     kernel computes it."""
     _check_compress_args("trace_compress_triton", x, probes, probe)
+    require_triton("trace_compress_triton")
     n, c, h, w = x.shape
     return _probe_matmul(x, seed, probes, probe, ConvGeometry((h, w), (1, 1))).view(c, n, probes)
 
 
-@torch.library.custom_op("bpfree::trace_compress", mutates_args=())
+@define_op("bpfree::trace_compress")
 def trace_compress(x: Tensor, seed: Tensor, probes: int, probe: str) -> Tensor:
     """``Xbar = X Z`` as (C_in, N, probes) float32, Z drawn from the 0-d int64 ``seed``."""
     impl = trace_compress_triton if use_triton(x) else trace_compress_torch
     return impl(x, int(seed), probes, probe)
 
 
-@trace_compress.register_fake
+@torch.library.register_fake(trace_compress)
 def _trace_compress_fake(x: Tensor, seed: Tensor, probes: int, probe: str) -> Tensor:
     return x.new_empty((x.shape[1], x.shape[0], probes), dtype=torch.float32)
 
@@ -251,10 +262,11 @@ def trace_weight_grad_triton(grad_output: Tensor, xbar: Tensor, seed: int, geome
                              probe: str) -> Tensor:
     """Triton version of :func:`trace_weight_grad_torch`: stage 1 generates S_k Z in registers."""
     _check_weight_grad_args("trace_weight_grad_triton", grad_output, xbar, geometry, probe)
+    require_triton("trace_weight_grad_triton")
     return _contract_xbar(_probe_matmul(grad_output, seed, xbar.shape[2], probe, geometry), xbar, geometry)
 
 
-@torch.library.custom_op("bpfree::trace_weight_grad", mutates_args=())
+@define_op("bpfree::trace_weight_grad")
 def trace_weight_grad(
     grad_output: Tensor,
     xbar: Tensor,
@@ -274,7 +286,7 @@ def trace_weight_grad(
     return impl(grad_output, xbar, int(seed), geometry, probe)
 
 
-@trace_weight_grad.register_fake
+@torch.library.register_fake(trace_weight_grad)
 def _trace_weight_grad_fake(grad_output, xbar, seed, input_hw, kernel_size, stride, padding, dilation, groups,
                             probe):
     shape = (grad_output.shape[1], xbar.shape[0] // groups, kernel_size[0], kernel_size[1])

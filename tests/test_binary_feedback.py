@@ -153,6 +153,7 @@ def test_sign_generators_fall_back_to_eager(monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(torch, "compile", unavailable)
+    monkeypatch.setattr(_dispatch, "COMPILE_AFTER_S", 0.0)  # compile at the first call
     gen = torch.Generator().manual_seed(10)
     words = torch.randint(-2**31, 2**31 - 1, (3, 2), dtype=torch.int32, generator=gen)
     unpack = _dispatch.compiled_on_cpu(bf._unpack_signs)
@@ -162,6 +163,57 @@ def test_sign_generators_fall_back_to_eager(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(unpack(words), first)
+
+
+@pytest.mark.parametrize("budget,compiles", [(float("inf"), 0), (0.0, 1)])
+def test_sign_makers_compile_only_after_their_eager_budget(monkeypatch, budget, compiles):
+    """A short run never waits for torch.compile: the sign makers run eagerly until they have
+    taken COMPILE_AFTER_S seconds, then compile once; the results are the same either way."""
+    made = []
+
+    def recording_compile(fn, **kwargs):
+        made.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(_dispatch, "COMPILE_AFTER_S", budget)
+    seeded = _dispatch.compiled_on_cpu(bf._seeded_signs)
+    key, rows, cols = torch.tensor(7), torch.arange(3), torch.arange(40)
+    for _ in range(3):
+        assert torch.equal(seeded(key, rows, cols), bf._seeded_signs(key, rows, cols))
+    assert len(made) == compiles
+
+
+@pytest.mark.parametrize("kind", ["packed", "seeded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_matches_the_dense_projection(monkeypatch, kind, dtype):
+    """d e = scale (grad * mask) S^T and d mask = grad * scale (e S), against autograd through the
+    dense product; several blocks of S (a small block size) so the block loop is covered."""
+    monkeypatch.setattr(bf, "_CHUNK_ELEMENTS", 64)
+    gen = torch.Generator().manual_seed(12)
+    feedback, signs = make_feedback(kind, 37, 100, gen)
+    e = torch.randn(6, 37, generator=gen).to(dtype).requires_grad_()
+    mask = torch.rand(6, 100, generator=gen).requires_grad_()
+    weights = torch.randn(6, 100, generator=gen)
+    (binary_feedback_project(e, feedback, 0.5, mask, out_dtype=torch.float32) * weights).sum().backward()
+    e_ref, mask_ref = e.detach().float().requires_grad_(), mask.detach().clone().requires_grad_()
+    ((0.5 * (e_ref @ signs.float()) * mask_ref) * weights).sum().backward()
+    assert e.grad.dtype == dtype and mask.grad.dtype == torch.float32
+    assert_rel_close(e.grad.float(), e_ref.grad.to(dtype).float(), RTOL[dtype], "d e")
+    assert_rel_close(mask.grad, mask_ref.grad, 1e-5, "d mask")
+    e.grad = None
+    binary_feedback_project(e, feedback, 0.5).sum().backward()  # without a mask
+    assert_rel_close(e.grad.float(), (0.5 * signs.float().sum(1)).expand(6, 37).to(dtype).float(), RTOL[dtype])
+
+
+def test_opcheck_with_gradients():
+    gen = torch.Generator().manual_seed(13)
+    packed = pack_signs(random_signs(10, 40, gen))
+    e = torch.randn(6, 10, generator=gen, requires_grad=True)
+    mask = torch.rand(6, 40, generator=gen, requires_grad=True)
+    project = torch.ops.bpfree.binary_feedback_project.default
+    torch.library.opcheck(project, (e, packed.words, mask, 0, 0, 10, 40, 0.5, torch.float32))
+    torch.library.opcheck(project, (e, None, None, 3, 1, 10, 40, 0.5, torch.float32))
 
 
 def test_empty_batch():
