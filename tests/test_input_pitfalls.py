@@ -216,3 +216,29 @@ def test_probes_beyond_the_memory_are_refused_before_the_first_step(tmp_path, ti
                         expect="[rule] probes = 1000000000: trace_bp's probes need about ")
     assert "GiB at batch 32 (1 converted conv(s); it grows with probes x batch), but cpu has " in err
     assert "GiB free; lower rule.probes (16 to 64 are usual) or train.batch_size" in err
+
+
+# --- 5. torchvision models with auxiliary heads -----------------------------------------------------
+
+
+def test_googlenet_trains_on_its_main_logits(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    npz = save(tmp_path / "rgb.npz", rng.integers(0, 256, (4, 16, 16, 3)).astype(np.uint8), np.arange(4) % 2)
+    argv = run(tmp_path, npz, model={"name": "torchvision:googlenet"},
+               data={"val_fraction": 0.5}, train={"epochs": 1, "batch_size": 2})
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("builder, side", [("googlenet", 16), ("inception_v3", 75)])
+def test_aux_heads_are_left_out_and_asking_for_them_says_why(builder, side):
+    from trainer.config import ConfigError, ModelConfig
+    from trainer.models import build_model
+
+    model = build_model(ModelConfig(name=f"torchvision:{builder}"), (3, side, side), 3).train()
+    assert model(torch.zeros(2, 3, side, side)).shape == (2, 3)
+    if builder == "googlenet":
+        with pytest.raises(ConfigError, match=r"torchvision:googlenet returns a GoogLeNetOutputs of 3 items in train mode "
+                                              r".*: the trainer trains the main logits alone: leave \[model\] kwargs "
+                                              r"aux_logits unset"):
+            build_model(ModelConfig(name="torchvision:googlenet", kwargs={"aux_logits": True}), (3, 16, 16), 3)

@@ -169,6 +169,12 @@ def _vit(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> nn
         hidden_dim=cfg.vit_width, mlp_dim=cfg.vit_mlp, num_classes=num_classes)
 
 
+AUX_HEADS = ("googlenet", "inception_v3")
+"""Builders whose models also return auxiliary classifiers' logits in train mode (a named tuple):
+built without them (``aux_logits=False``), so they return the main logits as every rule needs;
+``init_weights=True`` keeps torchvision's initialisation (and its FutureWarning away)."""
+
+
 def _torchvision_model(builder: str, num_classes: int, kwargs: dict) -> nn.Module:
     """Any classification builder of torchvision.models, untrained (weights=None: nothing is downloaded)."""
     known = torchvision.models.list_models(module=torchvision.models)
@@ -177,7 +183,8 @@ def _torchvision_model(builder: str, num_classes: int, kwargs: dict) -> nn.Modul
         raise ConfigError(f"[model] name: torchvision has no classification model {builder!r}; e.g. "
                           f"{', '.join(close)} (torchvision.models.list_models())")
     try:
-        return torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **kwargs)
+        defaults = {"aux_logits": False, "init_weights": True} if builder in AUX_HEADS else {}
+        return torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **{**defaults, **kwargs})
     except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"[model] kwargs: torchvision:{builder} refused {kwargs} ({err})") from None
 
@@ -251,14 +258,14 @@ def _dry_forward(model: nn.Module, input_shape: tuple[int, ...], training: bool)
             buffer.copy_(saved)
 
 
-def _smallest_side(make: Callable[[tuple[int, int, int]], nn.Module], channels: int) -> int | None:
-    """The smallest square image side (up to 1024) at which ``make(shape)`` builds and runs in eval
+def _smallest_side(make: Callable[[tuple[int, int, int]], nn.Module], channels: int, training: bool) -> int | None:
+    """The smallest square image side (up to 1024) at which ``make(shape)`` builds and runs in this
     mode: doubling, then bisection (sizes that pool to nothing fail below it); None if none runs."""
 
     def runs(side: int) -> bool:
         shape = (channels, side, side)
         try:
-            _dry_forward(make(shape), shape, training=False)
+            _dry_forward(make(shape), shape, training)
         except (_ForwardFailed, ConfigError):
             return False
         return True
@@ -305,7 +312,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
         try:
             out = _dry_forward(model, input_shape, training)
         except _ForwardFailed as failed:
-            raise _size_error(cfg, input_shape, num_classes, model, failed) from None
+            raise _size_error(cfg, input_shape, num_classes, model, failed, training) from None
         _check_logits(out, cfg.name, num_classes, training)
     if cfg.batchnorm_momentum is not None:
         for module in model.modules():
@@ -315,14 +322,14 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
 
 
 def _size_error(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int, model: nn.Module,
-                failed: _ForwardFailed) -> ConfigError:
+                failed: _ForwardFailed, training: bool) -> ConfigError:
     """A size the model cannot take, refused at build time naming the layer that fails and the
     smallest size that runs, not deep in the first training step."""
     kind = cfg.name.partition(":")[0]
     if kind == "torchvision":  # built for any size: only the input changes
-        smallest = _smallest_side(lambda shape: model, input_shape[0])
+        smallest = _smallest_side(lambda shape: model, input_shape[0], training)
     else:
-        smallest = _smallest_side(lambda shape: _build(cfg, shape, num_classes), input_shape[0])
+        smallest = _smallest_side(lambda shape: _build(cfg, shape, num_classes), input_shape[0], training)
     needs = f"; it needs images of at least {smallest}x{smallest}" if smallest else ""
     other = "a model built for this size (e.g. [model] kwargs)" if kind in ("torchvision", "python") else ANY_SIZE
     reason = " ".join(str(failed.err).split())[:200]
