@@ -319,10 +319,49 @@ def test_eval_of_a_cuda_checkpoint_here_takes_device_cpu(tmp_path, tiny_npz, cap
     payload["recipe"]["train"]["device"] = "cuda"  # as if trained on a GPU
     torch.save(payload, out / "checkpoint.pt")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    fails_cleanly(capsys, "eval", str(out), expect=f"{out}: it trained with [train] device = 'cuda' but CUDA is not "
-                                                   f"available here; use 'cpu' or 'auto' (trainer eval {out} --device cpu)")
+    fails_cleanly(capsys, "eval", str(out),
+                  expect=f"{out}: it trained with [train] device = 'cuda' but CUDA is not available here; use 'cpu' or "
+                         f"'auto' (trainer eval {out} --device cpu)")
     err = fails_cleanly(capsys, "eval", str(out), "--device", "cuda:0", expect="--device cuda:0: [train] device = ")
     assert err.rstrip().endswith(f"(trainer eval {out} --device cpu)")
     code, stdout, err = cli(capsys, "eval", str(out), "--device", "cpu", "--json")
     assert code == 0, err
     assert json.loads(stdout.splitlines()[-1])["samples"] == 100
+
+
+# --- 10. a terminal keeps a line per epoch; Ctrl-C shows the epochs done -------------------------
+
+
+def test_a_terminal_keeps_a_line_per_finished_epoch(tmp_path, tiny_npz):
+    from rich.console import Console
+
+    from trainer.loop import train
+    from trainer.recipes import load_recipe
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=200, emoji=False)
+    train(load_recipe(write_recipe(tmp_path / "r.toml", tiny_npz, train={"epochs": 3})), tmp_path / "run",
+          console=console)
+    text = screen.getvalue()
+    assert all(f"epoch {epoch}/3 done · " in text for epoch in (1, 2, 3)), text
+    assert "held-out acc" in text.split("epoch 1/3 done")[1].splitlines()[0]
+
+
+def test_ctrl_c_prints_the_summary_of_the_epochs_done(tmp_path, tiny_npz, capsys, monkeypatch):
+    import trainer.rules.bp
+
+    steps = itertools.count(1)
+    real_step = trainer.rules.bp.Backprop.train_step
+
+    def interrupted_in_epoch_2(self, *args):
+        if next(steps) == 12:  # 9 steps an epoch
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(trainer.rules.bp.Backprop, "train_step", interrupted_in_epoch_2)
+    out = tmp_path / "run"
+    code, stdout, err = cli(capsys, "run", str(write_recipe(tmp_path / "r.toml", tiny_npz)), "--out", str(out))
+    assert code == 130
+    assert f"interrupted: stopped by SIGINT: the checkpoint of epoch 1 is kept in {out / 'checkpoint.pt'}" in err
+    table = stdout[stdout.index("training summary"):]
+    assert "│     1 │" in table and "│     2 │" not in table

@@ -196,7 +196,8 @@ def lr_hint(recipe: Recipe, origin: OptimOrigin | None) -> str:
         source = f" came from recipe {origin.recipe}{tuned}"
     else:
         source = " is the default"
-    return f"optim.lr={lr:g} ({recipe.optim.name}){source}: lower it, e.g. --set optim.lr={lr / 10:g}, or check the data"
+    return (f"optim.lr={lr:g} ({recipe.optim.name}){source}: lower it, e.g. --set optim.lr={lr / 10:g}, or check "
+            "the data")
 
 
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None,
@@ -292,30 +293,34 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
     pipeline_notes = [s.pipeline.note] if s.pipeline is not None else []
     for text in [*s.data.notes, *s.rule.notes, *pipeline_notes, *notes]:
         reporter.note(text)
-    with reporter.running(len(s.data.train)):
-        for epoch in range(epoch, cfg.epochs):
-            reporter.start_epoch(epoch, cfg.epochs, len(s.data.train))
-            step, summary = train_epoch(s, epoch, step, reporter)
-            if s.env.replicas > 1:
-                average_buffers(s.model, s.env.replicas, s.env.replica_group)  # one set of BatchNorm statistics
-            if s.pipeline is not None:
-                s.pipeline.synchronize(s.env)  # every rank now holds the whole trained model
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                s.model.eval()
-                s.rule.eval()
-                summary.update(evaluate(s.rule, s.data.test, nn.CrossEntropyLoss(), s.env))
-            history.append(summary)
-            reporter.end_epoch(summary, s.data.test_name)
-            rng = gathered_rng_states(s.env)
-            if s.pipeline is not None:  # each rank's optimizer state, before the checkpoint that names it
-                save_stage_part(out_dir, epoch + 1, s.env.rank, s.optimizer.state_dict())
-                torch.distributed.barrier()
-            if main:
-                save_checkpoint(ckpt_path, checkpoint_payload(s, epoch + 1, step, rng))
-            saved.append(epoch + 1)
-            if s.pipeline is not None:
-                torch.distributed.barrier()
-                remove_stage_parts(out_dir, s.env.rank, keep=epoch + 1)
+    try:
+        with reporter.running(len(s.data.train)):
+            for epoch in range(epoch, cfg.epochs):
+                reporter.start_epoch(epoch, cfg.epochs, len(s.data.train))
+                step, summary = train_epoch(s, epoch, step, reporter)
+                if s.env.replicas > 1:
+                    average_buffers(s.model, s.env.replicas, s.env.replica_group)  # one set of BatchNorm statistics
+                if s.pipeline is not None:
+                    s.pipeline.synchronize(s.env)  # every rank now holds the whole trained model
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    s.model.eval()
+                    s.rule.eval()
+                    summary.update(evaluate(s.rule, s.data.test, nn.CrossEntropyLoss(), s.env))
+                history.append(summary)
+                reporter.end_epoch(summary, s.data.test_name)
+                rng = gathered_rng_states(s.env)
+                if s.pipeline is not None:  # each rank's optimizer state, before the checkpoint that names it
+                    save_stage_part(out_dir, epoch + 1, s.env.rank, s.optimizer.state_dict())
+                    torch.distributed.barrier()
+                if main:
+                    save_checkpoint(ckpt_path, checkpoint_payload(s, epoch + 1, step, rng))
+                saved.append(epoch + 1)
+                if s.pipeline is not None:
+                    torch.distributed.barrier()
+                    remove_stage_parts(out_dir, s.env.rank, keep=epoch + 1)
+    except KeyboardInterrupt:  # SIGINT or SIGTERM: the epochs done so far, then train() says what was kept
+        reporter.summary(history, s.data.test_name)
+        raise
     reporter.summary(history, s.data.test_name)
     epoch_seconds = [r["train_seconds"] for r in history]
     results = {"state": "finished", "recipe": recipe.source, "rule": recipe.rule.name, "epochs": cfg.epochs,

@@ -1,8 +1,9 @@
 """What a run shows and writes while it trains: the header, progress, metrics.jsonl lines and the
 summary table. The loop hands it records; it decides how they look.
 
-In a terminal the progress is a rich bar with throughput; anywhere else (CI, ``nohup``, a log
-file) it is one plain line every ``train.log_every`` steps and one per epoch, never clipped.
+In a terminal the progress is a rich bar with throughput, and a line per finished epoch above it;
+anywhere else (CI, ``nohup``, a log file) it is one plain line every ``train.log_every`` steps and
+one per epoch, never clipped.
 """
 
 from __future__ import annotations
@@ -171,14 +172,12 @@ class Reporter:
             self._progress.advance(self._task)
 
     def end_epoch(self, summary: dict[str, Any], test_name: str) -> None:
+        """An epoch's line, kept when the bar is reset for the next epoch."""
         if self.log:
             self.log.write({"split": test_name, **summary})
         shown = f" · {test_name} acc {100 * summary['accuracy']:.2f}%" if "accuracy" in summary else ""
         stats = f"{summary['images_per_s']:,.0f} img/s · loss {summary['train_loss']:.4f}{shown}"
-        if self._progress is not None:
-            self._progress.update(self._task, stats=stats)
-        else:
-            self.say(f"{self._epoch} done · {stats} · {summary['train_seconds']:.1f} s")
+        self.say(f"{self._epoch} done · {stats} · {summary['train_seconds']:.1f} s")  # above a bar: it stays
 
     def summary(self, history: list[dict[str, Any]], test_name: str) -> None:
         if history:

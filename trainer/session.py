@@ -218,9 +218,10 @@ def build_session(recipe: Recipe) -> Session:
 def data_fingerprints(recipe: Recipe) -> dict[str, dict[str, Any]]:
     """The size and sha256 of each data file the recipe names (npz: data.path, data.test_path), by
     key: the recipe says only a path, and a resume must refuse other images under the same name."""
-    named = {"data.path": recipe.data.path, "data.test_path": recipe.data.test_path} if recipe.data.name == "npz" else {}
+    if recipe.data.name != "npz":
+        return {}
     prints = {}
-    for key, name in named.items():
+    for key, name in (("data.path", recipe.data.path), ("data.test_path", recipe.data.test_path)):
         if name:
             digest = hashlib.sha256()
             with open(name, "rb") as f:
@@ -274,7 +275,8 @@ def restore(s: Session, payload: dict[str, Any], part: dict[str, Any] | None = N
     for key, saved in payload["data"].get("files", {}).items():  # checkpoints before fingerprints have none
         now = s.data_files.get(key)
         if now is not None and now != saved:
-            change = f"{saved['size']} → {now['size']} bytes" if now["size"] != saved["size"] else "its sha256 differs"
+            change = f"{saved['size']} → {now['size']} bytes" if now["size"] != saved["size"] else \
+                "its sha256 differs"
             raise ConfigError(f"{now['file']} ({key}): the file changed since the checkpoint was written ({change}); "
                               "--resume needs the images it trained on: put that file back, or start a new run with "
                               "another --out")
