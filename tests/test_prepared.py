@@ -124,6 +124,23 @@ def test_prepared_parameters_hold_the_rules_learned_state():
     assert all(id(p) in held for p in rule.error_maps.parameters()) and all(id(p) in held for p in rule.model.parameters())
 
 
+def test_a_compiled_prepared_rule_trains_as_the_eager_one():
+    """``torch.compile(net)``: the units compile, the injection is a graph break."""
+    results = []
+    for compiled in (False, True):
+        rule, _ = make("dfa", mlp(), (3, 4))
+        net = rule.prepare()
+        run = torch.compile(net) if compiled else net
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        for x, y in batches((3, 4)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(run(x), y).backward()
+            optimizer.step()
+        results.append([p.detach().clone() for p in net.parameters()])
+    for g, w in zip(*results):
+        assert_rel_close(g, w, 1e-5)
+
+
 # --- DistributedDataParallel, gloo ---------------------------------------------------------------
 
 
