@@ -365,3 +365,27 @@ def test_ctrl_c_prints_the_summary_of_the_epochs_done(tmp_path, tiny_npz, capsys
     assert f"interrupted: stopped by SIGINT: the checkpoint of epoch 1 is kept in {out / 'checkpoint.pt'}" in err
     table = stdout[stdout.index("training summary"):]
     assert "│     1 │" in table and "│     2 │" not in table
+
+
+# --- 12. the pipeline's first line names its stages readably ---------------------------------------
+
+
+@pytest.mark.parametrize("model, boundaries, listed", [
+    ({"name": "cnn", "width": 4}, ["1.0"], "stage 0 (2 units): 0.0 Conv2d … 0.1 Conv2d; stage 1 (2 units): "
+                                           "1.0 Linear … 1.1 Linear"),
+    ({"name": "resnet20"}, ["layer3.0"], "stage 0 (7 units): stem … layer2.2; stage 1 (4 units): layer3.0 … head"),
+    ({"name": "mlp", "hidden": [8]}, ["1.0"], "stage 0 (1 unit): 0.0 Linear; stage 1 (1 unit): 1.0 Linear"),
+])
+def test_the_pipeline_names_its_stages_readably(model, boundaries, listed):
+    from trainer.config import ModelConfig
+    from trainer.distributed import DistEnv
+    from trainer.models import build_model
+    from trainer.pipeline import split_stages
+    from trainer.units import model_units
+
+    shape = (3, 32, 32) if model["name"] == "resnet20" else (1, 12, 12)
+    net = build_model(ModelConfig(**model), shape, 4)
+    names, units = zip(*model_units(net, "block")[0])
+    _, note = split_stages(names, units, net, DistEnv(rank=0, world_size=2, stages=2), boundaries, probe=None,
+                           autocast=None, owned=[], optimizer=None, steps_per_micro_batch=1)
+    assert note == f"pipeline of 2 stages × 1 replica(s), at train.stage_boundaries: {listed}"

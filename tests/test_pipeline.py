@@ -111,7 +111,8 @@ def test_stage_boundaries_and_refusals(tmp_path, tiny_npz, capsys):
                         train={"batch_size": 16, "pipeline_stages": 2, "stage_boundaries": ["2"]})
     result = torchrun(2, "run", str(path), "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "at train.stage_boundaries: stage 0: 0.0…1.0; stage 1: 2.0…2.0" in result.stdout
+    assert "at train.stage_boundaries: stage 0 (2 units): 0.0 Linear … 1.0 Linear; stage 1 (1 unit): 2.0 Linear" \
+        in result.stdout
     refused = [
         ({"rule": {"name": "lra"}}, "error_update = 'transpose'"),  # ΔE_l needs ΔW_(l+1) from the other stage
         ({"rule": {"name": "dfa", "align_every": 5}}, "align_every"),

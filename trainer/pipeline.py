@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import datetime
 import inspect
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -211,8 +212,21 @@ def split_stages(names: Sequence[str], units: Sequence[nn.Module], model: nn.Mod
         ranges = balanced_stages(seconds[0], stages)
         shares = [sum(seconds[0][i] for i in r) / sum(seconds[0]) for r in ranges]
         how = "balanced by measured time (" + " / ".join(f"{share:.0%}" for share in shares) + ")"
-    listed = "; ".join(f"stage {s}: {names[r.start]}…{names[r.stop - 1]}" for s, r in enumerate(ranges))
+    labels = [unit_label(name, unit) for name, unit in zip(names, units)]
+    listed = "; ".join(f"stage {s} ({len(r)} unit{'s' * (len(r) > 1)}): "
+                       + (labels[r.start] if len(r) == 1 else f"{labels[r.start]} … {labels[r.stop - 1]}")
+                       for s, r in enumerate(ranges))
     return ranges, f"pipeline of {stages} stages × {env.replicas} replica(s), {how}: {listed}"
+
+
+def unit_label(name: str, unit: nn.Module) -> str:
+    """A unit's name for people: a bare index path (``1.0`` of a plain net) gets the kind of its first
+    layer with parameters (``1.0 Linear``)."""
+    if not re.fullmatch(r"[0-9.]+", name):
+        return name
+    kinds = (type(m).__name__ for m in unit.modules() if next(m.parameters(recurse=False), None) is not None)
+    kind = next(kinds, None)
+    return f"{name} {kind}" if kind else name
 
 
 # --- what each stage owns ----------------------------------------------------------------------------
