@@ -17,12 +17,13 @@ sys.modules["bench_pipeline"] = bench  # its dataclasses look their module up
 _SPEC.loader.exec_module(bench)
 
 
-@pytest.mark.parametrize("model", list(bench.MODELS))
-@pytest.mark.parametrize("label", bench.RULES)
+MEASURED = [(model, label) for model in bench.MODELS for label in bench.RULES
+            if bench.rule_name(label)[0] not in bench.MODELS[model].refused]
+
+
+@pytest.mark.parametrize("model,label", MEASURED, ids=[f"{m}-{l}" for m, l in MEASURED])
 def test_every_measured_rule_has_a_valid_pipeline_recipe(model, label):
     name, schedule = bench.rule_name(label)
-    if name in bench.MODELS[model].refused:
-        return
     overrides = ["train.pipeline_stages=2", "train.micro_batches=4", "train.batch_size=32", 'train.device="cpu"']
     if schedule:
         overrides.append(f'train.pipeline_schedule="{schedule}"')
@@ -60,7 +61,10 @@ def test_quick_run_measures_a_pipeline_and_its_baseline(tmp_path):
     assert "error" not in r, r["error"]
     assert r["M"] == 2 and r["step_batch"] == 8  # forward-only: the baseline trains on micro-batches
     assert r["images"] == 2 * 16  # 2 timed batches of 16 images, as 2 x 2 micro-batches
-    assert r["efficiency"] == pytest.approx(r["images_per_s"] / (2 * r["images_per_s_1p"]))
+    assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"], rel=0.05)  # the main stage's own clock
+    assert 0 < r["efficiency"] < 1.5
     for key in ("activation_mib_stage0", "activation_mib_stage1", "activation_mib_1p"):
         assert r[key] > 0
+    # each stage keeps only its own units' activations: at most the one process's, which keeps all
+    assert max(r["activation_mib_stage0"], r["activation_mib_stage1"]) <= r["activation_mib_1p"] * 1.01
     assert out.with_suffix(".csv").is_file()

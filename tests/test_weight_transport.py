@@ -21,6 +21,10 @@ from conftest import assert_rel_close, write_recipe
 
 C = 4
 FEEDBACK_RULES = ["fa", "usf", "brsf", "frsf", "kp"]
+# the B-W angle in degrees soon after the start: random B is orthogonal to W (90 in expectation);
+# cos(sign(W), W) = E|w| / sqrt(E w²) (about 0.8-0.87: 30-37 deg); |R|·sign(W) multiplies that by
+# E|r| / sqrt(E r²) again (about 50 deg); kp's B starts as fa's
+FB_ANGLE_AT_START = {"fa": (80, 100), "usf": (20, 45), "brsf": (35, 65), "frsf": (35, 65), "kp": (75, 100)}
 TINY_CNN = {"name": "cnn", "width": 3}
 
 
@@ -132,7 +136,12 @@ def test_each_rule_trains_and_its_checkpoint_evaluates_in_the_plain_model(tmp_pa
     assert last["accuracy"] > floor and last["train_loss"] < first
     if rule["name"] in FEEDBACK_RULES:
         assert {"angle", "fb_angle"} <= set(records[0]) and any(k.startswith("fb_angle/") for k in records[0])
-        assert 0 <= records[0]["fb_angle"] <= 180
+        # B against W: random (fa) is orthogonal, sign-concordant feedback is not, kp's B turns towards W
+        angles = [r["fb_angle"] for r in records if "fb_angle" in r]
+        low, high = FB_ANGLE_AT_START[rule["name"]]
+        assert low < angles[0] < high, (rule["name"], angles[0])
+        if rule["name"] == "kp":
+            assert angles[-1] < angles[0] - 1, angles
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
