@@ -389,3 +389,23 @@ def test_the_pipeline_names_its_stages_readably(model, boundaries, listed):
     _, note = split_stages(names, units, net, DistEnv(rank=0, world_size=2, stages=2), boundaries, probe=None,
                            autocast=None, owned=[], optimizer=None, steps_per_micro_batch=1)
     assert note == f"pipeline of 2 stages × 1 replica(s), at train.stage_boundaries: {listed}"
+
+
+# --- 9. errors found while building name the --set that set their key ----------------------------
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("model.name=torchvision:nosuch", "--set model.name=torchvision:nosuch: [model] name: torchvision has no "
+                                      "classification model 'nosuch'"),
+    ("data.path=missing.npz", "--set data.path=missing.npz: [data] path: missing.npz does not exist"),
+])
+def test_build_errors_name_the_set_not_the_file(tmp_path, tiny_npz, capsys, override, expect):
+    path = write_recipe(tmp_path / "r.toml", tiny_npz)
+    err = fails_cleanly(capsys, "run", str(path), "--out", str(tmp_path / "run"), "--set", override, expect=expect)
+    assert str(path) not in err
+
+
+def test_a_build_error_of_a_key_from_the_file_names_the_file(tmp_path, tiny_npz, capsys):
+    path = write_recipe(tmp_path / "r.toml", tiny_npz, model={"name": "torchvision:nosuch"})
+    fails_cleanly(capsys, "run", str(path), "--out", str(tmp_path / "run"), "--set", "train.epochs=1",
+                  expect=f"{path}: [model] name: torchvision has no classification model 'nosuch'")

@@ -56,7 +56,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from trainer.loop import OptimOrigin, train
+    from trainer.loop import RecipeOrigin, train
     from trainer.run_folder import auto_out
 
     path = find_recipe(args.recipe)
@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         out = auto_out(path.stem)
     else:
         out = Path(args.out) if args.out else Path("runs") / path.stem
-    train(recipe, out, resume=args.resume, console=console, origin=OptimOrigin.read(path, args.set))
+    train(recipe, out, resume=args.resume, console=console, origin=RecipeOrigin.read(path, args.set))
     return 0
 
 

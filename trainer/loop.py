@@ -155,27 +155,27 @@ def resume_notes(recipe: Recipe, payload: dict[str, Any], out_dir: Path) -> list
 
 
 @dataclass(frozen=True)
-class OptimOrigin:
-    """Where a run's ``[optim]`` values came from: its recipe file (written for ``rule``), ``--set``,
-    or the defaults. Learning rates are tuned per rule, so a run whose ``--set rule.name`` replaced
-    the file's rule says what it inherited, and a diverged run says where its ``optim.lr`` came from."""
+class RecipeOrigin:
+    """Where a run's values came from: its recipe file (written for ``rule``), ``--set``, or the
+    defaults. Errors found while building name the ``--set`` that set their key; learning rates are
+    tuned per rule, so a run whose ``--set rule.name`` replaced the file's rule says which optim
+    settings it inherited, and a diverged run says where its ``optim.lr`` came from."""
 
     recipe: str  # the recipe's name
     rule: str  # the rule its file names
-    file_keys: tuple[str, ...]  # the [optim] keys the file sets, in its order
-    set_keys: frozenset[str]  # the [optim] keys given by --set
+    file_optim_keys: tuple[str, ...]  # the [optim] keys the file sets, in its order
+    sets: dict[str, str]  # dotted key -> the --set that set it
 
     @classmethod
-    def read(cls, path: Path, overrides: list[str]) -> "OptimOrigin":
+    def read(cls, path: Path, overrides: list[str]) -> "RecipeOrigin":
         """From a recipe file that ``load_recipe`` has read (and validated) with ``overrides``."""
         tree = tomllib.loads(path.read_text(encoding="utf-8"))
-        dotted = [parse_override(text)[0] for text in overrides]
         return cls(path.stem, str(tree.get("rule", {}).get("name", "bp")), tuple(tree.get("optim", {})),
-                   frozenset(key.removeprefix("optim.") for key in dotted if key.startswith("optim.")))
+                   {parse_override(text)[0]: text for text in overrides})
 
     def inherited(self, recipe: Recipe) -> str | None:
         """The note of a run whose rule is not the one its recipe was tuned for, or None."""
-        kept = [key for key in self.file_keys if key not in self.set_keys]
+        kept = [key for key in self.file_optim_keys if f"optim.{key}" not in self.sets]
         if recipe.rule.name == self.rule or not kept:
             return None
         values = recipe.to_dict()["optim"]
@@ -184,14 +184,14 @@ class OptimOrigin:
                 "(change them with --set optim.KEY=VALUE)")
 
 
-def lr_hint(recipe: Recipe, origin: OptimOrigin | None) -> str:
+def lr_hint(recipe: Recipe, origin: RecipeOrigin | None) -> str:
     """The likely fix of a diverged run: a lower learning rate, saying where the current one came from."""
     lr = recipe.optim.lr
     if origin is None:
         source = ""
-    elif "lr" in origin.set_keys:
+    elif "optim.lr" in origin.sets:
         source = " came from --set"
-    elif "lr" in origin.file_keys:
+    elif "lr" in origin.file_optim_keys:
         tuned = f", tuned for rule {origin.rule}" if origin.rule != recipe.rule.name else ""
         source = f" came from recipe {origin.recipe}{tuned}"
     else:
@@ -201,7 +201,7 @@ def lr_hint(recipe: Recipe, origin: OptimOrigin | None) -> str:
 
 
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None,
-          origin: OptimOrigin | None = None) -> dict[str, Any]:
+          origin: RecipeOrigin | None = None) -> dict[str, Any]:
     """Train a recipe into ``out_dir`` (checkpoint, metrics.jsonl, recipe.toml, results.json).
 
     The folder is checked and locked before anything is built. Under torchrun every rank trains
@@ -226,7 +226,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
         reporter = Reporter(console if main and console else Console(quiet=not main, emoji=False), None)
         saved = [payload["epoch"]] if payload is not None else []  # epochs of the checkpoints on disk
         try:
-            return _run(recipe, out_dir, payload, reporter, notes, saved)
+            return _run(recipe, out_dir, payload, reporter, notes, saved, origin.sets if origin else {})
         except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM through sigterm_interrupts
             name = stop.signal_name if isinstance(stop, RunInterrupted) else "SIGINT"
             raise RunInterrupted(name, f"stopped by {name}: {_kept(saved, ckpt_path, out_dir)}") from None
@@ -268,11 +268,11 @@ def _write_results(out_dir: Path, results: dict[str, Any]) -> None:
 
 
 def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter: Reporter,
-         notes: list[str], saved: list[int]) -> dict[str, Any]:
+         notes: list[str], saved: list[int], sets: dict[str, str]) -> dict[str, Any]:
     """Build the session, restore the checkpoint, train the remaining epochs, write the results;
     ``saved`` gains the epoch of every checkpoint written."""
     ckpt_path = out_dir / CHECKPOINT_NAME
-    s = build_session(recipe)
+    s = build_session(recipe, sets)
     main = s.env.is_main
     part = load_stage_part(out_dir, payload["epoch"], s.env.rank) if payload and payload.get("pipeline") else None
     epoch, step = restore(s, payload, part) if payload is not None else (0, 0)

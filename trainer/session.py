@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -165,12 +166,14 @@ def effective_recipe(recipe: Recipe) -> dict[str, Any]:
     return tree
 
 
-def build_session(recipe: Recipe) -> Session:
+def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Session:
     """Build everything from a recipe; under torchrun, join the job and shard the data.
 
     Errors about the data or about what the rule can do with the model come back as ConfigError
-    naming the recipe file and its section.
+    naming the recipe file and its section, or the ``--set`` that set the key they name (``sets``:
+    dotted key -> the override's text).
     """
+    sets = sets or {}
     cfg = recipe.train
     pipelined = cfg.pipeline_stages > 1
     env = init_distributed(torch.device(device_name(cfg.device)).type, cfg.pipeline_stages,
@@ -183,16 +186,16 @@ def build_session(recipe: Recipe) -> Session:
     try:
         data = build_data(recipe.data, device, batch_size, cfg.eval_batch_size, cfg.seed, env.replica, env.replicas)
     except ConfigError as err:
-        raise ConfigError(f"{recipe.source}: {err}") from None
+        raise blamed(err, recipe, sets) from None
     try:
         model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
     except ConfigError as err:
-        raise ConfigError(f"{recipe.source}: {err}") from None
+        raise blamed(err, recipe, sets) from None
     try:
         rule = build_rule(recipe.rule.name, recipe.rule.options, model,
                           rule_context(recipe, device, data.num_classes, data.input_shape))
     except RuleError as err:
-        raise ConfigError(f"{recipe.source}: [rule] (rule {recipe.rule.name!r}): {err}") from None
+        raise blamed(ConfigError(f"[rule] (rule {recipe.rule.name!r}): {err}"), recipe, sets, "rule.name") from None
     rule.check_divergence = False  # the loop decides, alike on every rank (after an all-reduce)
     optimizer = build_optimizer(recipe.optim, model, rule)
     if env.enabled:
@@ -229,6 +232,14 @@ def data_fingerprints(recipe: Recipe) -> dict[str, dict[str, Any]]:
                     digest.update(block)
             prints[key] = {"file": name, "size": Path(name).stat().st_size, "sha256": digest.hexdigest()}
     return prints
+
+
+def blamed(err: ConfigError, recipe: Recipe, sets: Mapping[str, str], key: str | None = None) -> ConfigError:
+    """``err`` prefixed by where its key (``key``, or the "[section] key" it begins with) was set: the
+    ``--set`` that set it, or else the recipe file."""
+    named = re.match(r"\[(\w+)\] (\w+)", str(err))
+    key = key or (f"{named[1]}.{named[2]}" if named else "")
+    return ConfigError(f"{f'--set {sets[key]}' if key in sets else recipe.source}: {err}")
 
 
 def is_forward_only(recipe: Recipe) -> bool:
