@@ -16,6 +16,7 @@ model's units, what signal each unit gets, and what happens after the local back
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import functools
 from dataclasses import dataclass, field
@@ -248,6 +249,37 @@ class UnitBatch:
         return self.x if index == self.first else primary(self.outputs[index - self.first - 1]).detach()
 
 
+class Transport:
+    """What a slice of units exchanges with the stages that hold the others, during ``run_units``.
+
+    This default is one process holding every unit: one micro-batch, nothing to send or receive.
+    A pipeline stage (``trainer.pipeline``) sends and receives these between processes.
+    """
+
+    micro_batches: int = 1  # the batch goes through as this many micro-batches (error rules)
+    window: int = 0  # micro-batches whose local backward may wait for their error (a stage: S − 1 − s)
+
+    def receive_input(self, samples: int) -> State:
+        """The input state of the slice's first unit (the output of the stage below)."""
+        raise RuntimeError("one process holds the first unit: its input is the batch")
+
+    def send_output(self, state: State) -> None:
+        """The slice's top output, for the stage above."""
+
+    def publish_error(self, error: torch.Tensor) -> None:
+        """``e`` of the micro-batch just run, from the stage holding the top unit to the others."""
+
+    def receive_error(self, samples: int) -> torch.Tensor:
+        """``e`` of the oldest micro-batch still waiting, from the stage holding the top unit."""
+        raise RuntimeError("one process holds the top unit: it forms e itself")
+
+    def receive_error_units(self, batch: UnitBatch) -> None:
+        """Into ``batch.errors``: the error units of units above the slice that its signals need."""
+
+    def send_error_units(self, batch: UnitBatch) -> None:
+        """The slice's error units that stages below need (after ``signals`` formed them)."""
+
+
 class UnitRule(Rule):
     """Base of the local rules: units with detached inputs, each trained by its own signal.
 
@@ -343,23 +375,71 @@ class UnitRule(Rule):
     # --- the step ----------------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        return self.run_units(x, y, optimizer)
+
+    def run_units(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  transport: Transport | None = None, indices: range | None = None) -> StepResult:
+        """The step engine: one batch through the units ``indices`` (all: one process; a pipeline
+        stage's slice), with ``transport`` supplying what other stages compute (the slice's input,
+        ``e``, error units from above) and taking what they need. Returns the loss and logits where
+        the slice holds the top unit, else ``StepResult.unseen``.
+
+        Error rules: the batch goes through as ``transport.micro_batches`` micro-batches; each one's
+        local backwards run once its error is known (at most ``transport.window`` wait), and their
+        updates add up to the whole batch's: one ``after_backward`` and one optimizer step.
+        Forward-only rules: each unit runs, updates and steps before the next (``forward_only_unit``)."""
+        transport = transport or Transport()
+        indices = indices if indices is not None else range(len(self.units))
+        holds_top = self.top in indices
         if self.forward_only:
-            return self._forward_only_step(x, y, optimizer)
-        outputs = self.forward_units(x)
-        logits = primary(outputs[-1])
-        loss, error = self.output_error(logits, y)
-        batch = UnitBatch(x, y, outputs, error)
-        self.local_backward([self.signal_point(i, out) for i, out in enumerate(outputs)], self.signals(batch))
+            state = x if indices.start == 0 else transport.receive_input(len(y))
+            for index in indices:
+                state = self.forward_only_unit(index, state, y, optimizer)
+            if not holds_top:
+                transport.send_output(state)
+                return StepResult.unseen(self.ctx.num_classes, y.device)
+            return StepResult(self.last_loss, primary(state))
+        xs, ys = x.chunk(transport.micro_batches), y.chunk(transport.micro_batches)
+        in_flight: collections.deque[tuple[State, list[State], torch.Tensor, torch.Tensor | None]] = collections.deque()
+        losses, logits = [], []
+        batch: UnitBatch | None = None
+        for m, y_m in enumerate(ys):
+            inputs = xs[m] if indices.start == 0 else transport.receive_input(len(y_m))
+            outputs = self.forward_units(inputs, indices)
+            error = None
+            if holds_top:
+                loss, error = self.output_error(primary(outputs[-1]), y_m)
+                if len(ys) > 1:
+                    error = error * (len(y_m) / len(y))  # the micro-batch's part of the batch mean
+                transport.publish_error(error)
+                losses.append(loss * len(y_m) if len(ys) > 1 else loss)
+                logits.append(primary(outputs[-1]).detach())
+            else:
+                transport.send_output(outputs[-1])
+            in_flight.append((inputs, outputs, y_m, error))
+            while len(in_flight) > transport.window:
+                batch = self._local_step(*in_flight.popleft(), indices.start, len(y), transport)
+        while in_flight:
+            batch = self._local_step(*in_flight.popleft(), indices.start, len(y), transport)
         self.after_backward(batch)
         self.step(optimizer)
-        self.last_loss = loss
-        return StepResult(loss, logits.detach())
+        if not holds_top:
+            return StepResult.unseen(self.ctx.num_classes, y.device)
+        self.last_loss = losses[0] if len(ys) == 1 else torch.stack(losses).sum() / len(y)
+        return StepResult(self.last_loss, logits[0] if len(ys) == 1 else torch.cat(logits))
 
-    def _forward_only_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        state: State = x
-        for index in range(len(self.units)):
-            state = self.forward_only_unit(index, state, y, optimizer)
-        return StepResult(self.last_loss, primary(state))
+    def _local_step(self, inputs: State, outputs: list[State], y: torch.Tensor, error: torch.Tensor | None,
+                    first: int, samples: int, transport: Transport) -> UnitBatch:
+        """One micro-batch's signals and local backwards, once its error (and any error units from
+        above) is here."""
+        if error is None:
+            error = transport.receive_error(len(y))
+        batch = UnitBatch(primary(inputs), y, outputs, error, first=first, samples=samples)
+        transport.receive_error_units(batch)
+        signals = self.signals(batch)
+        transport.send_error_units(batch)
+        self.local_backward([self.signal_point(i, out) for i, out in zip(batch.indices(), outputs)], signals)
+        return batch
 
     def forward_only_unit(self, index: int, state: State, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> State:
         """One unit of a forward-only step: forward, signal, backward, step; the unit's graph goes
