@@ -8,8 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from trainer.cli import main
+from trainer.config import MAX_CLASSES, ConfigError
+from trainer.data import load_npz
 
 from conftest import make_pattern_images, write_recipe
 
@@ -137,7 +142,8 @@ def heads(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("factory, expect", [
     ("wide", "returns a (2, 1000) tensor in eval mode for 2 images; expected (N, C) = (2, 4) logits, C = num_classes "
-             "= 4 (the data's classes): its output width 1000 must be num_classes = 4: pass num_classes to the final layer"),
+             "= 4 (the data's classes): its output width 1000 must be num_classes = 4: pass num_classes to the final "
+             "layer"),
     ("narrow", "returns a (2, 3) tensor in eval mode for 2 images; expected (N, C) = (2, 4) logits"),
     ("pair", "returns a tuple of 2 items in eval mode for 2 images; expected (N, C) = (2, 4) logits, C = num_classes "
              "= 4 (the data's classes): return the logits alone from forward, flattened to (N, C)"),
@@ -166,18 +172,19 @@ def test_a_gpu_index_beyond_the_machines_names_its_devices(tmp_path, tiny_npz, c
 def test_the_cnn_on_1x1_images_names_the_size_it_needs(tmp_path, capsys):
     npz = save(tmp_path / "dots.npz", np.full((16, 1, 1), 200, np.uint8), np.arange(16) % 2)
     fails_cleanly(capsys, *run(tmp_path, npz, model={"name": "cnn"}),
-                  expect="[model] name: cnn cannot take 1x1 images: its two 2x2 max-pools need at least 4x4; use larger "
-                         "images or another [model] name (mlp, rnn and the resnets take any size)")
+                  expect="[model] name: cnn cannot take 1x1 images: its two 2x2 max-pools need at least 4x4; use "
+                         "larger images or another [model] name (mlp, rnn and the resnets take any size)")
 
 
 def test_a_model_that_pools_too_small_images_away_names_the_smallest_size(heads):
-    from trainer.config import ConfigError, ModelConfig
+    from trainer.config import ModelConfig
     from trainer.models import build_model
 
-    with pytest.raises(ConfigError, match=r"python:pitfall_heads:pooled cannot take 1x4x4 inputs: 1 fails \(RuntimeError: "
-                                          r".*\); it needs images of at least 8x8: use larger images"):
-        build_model(ModelConfig(name="python:pitfall_heads:pooled"), (1, 4, 4), 3)
-    assert build_model(ModelConfig(name="python:pitfall_heads:pooled"), (1, 8, 8), 3)(torch.zeros(1, 1, 8, 8)).shape == (1, 3)
+    cfg = ModelConfig(name="python:pitfall_heads:pooled")
+    with pytest.raises(ConfigError, match=r"python:pitfall_heads:pooled cannot take 1x4x4 inputs: 1 fails "
+                                          r"\(RuntimeError: .*\); it needs images of at least 8x8: use larger images"):
+        build_model(cfg, (1, 4, 4), 3)
+    assert build_model(cfg, (1, 8, 8), 3)(torch.zeros(1, 1, 8, 8)).shape == (1, 3)
 
 
 # --- 7. trace_bp probes that cannot fit in memory ------------------------------------------------
@@ -232,13 +239,95 @@ def test_googlenet_trains_on_its_main_logits(tmp_path, capsys):
 
 @pytest.mark.parametrize("builder, side", [("googlenet", 16), ("inception_v3", 75)])
 def test_aux_heads_are_left_out_and_asking_for_them_says_why(builder, side):
-    from trainer.config import ConfigError, ModelConfig
+    from trainer.config import ModelConfig
     from trainer.models import build_model
 
     model = build_model(ModelConfig(name=f"torchvision:{builder}"), (3, side, side), 3).train()
     assert model(torch.zeros(2, 3, side, side)).shape == (2, 3)
     if builder == "googlenet":
-        with pytest.raises(ConfigError, match=r"torchvision:googlenet returns a GoogLeNetOutputs of 3 items in train mode "
-                                              r".*: the trainer trains the main logits alone: leave \[model\] kwargs "
-                                              r"aux_logits unset"):
+        with pytest.raises(ConfigError, match=r"torchvision:googlenet returns a GoogLeNetOutputs of 3 items in train "
+                                              r"mode .*: the trainer trains the main logits alone: leave \[model\] "
+                                              r"kwargs aux_logits unset"):
             build_model(ModelConfig(name="torchvision:googlenet", kwargs={"aux_logits": True}), (3, 16, 16), 3)
+
+
+# --- 8. more of the same families: pixels, shapes, seeds, sizes ---------------------------------
+
+
+def pixels(shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("x, y, expect", [
+    (pixels((8, 12, 12)) / 255, np.arange(8) % 2,
+     "x must be uint8 pixels 0 to 255, got float64 (8, 12, 12); save e.g. numpy.clip(x * 255, 0, 255).round()"),
+    (np.full((8, 12, 12), np.nan, np.float32), np.arange(8) % 2,
+     "x must be uint8 pixels 0 to 255, got float32 (8, 12, 12) (it holds NaN or infinite values: replace them first)"),
+    (pixels((8, 12, 12), np.int64), np.arange(8) % 2,
+     "x must be uint8 pixels 0 to 255, got int64 (8, 12, 12); save e.g. numpy.clip(x, 0, 255)"),
+    (pixels((8, 3, 12, 12)), np.arange(8) % 2,
+     "x is (N, H, W, C) = (8, 3, 12, 12), C = 12 channels: images are grey (C = 1) or RGB (C = 3), channels last; it "
+     "looks channels-first: save x.transpose(0, 2, 3, 1)"),
+    (pixels((8, 12, 12, 4)), np.arange(8) % 2,
+     "x is (N, H, W, C) = (8, 12, 12, 4), C = 4 channels: images are grey (C = 1) or RGB (C = 3), channels last; "
+     "drop other channels, e.g. RGBA's alpha: x[..., :3]"),
+    (pixels((8, 12, 12)), np.arange(9) % 2, "x holds 8 images but y 9 labels; save one label per image"),
+    (pixels((8, 12, 12)), (np.arange(8) % 2).reshape(8, 1), "y must be integer labels of shape (8,), got int64 (8, 1)"),
+])
+def test_npz_arrays_of_the_wrong_kind_name_the_fix(tmp_path, capsys, x, y, expect):
+    npz = save(tmp_path / "bad.npz", x, y)
+    fails_cleanly(capsys, *run(tmp_path, npz), expect=f"[data] path: {npz}: {expect}")
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("train.seed=100000000000000000", "[train] seed: must be below 2**32 = 4294967296 in magnitude"),
+    ("data.split_seed=-100000000000000000000", "[data] split_seed: must be below 2**32 = 4294967296 in magnitude"),
+    ("data.crop_padding=100000",
+     "[data] crop_padding = 100000 is more than the images' side (12 px): set it to at most 12"),
+    ("model.hidden=[1000000000000]", "[model] name: mlp's parameters do not fit in memory (RuntimeError: "),
+])
+def test_values_that_type_check_but_cannot_reach_torch(tmp_path, tiny_npz, capsys, override, expect):
+    fails_cleanly(capsys, *run(tmp_path, tiny_npz, override), expect=expect)
+
+
+def test_a_builder_that_fails_on_a_kwarg_names_it(tmp_path, tiny_npz, capsys):
+    fails_cleanly(capsys, *run(tmp_path, tiny_npz, model={"name": "torchvision:mobilenet_v2",
+                                                          "kwargs": {"round_nearest": 0}}),
+                  expect="[model] kwargs: torchvision:mobilenet_v2 refused {'round_nearest': 0} (ZeroDivisionError: ")
+
+
+@st.composite
+def bad_npz_arrays(draw) -> tuple[str, np.ndarray, np.ndarray]:
+    """(family, x, y) of an npz that load_npz must refuse."""
+    n, h, w = draw(st.integers(1, 6)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    x, y = np.zeros((n, h, w), np.uint8), np.zeros(n, np.int64)
+    kind = draw(st.sampled_from(["pixels", "channels", "length", "label", "empty"]))
+    if kind == "pixels":  # floats include NaN and infinities
+        dtype = draw(st.sampled_from([np.float16, np.float32, np.float64, np.int8, np.int64, np.uint16, np.bool_]))
+        x = draw(hnp.arrays(dtype, (n, h, w)))
+    elif kind == "channels":
+        x = np.zeros((n, h, w, draw(st.sampled_from([2, 4, 5, 12]))), np.uint8)
+    elif kind == "length":
+        y = np.zeros(n + draw(st.sampled_from([-1, 1, 5])), np.int64)
+    elif kind == "label":
+        dtype = np.dtype(draw(st.sampled_from([np.int8, np.int16, np.int32, np.int64, np.uint32, np.uint64])))
+        info = np.iinfo(dtype)
+        wrong = [st.integers(int(info.min), -1)] if info.min < 0 else []
+        wrong += [st.integers(MAX_CLASSES, int(info.max))] if info.max >= MAX_CLASSES else []
+        y = y.astype(dtype)
+        y[draw(st.integers(0, n - 1))] = draw(st.one_of(*wrong))
+    else:
+        x, y = x[:0], y[:0]
+    return kind, x, y
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(case=bad_npz_arrays())
+def test_generated_bad_npz_files_are_refused_naming_the_file(tmp_path_factory, case):
+    kind, x, y = case
+    path = tmp_path_factory.mktemp(kind) / "d.npz"
+    np.savez(path, x=x, y=y)
+    with pytest.raises(ConfigError) as refused:
+        load_npz(path, key="[data] test_path")
+    message = str(refused.value)
+    assert message.startswith(f"[data] test_path: {path}") and "\n" not in message, message

@@ -255,6 +255,9 @@ def build_section(cls: type, values: dict[str, Any], where: str, origins: dict[s
     return obj
 
 
+SEED_LIMIT = 2**32
+SEED_RANGE = f"must be below 2**32 = {SEED_LIMIT} in magnitude (torch's generators take it with the epoch mixed in)"
+
 Where = Callable[[str, str], str]
 """The prefix of a message about ``[section] key``: the file, or the ``--set`` that set the key."""
 
@@ -264,6 +267,8 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
     r = recipe
     checks: list[tuple[bool, str, str, str]] = [
         (r.train.epochs >= 1, "train", "epochs", "must be at least 1"),
+        (abs(r.train.seed) < SEED_LIMIT, "train", "seed", SEED_RANGE),
+        (abs(r.data.split_seed) < SEED_LIMIT, "data", "split_seed", SEED_RANGE),
         (r.train.batch_size >= 1, "train", "batch_size", "must be at least 1"),
         (r.train.eval_batch_size >= 1, "train", "eval_batch_size", "must be at least 1"),
         (0.0 <= r.train.label_smoothing < 1.0, "train", "label_smoothing", "must be in [0, 1)"),

@@ -248,13 +248,27 @@ def load_npz(path: str | Path, key: str = "[data] path") -> Images:
     except Exception as err:  # a damaged archive fails in zipfile, zlib or numpy's header parser
         raise ConfigError(f"{key}: {path} is not a readable .npz file ({type(err).__name__}: {err}); "
                           "write it again with numpy.savez(path, x=x, y=y)") from None
-    if x.dtype != np.uint8 or x.ndim not in (3, 4) or 0 in x.shape[1:]:
+    if x.ndim not in (3, 4) or 0 in x.shape[1:]:
         raise ConfigError(f"{key}: {path}: x must be uint8 of shape (N, H, W) or (N, H, W, C) with H, W, C >= 1, "
                           f"got {x.dtype} {x.shape}")
+    if x.ndim == 4 and x.shape[3] not in (1, 3):  # else channels-first arrays train as 3-pixel-high images
+        looks = "; it looks channels-first: save x.transpose(0, 2, 3, 1)" if x.shape[1] in (1, 3) else ""
+        raise ConfigError(f"{key}: {path}: x is (N, H, W, C) = {x.shape}, C = {x.shape[3]} channels: images are grey "
+                          f"(C = 1) or RGB (C = 3), channels last{looks}; drop other channels, e.g. RGBA's alpha: "
+                          "x[..., :3]")
+    if x.dtype != np.uint8:
+        fix = {"f": "numpy.clip(x * 255, 0, 255).round().astype(numpy.uint8) for values in [0, 1]",
+               "b": "x.astype(numpy.uint8) * 255"}.get(x.dtype.kind, "numpy.clip(x, 0, 255).astype(numpy.uint8)")
+        bad = " (it holds NaN or infinite values: replace them first)" if x.dtype.kind == "f" and \
+            not np.isfinite(x).all() else ""
+        raise ConfigError(f"{key}: {path}: x must be uint8 pixels 0 to 255, got {x.dtype} {x.shape}{bad}; save e.g. "
+                          f"{fix}")
     if len(x) == 0:  # caught here: an empty split divides by zero in the loop (a test_path only after an epoch)
         raise ConfigError(f"{key}: {path} holds 0 image(s): at least 2 are needed to train on (1 to evaluate); "
                           f"x has shape {x.shape}: save the images into it")
-    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):  # bool and float labels too
+    if y.ndim == 1 and len(y) != len(x):
+        raise ConfigError(f"{key}: {path}: x holds {len(x)} images but y {len(y)} labels; save one label per image")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):  # bool and float labels too
         raise ConfigError(f"{key}: {path}: y must be integer labels of shape ({len(x)},), got {y.dtype} {y.shape}; "
                           "save class indices, e.g. y.reshape(-1).astype(numpy.int64)")
     low, high = int(y.min()), int(y.max())  # Python ints: a uint64 2**64-1 stays itself, not int64's -1
@@ -410,6 +424,10 @@ def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batc
     num_classes, note = class_count(cfg, [train.y, test.y])
     stats = NormStats.of(train.x)
     padding, flip = default_augmentation(cfg, train.x.shape[1])
+    side = min(train.x.shape[2:])
+    if padding > side:  # a crop of mostly padding; a huge one would not fit in memory
+        raise ConfigError(f"[data] crop_padding = {padding} is more than the images' side ({side} px): set it to at "
+                          f"most {side}")
     bundle = DataBundle(
         train=DeviceLoader(train, batch_size, device, stats, train=True, crop_padding=padding, flip=flip, seed=seed,
                            rank=rank, world_size=world_size),

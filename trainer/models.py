@@ -185,8 +185,9 @@ def _torchvision_model(builder: str, num_classes: int, kwargs: dict) -> nn.Modul
     try:
         defaults = {"aux_logits": False, "init_weights": True} if builder in AUX_HEADS else {}
         return torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **{**defaults, **kwargs})
-    except (TypeError, ValueError, AssertionError) as err:
-        raise ConfigError(f"[model] kwargs: torchvision:{builder} refused {kwargs} ({err})") from None
+    except Exception as err:  # TypeError, ValueError, AssertionError, or whatever a builder raises on a bad value
+        raise ConfigError(f"[model] kwargs: torchvision:{builder} refused {kwargs} ({type(err).__name__}: {err})"
+                          ) from None
 
 
 def _user_model(target: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict) -> nn.Module:
@@ -306,7 +307,15 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
     forwards to take this size and return (N, num_classes) logits, with every BatchNorm's momentum
     set when ``batchnorm_momentum`` is (torchvision's MobileNets use 0.01, tuned for long ImageNet
     runs: in a short run their running statistics lag the weights and evaluation collapses)."""
-    model = _build(cfg, input_shape, num_classes)
+    try:
+        model = _build(cfg, input_shape, num_classes)
+    except (MemoryError, RuntimeError) as err:  # torch's CPU allocator raises a RuntimeError
+        if isinstance(err, RuntimeError) and "can't allocate memory" not in str(err):
+            raise
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"[model] name: {cfg.name}'s parameters do not fit in memory ({type(err).__name__}: "
+                          f"{reason}); lower its size keys ([model] hidden, width, rnn_hidden, vit_width, vit_mlp or "
+                          "kwargs)") from None
     external = cfg.name.partition(":")[0] in ("torchvision", "python")
     for training in (False, True) if external else (False,):  # another's model may differ in train mode (aux heads)
         try:
