@@ -425,9 +425,9 @@ def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batc
     stats = NormStats.of(train.x)
     padding, flip = default_augmentation(cfg, train.x.shape[1])
     side = min(train.x.shape[2:])
-    if padding > side:  # a crop of mostly padding; a huge one would not fit in memory
-        raise ConfigError(f"[data] crop_padding = {padding} is more than the images' side ({side} px): set it to at "
-                          f"most {side}")
+    if cfg.crop_padding > side:  # a crop of mostly padding; a huge one would not fit in memory
+        raise ConfigError(f"[data] crop_padding = {cfg.crop_padding} is more than the images' side ({side} px): set "
+                          f"it to at most {side}")
     bundle = DataBundle(
         train=DeviceLoader(train, batch_size, device, stats, train=True, crop_padding=padding, flip=flip, seed=seed,
                            rank=rank, world_size=world_size),
