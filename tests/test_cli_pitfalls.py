@@ -409,3 +409,19 @@ def test_a_build_error_of_a_key_from_the_file_names_the_file(tmp_path, tiny_npz,
     path = write_recipe(tmp_path / "r.toml", tiny_npz, model={"name": "torchvision:nosuch"})
     fails_cleanly(capsys, "run", str(path), "--out", str(tmp_path / "run"), "--set", "train.epochs=1",
                   expect=f"{path}: [model] name: torchvision has no classification model 'nosuch'")
+
+
+# --- 7. under torchrun, the launcher's failure report names the error line ---------------------
+
+
+def test_torchrun_reports_a_bad_recipe_by_its_line(tmp_path, tiny_npz):
+    from test_distributed import torchrun
+
+    recipe = write_recipe(tmp_path / "r.toml", tiny_npz)
+    result = torchrun("run", str(recipe), "--out", str(tmp_path / "run"), "--set", "data.path=missing.npz")
+    line = "error: --set data.path=missing.npz: [data] path: missing.npz does not exist"
+    assert result.returncode != 0
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "exitcode  : 2" in root_cause and f"traceback : {line}" in root_cause, root_cause
+    assert result.stderr.count("Traceback (most recent call last)") <= 1, "only torchrun's own, none of a worker"
+    assert not (tmp_path / "run").exists()

@@ -8,9 +8,12 @@ without a traceback. ``--help``, ``--version`` and ``list`` do not import torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 
 from trainer import __version__
 from trainer.config import ConfigError, Recipe, dump_toml
@@ -228,17 +232,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args, console)
     except ConfigError as err:
-        errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        return EXIT_BAD_INPUT
+        return _fail(errors, "[bold red]error:[/]", str(err), EXIT_BAD_INPUT)
     except TrainingDiverged as err:
-        errors.print(f"[bold red]stopped:[/] {escape(str(err))}", highlight=False)
-        return EXIT_DIVERGED
+        return _fail(errors, "[bold red]stopped:[/]", str(err), EXIT_DIVERGED)
     except StageFailed as err:
-        errors.print(f"[bold red]stopped:[/] {escape(str(err))}", highlight=False)
-        return EXIT_STAGE_FAILED
+        return _fail(errors, "[bold red]stopped:[/]", str(err), EXIT_STAGE_FAILED)
     except RunInterrupted as stop:
-        errors.print(f"[yellow]interrupted[/]: {escape(stop.message)}", highlight=False)
-        return stop.exit_code
+        return _fail(errors, "[yellow]interrupted:[/]", stop.message, stop.exit_code)
     except KeyboardInterrupt:  # outside a run (loading data, evaluating)
-        errors.print("[yellow]interrupted[/]")
-        return EXIT_INTERRUPTED
+        return _fail(errors, "[yellow]interrupted[/]", "", EXIT_INTERRUPTED)
+
+
+def _fail(errors: Console, label: str, message: str, code: int) -> int:
+    """Print the one line of an error and return its exit code. Under torchrun the line also goes
+    to the worker's error file, so that torchrun's failure report names it as the root cause."""
+    line = f"{label} {escape(message)}".rstrip()
+    errors.print(line, highlight=False)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            message = {"message": Text.from_markup(line).plain, "extraInfo": {"timestamp": str(int(time.time()))}}
+            Path(error_file).write_text(json.dumps({"message": message}))  # torchelastic's ErrorHandler format
+    return code
