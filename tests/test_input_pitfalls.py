@@ -161,9 +161,10 @@ def test_a_factory_must_return_n_by_num_classes_logits(tmp_path, tiny_npz, capsy
 @pytest.mark.parametrize("device", ["cuda:99999999999999999999", "cuda:128"])
 def test_a_gpu_index_beyond_the_machines_names_its_devices(tmp_path, tiny_npz, capsys, device):
     count = torch.cuda.device_count()
-    there = f"its GPUs are {', '.join(f'cuda:{i}' for i in range(count))}" if count else "it has no CUDA device"
+    there = f"its GPUs are {', '.join(f'cuda:{i}' for i in range(count))}; use one of those, " if count else \
+        "it has no CUDA device; use "
     fails_cleanly(capsys, *run(tmp_path, tiny_npz, f"train.device={device}"),
-                  expect=f"[train] device = {device!r}: this machine has no such device ({there}); use one of those")
+                  expect=f"[train] device = {device!r}: this machine has no such device ({there}'cpu' or 'auto')")
 
 
 # --- 6. images smaller than a model can take ------------------------------------------------------

@@ -42,9 +42,9 @@ def device_name(name: str) -> str:
     index = name.partition(":")[2]
     count = torch.cuda.device_count()
     if index and int(index) >= count:
-        there = f"its GPUs are {', '.join(f'cuda:{i}' for i in range(count))}" if count else "it has no CUDA device"
-        raise ConfigError(f"[train] device = {name!r}: this machine has no such device ({there}); "
-                          "use one of those, 'cpu' or 'auto'")
+        there = f"its GPUs are {', '.join(f'cuda:{i}' for i in range(count))}; use one of those, " if count else \
+            "it has no CUDA device; use "
+        raise ConfigError(f"[train] device = {name!r}: this machine has no such device ({there}'cpu' or 'auto')")
     return name
 
 
