@@ -1,6 +1,7 @@
 """Triton kernels for backprop-free learning rules, each with a pure-PyTorch reference.
 
-This package is usable on its own: it never imports ``trainer``.
+This package is usable on its own: it never imports ``trainer``. Triton is optional: where it
+cannot be imported every op runs its PyTorch path, CUDA tensors too (``kernels._dispatch``).
 """
 
 from kernels._hash import stream_key
@@ -13,6 +14,7 @@ from kernels.feedback_alignment import (
     FeedbackLinear,
     convert_to_feedback,
     feedback_layers,
+    strip_feedback,
 )
 from kernels.convert import convert_to_trace_conv
 from kernels.local_alignment import (
@@ -41,5 +43,6 @@ __all__ = [
     "convert_batch_norms", "convert_to_feedback", "convert_to_trace_conv", "feedback_layers",
     "local_signal", "local_signal_reference", "local_weight_update", "local_weight_update_reference",
     "lra_error_units", "norm_ball_factor", "pack_signs", "probe_matrix", "project_labels", "stream_key",
+    "strip_feedback",
     "trace_compress_torch", "trace_compress_triton", "trace_weight_grad_torch", "trace_weight_grad_triton",
 ]

@@ -29,7 +29,10 @@ def mix32_int(x: int) -> int:
 
 
 def stream_key(seed: int, stream: int = 0) -> int:
-    """A 32-bit key for one independent stream (e.g. one unit's feedback) of a seed."""
+    """A 32-bit key for one independent stream (e.g. one unit's feedback) of a seed (both Python ints)."""
+    for name, value in (("seed", seed), ("stream", stream)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"stream_key: {name} must be an int, got {type(value).__name__} {value!r}")
     return mix32_int(mix32_int(seed ^ _GOLDEN) ^ (stream & _MASK32))
 
 

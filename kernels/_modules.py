@@ -7,6 +7,13 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 
+def check_module(op: str, name: str, value: object) -> None:
+    """Raise a TypeError naming ``op`` and the argument unless ``value`` is an ``nn.Module``."""
+    if not isinstance(value, nn.Module):
+        hint = "; wrap the layers in nn.Sequential(*layers)" if isinstance(value, (list, tuple)) else ""
+        raise TypeError(f"{op}: {name} must be an nn.Module, got {type(value).__name__}{hint}")
+
+
 def swap_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
     """Put ``replacements[id(m)]`` wherever submodule ``m`` sits in ``model``'s tree (in place; a
     module used in several places gets the same replacement everywhere). Returns ``model``, or its

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kernels._modules import swap_modules
+from kernels._modules import check_module, swap_modules
 
 __all__ = ["CompactBatchNorm2d", "convert_batch_norms"]
 
@@ -88,6 +88,9 @@ class CompactBatchNorm2d(nn.BatchNorm2d):
     @classmethod
     def from_batch_norm(cls, bn: nn.BatchNorm2d) -> CompactBatchNorm2d:
         """A CompactBatchNorm2d sharing ``bn``'s Parameters and buffers (state_dict unchanged)."""
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"CompactBatchNorm2d.from_batch_norm: bn must be an nn.BatchNorm2d, "
+                            f"got {type(bn).__name__}")
         compact = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                       track_running_stats=bn.track_running_stats, device="meta")
         for name, param in bn.named_parameters(recurse=False):
@@ -97,9 +100,12 @@ class CompactBatchNorm2d(nn.BatchNorm2d):
         return compact.train(bn.training)
 
     def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"CompactBatchNorm2d: expected an input with {self.num_features} channels (dim 1), got "
+                             f"{input.shape[1]} (input shape {tuple(input.shape)})")
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(input)
-        self._check_input_dim(input)
         count = input.numel() // input.shape[1]  # values per channel
         if count <= 1:
             raise ValueError(
@@ -126,5 +132,6 @@ def convert_batch_norms(model: nn.Module) -> nn.Module:
     and checkpoints load into the plain model. Subclasses of BatchNorm2d (SyncBatchNorm is not one)
     are left alone. Returns the model, or the replacement when ``model`` is itself a BatchNorm2d.
     """
+    check_module("convert_batch_norms", "model", model)
     replacements = {id(m): CompactBatchNorm2d.from_batch_norm(m) for m in model.modules() if type(m) is nn.BatchNorm2d}
     return swap_modules(model, replacements)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 _PAIRS = ("input_hw", "kernel_size", "stride", "padding", "dilation")
+_LOWEST = {"input_hw": 1, "kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1}
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,16 @@ class ConvGeometry:
 
     def __post_init__(self) -> None:
         for name in _PAIRS:
-            pair = tuple(getattr(self, name))
-            if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-                raise ValueError(f"ConvGeometry: {name} must be 2 ints, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            pair = tuple(value) if isinstance(value, Sequence) else ()
+            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+                raise ValueError(f"ConvGeometry: {name} must be 2 ints, got {value!r}")
+            low = _LOWEST[name]
+            if min(pair) < low:
+                raise ValueError(f"ConvGeometry: {name} must be >= {low} on both axes, got {pair}")
             object.__setattr__(self, name, pair)
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"ConvGeometry: groups must be an int >= 1, got {self.groups!r}")
 
     @property
     def taps(self) -> int:

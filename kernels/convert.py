@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from kernels._modules import swap_modules
+from kernels._modules import check_module, swap_modules
 from kernels.compact_batch_norm import convert_batch_norms
 from kernels.mask_relu import MaskReLU
 from kernels.probes import check_probe_args
@@ -41,6 +41,7 @@ def convert_to_trace_conv(
     before any is swapped; an unsupported one raises ValueError naming the layer, e.g.
     ``"layer1.0.conv2: padding_mode='reflect' is not supported (only 'zeros')"``.
     """
+    check_module("convert_to_trace_conv", "model", model)
     check_probe_args("convert_to_trace_conv", probes, probe)
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, _ConvNd)]
     if keep_first_exact:

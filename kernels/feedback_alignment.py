@@ -21,7 +21,10 @@ from W's initialisation distribution and s that distribution's standard deviatio
 * ``kp``   Kolen-Pollack (Akrout et al. 2019, NeurIPS): B starts as fa's and is an ``nn.Parameter``
   whose gradient is exactly dW, so one optimizer gives B and W the same update (SGD with weight
   decay l: ``B <- (1 - lr l) B - lr dW`` and ``W <- (1 - lr l) W - lr dW``; identical moments under
-  momentum and Adam), and B - W decays by ``(1 - lr l)`` a step.
+  momentum and Adam), and B - W decays by ``(1 - lr l)`` a step. So the optimizer must hold B:
+  build it after the conversion. An eager training forward raises where W was stepped since the
+  last one but B, which has a gradient, was not (an optimizer built before; version counters only,
+  no host sync).
 
 Initialisation (``init``), which fixes R's distribution and s (fan_in = C_in/groups * kernel numel):
 ``"default"`` is PyTorch's own init of Linear/Conv2d weights, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -41,10 +44,12 @@ Storage (``storage``) and memory per layer, beyond the plain layer's:
 * kp:   B is a Parameter (W's bytes, plus its gradient and optimizer state, like W's).
 
 Regenerated modes keep s as a 0-d buffer ``feedback_scale`` (so ``"match"`` survives a
-checkpoint); every mode makes one W-sized B transiently during backward. The forward is
-``F.linear`` / ``F.conv2d`` unchanged (bit-identical outputs); evaluation, a forward without
-autograd, or ``exact = True`` run the plain layer (backprop, for alignment diagnostics).
-Pure PyTorch (an ``autograd.Function``; the seeded draw is the custom op
+checkpoint). This state is in the model's ``state_dict`` next to the plain layer's keys;
+:func:`strip_feedback` removes it, for loading into the plain model with ``strict=True``. Every
+mode makes one W-sized B transiently during backward. The forward is ``F.linear`` /
+``F.conv2d`` unchanged (bit-identical outputs); evaluation, a forward without autograd, or
+``exact = True`` run the plain layer (backprop, for alignment diagnostics).
+Pure PyTorch (an ``autograd.Function``; the seeded draw is the op
 ``torch.ops.bpfree.feedback_draw``), so ``torch.compile`` traces it; under autocast B is cast to
 the gradient's dtype and dW is returned in W's dtype.
 """
@@ -52,7 +57,8 @@ the gradient's dtype and dW is returned in W's dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
@@ -64,7 +70,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from kernels._dispatch import define_op
 from kernels._hash import stream_key
-from kernels._modules import swap_modules, unsupported_conv2d
+from kernels._modules import check_module, swap_modules, unsupported_conv2d
 
 __all__ = [
     "FEEDBACK_STATE_KEYS",
@@ -75,6 +81,7 @@ __all__ = [
     "STORAGES",
     "convert_to_feedback",
     "feedback_layers",
+    "strip_feedback",
 ]
 
 MODES = ("fa", "usf", "brsf", "frsf", "kp")
@@ -143,7 +150,8 @@ def _init_std(weight: Tensor, init: str) -> float:
         return math.sqrt(2.0 / (fan_in + fan_out))
     std = weight.detach().float().std(correction=0).item()
     if not std > 0:
-        raise ValueError(f"init='match' needs a weight with spread to measure, but std(W) = {std}")
+        raise ValueError(f"init='match' needs a weight with spread to measure, but std(W) = {std} (a constant "
+                         f"weight, e.g. zero-initialised); use init=\"default\" or \"xavier\"")
     return std
 
 
@@ -225,8 +233,9 @@ class _FeedbackFunction(torch.autograd.Function):
                                                      dilation, groups)
             grad_w = grad_w.to(weight.dtype)
         if ctx.bias_dtype is not None and needs[2]:
-            dims = tuple(range(grad_output.dim() - 1)) if conv is None else (0, 2, 3)
-            grad_b = grad_output.sum(dims).to(ctx.bias_dtype)
+            # a linear layer's input may be 1-d (one sample): sum over every position but the features
+            dy = grad_output.reshape(-1, grad_output.shape[-1]) if conv is None else grad_output
+            grad_b = dy.sum(0 if conv is None else (0, 2, 3)).to(ctx.bias_dtype)
         # kp: its own tensor, or torch.autograd.grad returns one tensor as both W's and B's gradient
         # (and in-place gradient ops such as clipping would apply twice).
         grad_fb = grad_w.clone() if needs[3] else None
@@ -260,6 +269,7 @@ class _FeedbackLayer:
         """Register the mode's buffers (or kp's Parameter), drawn from W's distribution with ``seed``."""
         _check_config(type(self).__name__, mode, init, storage, seed)
         self.mode, self.init, self.feedback_seed, self.exact = mode, init, seed, False
+        self._kp_versions: tuple[int, int, int, int] | None = None  # kp: (id, _version) of W and B at a forward
         self._dist = "uniform" if init == "default" else "normal"
         weight = self.weight.detach()
         scale = torch.tensor(_init_std(weight, init), dtype=weight.dtype, device=weight.device)
@@ -282,7 +292,23 @@ class _FeedbackLayer:
         """B (fa dense, kp), |R| (frsf dense), or None where it is regenerated."""
         return getattr(self, "feedback_magnitude" if self.mode == "frsf" else "feedback_weight", None)
 
+    def _check_b_is_stepped(self) -> None:
+        """kp: raise where W was stepped since the last training forward while B, which has a gradient,
+        was not: the optimizer does not hold B, and kp would train as plain fa. Reads the tensors'
+        version counters only (no host sync); skipped under torch.compile."""
+        w, b = self.weight, self.feedback_weight
+        last, self._kp_versions = self._kp_versions, (id(w), w._version, id(b), b._version)
+        if (last is not None and b.grad is not None and (last[0], last[2]) == (id(w), id(b))
+                and w._version != last[1] and b._version == last[3]):
+            raise RuntimeError(
+                f"{type(self).__name__} (mode 'kp'): W was stepped since the last training forward but B "
+                "(feedback_weight, which has a gradient) was not, so the optimizer does not hold B and Kolen-Pollack "
+                "would train as plain fa: build the optimizer after convert_to_feedback, from the converted model's "
+                "parameters (model.parameters()), or add B to it (optimizer.add_param_group)")
+
     def _feedback_forward(self, input: Tensor, conv: Conv | None) -> Tensor:
+        if self.mode == "kp" and self.feedback_weight.requires_grad and not torch.compiler.is_compiling():
+            self._check_b_is_stepped()
         step = None
         if self.mode == "brsf":
             # A new tensor, not the buffer: a later forward's increment must not change this one's
@@ -395,6 +421,8 @@ class FeedbackConv2d(nn.Conv2d, _FeedbackLayer):
     def forward(self, input: Tensor) -> Tensor:
         if not self._uses_feedback():
             return super().forward(input)
+        if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         return self._feedback_forward(input, (self.stride, self.padding, self.dilation, self.groups))
 
 
@@ -423,10 +451,13 @@ def convert_to_feedback(model: nn.Module, mode: str, *, init: str = "default", s
     subclasses) raises ValueError naming it, with the model unchanged.
     """
     op = "convert_to_feedback"
+    check_module(op, "model", model)
     _check_config(op, mode, init, storage, seed)
     if isinstance(keep_exact, str):
         raise TypeError(f"{op}: keep_exact must be a sequence of layer names, not the str {keep_exact!r}")
-    keep = tuple(keep_exact)
+    keep = tuple(keep_exact) if isinstance(keep_exact, (Sequence, set, frozenset)) else None
+    if keep is None or not all(isinstance(k, str) for k in keep):
+        raise TypeError(f"{op}: keep_exact must be a sequence of layer names (str), got {keep_exact!r}")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, _ConvNd))]
     unmatched = [k for k in keep if not any(_kept(name, (k,)) for name, _ in layers)]
     if unmatched:
@@ -445,10 +476,27 @@ def convert_to_feedback(model: nn.Module, mode: str, *, init: str = "default", s
             replacements[id(layer)] = cls.from_module(layer, mode, init=init, storage=storage,
                                                       seed=stream_key(seed, index))
         except ValueError as error:  # init='match' on a constant weight
-            raise ValueError(f"{op}: {label}: {error}") from None
+            raise ValueError(f"{op}: {label}: {error} (in a recipe: [rule] feedback_init = \"default\"), or keep "
+                             f"the layer exact: keep_exact=[{label!r}]") from None
     return swap_modules(model, replacements)
+
+
+def strip_feedback(state_dict: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
+    """A converted model's ``state_dict`` without its feedback layers' own state (the keys ending in
+    one of :data:`FEEDBACK_STATE_KEYS`: B, |R|, s, the brsf step), i.e. the plain model's, so that
+    ``plain.load_state_dict(strip_feedback(converted.state_dict()))`` loads with ``strict=True``
+    (the converted layers share the plain ones' Parameters and keys)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"strip_feedback: state_dict must be a mapping (model.state_dict()), "
+                        f"got {type(state_dict).__name__}")
+    stripped = OrderedDict((k, v) for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in FEEDBACK_STATE_KEYS)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # per-module versions, which load_state_dict reads
+        stripped._metadata = metadata
+    return stripped
 
 
 def feedback_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The (qualified name, layer) pairs of ``model``'s feedback layers, in module order."""
+    check_module("feedback_layers", "model", model)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _FeedbackLayer)]

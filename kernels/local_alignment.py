@@ -388,7 +388,9 @@ def phi(x: torch.Tensor, activation: str) -> torch.Tensor:
         return torch.tanh(x)
     if activation == "sigmoid":
         return torch.sigmoid(x)
-    return x
+    if activation == "identity":
+        return x
+    raise ValueError(f"phi: unknown activation {activation!r}; expected one of {', '.join(LOCAL_ACTIVATIONS)}")
 
 
 def _phi_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -412,6 +414,18 @@ def lra_error_units(
     The kernels' LRA epilogue; the trainer's LRA rule calls it for the E maps the kernel does not
     take (convolutions, channel maps), so the tested equation is the one that trains.
     """
+    op = "lra_error_units"
+    if activation not in LOCAL_ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {', '.join(LOCAL_ACTIVATIONS)}")
+    check_tensor(op, "a", a, contiguous=False)
+    for name, tensor in (("a", a), ("d", d)) + ((("z", z),) if z is not None else ()):
+        check_tensor(op, name, tensor, device=a.device, contiguous=False)
+        if not tensor.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.dim() > a.dim() or any(s not in (1, t) for s, t in zip(tensor.shape[::-1], a.shape[::-1])):
+            raise ValueError(f"{op}: {name} of shape {tuple(tensor.shape)} does not broadcast to a's "
+                             f"{tuple(a.shape)}")
+    beta, alpha = check_number(op, "beta", beta), check_number(op, "alpha", alpha)
     a = a.float()
     y = phi(a - beta * d.float(), activation)
     diff = (phi(a, activation) if z is None else z.float()) - y
@@ -421,8 +435,11 @@ def lra_error_units(
 def norm_ball_factor(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     """The norm-ball factor ``f = c / ||dW|| if ||dW|| >= c else 1`` (c = max_norm; None: f = 1), on
     the device (no host sync). The projected update is ``f * dW``."""
+    if not isinstance(norm, torch.Tensor):
+        raise TypeError(f"norm_ball_factor: norm must be a torch.Tensor, got {type(norm).__name__}")
     if max_norm is None:
         return torch.ones_like(norm)
+    check_number("norm_ball_factor", "max_norm", max_norm, positive=True)
     return torch.where(norm >= max_norm, max_norm / norm.clamp_min(torch.finfo(torch.float32).tiny),
                        torch.ones_like(norm))
 
@@ -447,7 +464,9 @@ def local_signal_reference(
     diagnostics: bool = False,
 ) -> torch.Tensor | LRASignal:
     """Pure-PyTorch ``local_signal`` (same arguments, checks and results; float32 math)."""
-    _check_signal_args("local_signal_reference", kind, upstream, P, a, z, activation, diagnostics)
+    op = "local_signal_reference"
+    _check_signal_args(op, kind, upstream, P, a, z, activation, diagnostics)
+    beta, alpha, scale = _rule_numbers(op, beta, alpha, scale)
     g, proj, y = _signal_math(kind, upstream, P, a, z, beta, alpha, activation, scale)
     if kind != "lra":
         return g.to(a.dtype)
@@ -463,8 +482,11 @@ def local_weight_update_reference(
     lr: float | None = None,
 ) -> WeightUpdate:
     """Pure-PyTorch ``local_weight_update`` (same arguments, checks and results; float32 math)."""
-    _check_update_args("local_weight_update_reference", kind, upstream, P, a, z, z_prev, activation,
-                       max_norm, weight, lr)
+    op = "local_weight_update_reference"
+    beta, alpha, scale = _rule_numbers(op, beta, alpha, scale)
+    max_norm = None if max_norm is None else check_number(op, "max_norm", max_norm)
+    lr = None if lr is None else check_number(op, "lr", lr)
+    _check_update_args(op, kind, upstream, P, a, z, z_prev, activation, max_norm, weight, lr)
     g, _, _ = _signal_math(kind, upstream, P, a, z, beta, alpha, activation, scale)
     dw = g.t() @ z_prev.float()
     norm = torch.linalg.vector_norm(dw)
@@ -585,16 +607,25 @@ def _check_signal_args(
         check_tensor(op, "z", z, ndim=2, dtypes=FLOAT_DTYPES, device=device)
         if z.shape != a.shape:
             raise ValueError(f"{op}: z must have a's shape {tuple(a.shape)}, got {tuple(z.shape)}")
+    if not isinstance(diagnostics, bool):
+        raise TypeError(f"{op}: diagnostics must be True or False, got {type(diagnostics).__name__} {diagnostics!r}")
     if diagnostics and kind != "lra":
         raise ValueError(f"{op}: diagnostics=True (returning d and y) is only defined for kind='lra'")
+
+
+def _rule_numbers(op: str, beta: float, alpha: float, scale: float) -> tuple[float, float, float]:
+    return check_number(op, "beta", beta), check_number(op, "alpha", alpha), check_number(op, "scale", scale)
 
 
 def _check_update_args(
     op: str, kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor,
     z: torch.Tensor | None, z_prev: torch.Tensor, activation: str, max_norm: float | None,
-    weight: torch.Tensor | None, lr: float | None,
+    weight: torch.Tensor | None, lr: float | None, fuse_signal: bool | None = None,
 ) -> None:
     _check_signal_args(op, kind, upstream, P, a, z, activation)
+    if fuse_signal is not None and not isinstance(fuse_signal, bool):
+        raise TypeError(f"{op}: fuse_signal must be True, False or None (chosen by size), "
+                        f"got {type(fuse_signal).__name__} {fuse_signal!r}")
     check_tensor(op, "z_prev", z_prev, ndim=2, dtypes=FLOAT_DTYPES, device=a.device)
     if z_prev.shape[0] != a.shape[0] or z_prev.shape[1] == 0:
         raise ValueError(f"{op}: z_prev must be N x D_prev with N = {a.shape[0]} and D_prev >= 1, "
@@ -632,10 +663,10 @@ def local_signal(
     """
     op = "local_signal"
     _check_signal_args(op, kind, upstream, P, a, z, activation, diagnostics)
+    beta, alpha, scale = _rule_numbers(op, beta, alpha, scale)
     g, d, y = torch.ops.bpfree.local_signal(
         kind, upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(),
-        check_number(op, "beta", beta), check_number(op, "alpha", alpha), activation,
-        check_number(op, "scale", scale), diagnostics)
+        beta, alpha, activation, scale, diagnostics)
     if kind != "lra":
         return g
     return LRASignal(g, d, y) if diagnostics else LRASignal(g, None, None)
@@ -661,10 +692,11 @@ def local_weight_update(
     ``fuse_signal_default(C_up, D_prev)``. Results match ``local_weight_update_reference``.
     """
     op = "local_weight_update"
-    numbers = (check_number(op, "beta", beta), check_number(op, "alpha", alpha), activation,
-               check_number(op, "scale", scale), None if max_norm is None else check_number(op, "max_norm", max_norm))
+    beta, alpha, scale = _rule_numbers(op, beta, alpha, scale)
+    max_norm = None if max_norm is None else check_number(op, "max_norm", max_norm)
     lr = None if lr is None else check_number(op, "lr", lr)
-    _check_update_args(op, kind, upstream, P, a, z, z_prev, activation, max_norm, weight, lr)
+    _check_update_args(op, kind, upstream, P, a, z, z_prev, activation, max_norm, weight, lr, fuse_signal)
+    numbers = (beta, alpha, activation, scale, max_norm)
     args = (kind, upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(),
             z_prev.detach(), *numbers, fuse_signal)
     if weight is None:

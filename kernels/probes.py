@@ -36,11 +36,17 @@ def probe_keys(seed: int) -> tuple[int, int]:
     return stream_key(seed, 0), stream_key(seed, 1)
 
 
+def check_seed(op: str, seed: int) -> None:
+    """Raise a TypeError naming ``op`` unless ``seed`` is a Python int (any int: it is hashed)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{op}: seed must be an int, got {type(seed).__name__} {seed!r}")
+
+
 def check_probe_args(op: str, probes: int, probe: str) -> None:
     """Raise a ValueError naming ``op`` unless ``probes`` is a positive int and ``probe`` a known kind."""
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"{op}: probes must be a positive int, got {probes!r}")
-    if probe not in PROBE_CODE:
+    if not isinstance(probe, str) or probe not in PROBE_CODE:
         raise ValueError(f"{op}: probe must be one of {', '.join(PROBES)}; got {probe!r}")
 
 
@@ -53,7 +59,12 @@ def probe_matrix(
     Entry (p, j) depends only on (seed, p, j): rademacher and orthogonal entries are bit-identical
     to the kernels', gaussian ones agree to float32 rounding of log/cos/sqrt.
     """
-    check_probe_args("probe_matrix", probes, probe)
+    op = "probe_matrix"
+    check_seed(op, seed)
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 0:
+        raise ValueError(f"{op}: positions must be an int >= 0 (the rows of Z: H * W of the conv input), "
+                         f"got {positions!r}")
+    check_probe_args(op, probes, probe)
     key1, key2 = probe_keys(seed)
     pos = torch.arange(positions, device=device).unsqueeze(1)
     col = torch.arange(probes, device=device).unsqueeze(0)

@@ -70,7 +70,7 @@ from kernels._dispatch import (
 )
 from kernels._modules import unsupported_conv2d
 from kernels.conv_geometry import ConvGeometry
-from kernels.probes import PROBE_CODE, check_probe_args, probe_keys, probe_matrix, probe_tile
+from kernels.probes import PROBE_CODE, check_probe_args, check_seed, probe_keys, probe_matrix, probe_tile
 
 __all__ = [
     "TraceConv2d",
@@ -167,14 +167,15 @@ def _probe_matmul(dy: Tensor, seed: int, probes: int, probe: str, geometry: Conv
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_compress_args(op: str, x: Tensor, probes: int, probe: str) -> None:
+def _check_compress_args(op: str, x: Tensor, seed: int, probes: int, probe: str) -> None:
     check_tensor(op, "x", x, ndim=4, dtypes=FLOAT_DTYPES)
+    check_seed(op, seed)
     check_probe_args(op, probes, probe)
 
 
 def trace_compress_torch(x: Tensor, seed: int, probes: int, probe: str) -> Tensor:
     """PyTorch reference: ``Xbar[c, n, :] = X[n, c].flatten() @ Z`` as a (C_in, N, r) float32 tensor."""
-    _check_compress_args("trace_compress_torch", x, probes, probe)
+    _check_compress_args("trace_compress_torch", x, seed, probes, probe)
     n, c, h, w = x.shape
     z = probe_matrix(seed, h * w, probes, probe, device=x.device)
     xbar = x.reshape(n * c, h * w).to(torch.float32) @ z
@@ -186,7 +187,7 @@ def trace_compress_triton(x: Tensor, seed: int, probes: int, probe: str) -> Tens
 
     ``X Z`` is stage 1 of the weight gradient for a 1x1 stride-1 conv (``S_0 = I``), so the same
     kernel computes it."""
-    _check_compress_args("trace_compress_triton", x, probes, probe)
+    _check_compress_args("trace_compress_triton", x, seed, probes, probe)
     require_triton("trace_compress_triton")
     n, c, h, w = x.shape
     return _probe_matmul(x, seed, probes, probe, ConvGeometry((h, w), (1, 1))).view(c, n, probes)
@@ -209,8 +210,12 @@ def _trace_compress_fake(x: Tensor, seed: Tensor, probes: int, probe: str) -> Te
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_weight_grad_args(op: str, grad_output: Tensor, xbar: Tensor, geometry: ConvGeometry, probe: str) -> None:
+def _check_weight_grad_args(op: str, grad_output: Tensor, xbar: Tensor, seed: int, geometry: ConvGeometry,
+                            probe: str) -> None:
     check_tensor(op, "grad_output", grad_output, ndim=4, dtypes=FLOAT_DTYPES)
+    check_seed(op, seed)
+    if not isinstance(geometry, ConvGeometry):
+        raise TypeError(f"{op}: geometry must be a ConvGeometry, got {type(geometry).__name__}")
     check_tensor(op, "xbar", xbar, ndim=3, dtypes=(torch.float32,), device=grad_output.device)
     n, c_out, h_out, w_out = grad_output.shape
     c_in, n_x, probes = xbar.shape
@@ -244,7 +249,7 @@ def trace_weight_grad_torch(grad_output: Tensor, xbar: Tensor, seed: int, geomet
     Stage 1 unfolds Z (viewed as a 1 x r x H x W image) with the conv's geometry, giving S_k Z for
     every tap, and contracts it with dY over P_out; stage 2 contracts with Xbar over (n, j).
     """
-    _check_weight_grad_args("trace_weight_grad_torch", grad_output, xbar, geometry, probe)
+    _check_weight_grad_args("trace_weight_grad_torch", grad_output, xbar, seed, geometry, probe)
     n, c_out, h_out, w_out = grad_output.shape
     probes = xbar.shape[2]
     h, w = geometry.input_hw
@@ -261,7 +266,7 @@ def trace_weight_grad_torch(grad_output: Tensor, xbar: Tensor, seed: int, geomet
 def trace_weight_grad_triton(grad_output: Tensor, xbar: Tensor, seed: int, geometry: ConvGeometry,
                              probe: str) -> Tensor:
     """Triton version of :func:`trace_weight_grad_torch`: stage 1 generates S_k Z in registers."""
-    _check_weight_grad_args("trace_weight_grad_triton", grad_output, xbar, geometry, probe)
+    _check_weight_grad_args("trace_weight_grad_triton", grad_output, xbar, seed, geometry, probe)
     require_triton("trace_weight_grad_triton")
     return _contract_xbar(_probe_matmul(grad_output, seed, xbar.shape[2], probe, geometry), xbar, geometry)
 
@@ -365,11 +370,17 @@ class TraceConv2d(nn.Conv2d):
     """Drop-in ``nn.Conv2d`` whose weight gradient is a randomized trace estimate.
 
     Same constructor as ``nn.Conv2d`` plus ``probes`` (r, the number of probe vectors) and ``probe``
-    (one of :data:`~kernels.probes.PROBES`); same parameters and state_dict keys. In training mode, with grad enabled
-    and a weight that requires grad, forward saves only ``Xbar = X Z`` (C_in x r per sample) and a
-    per-call seed drawn from torch's default CPU generator (reproducible under torch.manual_seed);
-    backward returns the exact input and bias gradients and an unbiased estimate of the weight
-    gradient, ``(1/r) sum_n (dY_n S_k Z) Xbar_n^T`` per tap k. Otherwise it is the exact conv.
+    (one of :data:`~kernels.probes.PROBES`); same parameters and state_dict keys.
+
+    Training mode (``train()``, grad enabled, a weight that requires grad): forward saves only
+    ``Xbar = X Z`` (C_in x r per sample) and a per-call seed drawn from torch's default CPU
+    generator (reproducible under torch.manual_seed), not X; backward returns the exact input and
+    bias gradients and an unbiased estimate of the weight gradient, ``(1/r) sum_n (dY_n S_k Z)
+    Xbar_n^T`` per tap k: it equals the true gradient in expectation, not call by call.
+
+    Evaluation mode (``eval()``), or without grad, or a frozen weight: it is ``nn.Conv2d`` itself,
+    which keeps X for backward (no memory saved) and gives the exact weight gradient. Compute exact
+    gradients (a diagnostic, a reference) in eval mode; train in training mode.
     """
 
     def __init__(self, *args, probes: int = 16, probe: str = "gaussian", **kwargs) -> None:
@@ -404,6 +415,8 @@ class TraceConv2d(nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad):
             return super().forward(input)
+        if input.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         seed = torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device="cpu")
         return _TraceConv2dFunction.apply(
             input, self.weight, self.bias, seed, self.stride, _int_padding(self), self.dilation,

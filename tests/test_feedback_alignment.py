@@ -19,6 +19,7 @@ from kernels.feedback_alignment import (
     FeedbackLinear,
     convert_to_feedback,
     feedback_layers,
+    strip_feedback,
 )
 
 from conftest import assert_rel_close
@@ -504,3 +505,63 @@ def test_state_dict_round_trip_restores_b_and_the_step(mode, storage, tmp_path):
         m(x).backward(dy)
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("mode,storage", [("fa", "dense"), ("kp", "dense"), ("brsf", "dense"), ("frsf", "seeded")])
+def test_stripped_state_dict_loads_strictly_into_the_plain_model(mode, storage, tmp_path):
+    """A converted model's checkpoint, without its feedback state, is the plain model's."""
+    model = convert_to_feedback(conv_net(), mode, storage=storage, seed=3)
+    sgd_steps(model, (4, 3, 11, 9), steps=2)  # weights and BN statistics move away from a fresh init
+    torch.save(model.state_dict(), tmp_path / "converted.pt")
+    plain = conv_net()
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        plain.load_state_dict(torch.load(tmp_path / "converted.pt"), strict=True)
+    stripped = strip_feedback(torch.load(tmp_path / "converted.pt"))
+    assert not any(key.rsplit(".", 1)[1] in FEEDBACK_STATE_KEYS for key in stripped)
+    plain.load_state_dict(stripped, strict=True)
+    x = torch.randn(4, 3, 11, 9)
+    assert torch.equal(plain.eval()(x), model.eval()(x))
+
+
+def test_kp_with_an_optimizer_built_before_the_conversion_raises():
+    """The optimizer built from the plain model holds W but not B: kp would silently be fa."""
+    model = mlp()
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert_to_feedback(model, "kp")
+    x = torch.randn(8, 7)
+    random_loss(model(x)).backward()
+    early.step()
+    early.zero_grad()
+    with pytest.raises(RuntimeError, match=r"optimizer does not hold B.*build the optimizer after convert_to_feedback"):
+        model(x)
+    with torch.no_grad():
+        model.eval()(x)  # evaluation does not train B: nothing to say
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True),
+    lambda params: torch.optim.Adam(params, lr=1e-2),
+])
+def test_kp_with_the_optimizer_built_after_the_conversion_trains_b(make_optimizer):
+    model = convert_to_feedback(mlp(), "kp")
+    optimizer = make_optimizer(model.parameters())
+    before = [layer.feedback_weight.detach().clone() for _, layer in feedback_layers(model)]
+    for step in range(4):
+        for _ in range(2):  # gradient accumulation: two forwards per step
+            random_loss(model(torch.randn(8, 7))).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=step % 2 == 0)  # grads kept as zeros on odd steps
+    for b, (name, layer) in zip(before, feedback_layers(model)):
+        assert not torch.equal(b, layer.feedback_weight), name
+
+
+def test_match_init_on_a_zero_initialised_layer_names_the_fixes():
+    model = mlp()
+    nn.init.zeros_(model[4].weight)  # a zero-initialised head, like the trainer's vit
+    with pytest.raises(ValueError) as error:
+        convert_to_feedback(model, "fa", init="match")
+    message = str(error.value)
+    assert 'use init="default"' in message  # a Python user's fix
+    assert '[rule] feedback_init = "default"' in message  # a recipe user's
+    assert "keep_exact=['4']" in message
+    convert_to_feedback(model, "fa", init="default")  # which works

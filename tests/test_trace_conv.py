@@ -449,3 +449,21 @@ def test_torch_compile_fullgraph():
     model(x_eager).sum().backward()
     torch.testing.assert_close(grads[0][0], x_eager.grad)  # exact input gradient
     torch.testing.assert_close(grads[0][2], model[3].bias.grad)
+
+
+def test_eval_mode_keeps_x_and_gives_the_exact_weight_gradient():
+    """Documented: eval() is nn.Conv2d itself (X kept, exact dW); train() saves Xbar and estimates dW."""
+    conv = TraceConv2d(3, 4, 3, padding=1, probes=4, probe="rademacher")
+    ref = nn.Conv2d(3, 4, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    x, dy = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6)
+    ref(x).backward(dy)
+    conv.eval()(x).backward(dy)
+    assert torch.equal(conv.weight.grad, ref.weight.grad)
+    conv.weight.grad = conv.bias.grad = None
+    conv.train()(x).backward(dy)
+    torch.testing.assert_close(conv.bias.grad, ref.bias.grad)  # exact in both modes (up to summation order)
+    assert not torch.allclose(conv.weight.grad, ref.weight.grad, rtol=0.05)  # r = 4 probes: an estimate
+    doc = " ".join(TraceConv2d.__doc__.split())
+    assert "Evaluation mode (``eval()``)" in doc and "keeps X for backward" in doc
+    assert "gives the exact weight gradient" in doc and "unbiased estimate of the weight gradient" in doc
