@@ -46,7 +46,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError as error:  # pyproject.toml installs triton on Linux only
-    triton = tl = None
+    triton = tl = None  # triton becomes a _MissingTriton below
     TRITON_MISSING: str | None = f"{type(error).__name__}: {error}"
 else:
     TRITON_MISSING = None
@@ -110,16 +110,17 @@ class _MissingKernel:
         raise _triton_missing(self.__name__)
 
 
-def jit(fn: Callable | None = None, **options: object) -> Callable:
-    """``triton.jit`` (as ``@jit`` or ``@jit(...)``), or a :class:`_MissingKernel` without Triton."""
-    if triton is not None:
-        return triton.jit(fn, **options)
-    return _MissingKernel if fn is None else _MissingKernel(fn)
+class _MissingTriton:
+    """Stands in for the ``triton`` module where it cannot be imported: ``@triton.jit`` makes
+    :class:`_MissingKernel` stand-ins, so the kernel modules import unchanged."""
+
+    @staticmethod
+    def jit(fn: Callable | None = None, **options: object) -> Callable:
+        return _MissingKernel if fn is None else _MissingKernel(fn)
 
 
-def cdiv(n: int, d: int) -> int:
-    """``ceil(n / d)`` for positive ints (a launch grid's size)."""
-    return -(-n // d)
+if triton is None:
+    triton = _MissingTriton()
 
 
 @functools.cache

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import jit, tl
+from kernels._dispatch import tl, triton
 
 _MASK32 = 0xFFFFFFFF
 _M1 = 0x7FEB352D
@@ -57,7 +57,7 @@ def sign_from_hash_torch(h: torch.Tensor) -> torch.Tensor:
     return 1 - 2 * ((h >> 31) & 1)
 
 
-@jit
+@triton.jit
 def mix32(x):
     """lowbias32 on uint32 values (wrapping arithmetic)."""
     x = x ^ (x >> 16)
@@ -67,7 +67,7 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
-@jit
+@triton.jit
 def hash2(key, rows, cols):
     """hash(key, row, col) as uint32; ``rows`` and ``cols`` are non-negative ints below 2**32."""
     return mix32(mix32(rows.to(tl.uint32) ^ key) ^ cols.to(tl.uint32))

@@ -48,16 +48,15 @@ import torch
 
 from kernels._dispatch import (
     FLOAT_DTYPES,
-    cdiv,
     check_number,
     check_tensor,
     compiled_on_cpu,
     define_op,
     dot_operands,
     dot_precision,
-    jit,
     tile,
     tl,
+    triton,
     use_triton,
 )
 from kernels._hash import hash2, hash2_torch, sign_from_hash_torch, stream_key
@@ -240,7 +239,7 @@ def pack_signs(signs: torch.Tensor) -> PackedSigns:
 # --------------------------------------------------------------------------------------------
 
 
-@jit
+@triton.jit
 def _sign_bits(words_ptr, key, rows, cols, valid, num_words, SEEDED: tl.constexpr):
     """0/1 bits of S[rows, cols] as an int32 tile (1 means -1); ``rows``, ``cols`` int64."""
     if SEEDED:
@@ -251,7 +250,7 @@ def _sign_bits(words_ptr, key, rows, cols, valid, num_words, SEEDED: tl.constexp
     return bits
 
 
-@jit(do_not_specialize=["key"])
+@triton.jit(do_not_specialize=["key"])
 def _binary_feedback_kernel(
     e_ptr, labels_ptr, words_ptr, mask_ptr, out_ptr,
     N, C, D, num_words, key, scale,
@@ -261,7 +260,7 @@ def _binary_feedback_kernel(
 ):
     """out[n, d] = scale * sum_c e[n, c] * S[c, d] * mask[n, d]  (LABELS: scale * S[labels[n], d]).
 
-    1-D grid over ``cdiv(N, BLOCK_N) * cdiv(D, BLOCK_D)`` tiles, N-tile index fastest so programs
+    1-D grid over ``triton.cdiv(N, BLOCK_N) * triton.cdiv(D, BLOCK_D)`` tiles, N-tile index fastest so programs
     running together share the same S columns in L2. All offsets are int64.
     """
     pid = tl.program_id(0)
@@ -323,7 +322,7 @@ def _launch(
     else:
         block_n, block_c, block_d = tile(n, 1, 32), 16, tile(dim, 1, 256)
         dot_dtype, precision = tl.float32, None
-    grid = (cdiv(n, block_n) * cdiv(dim, block_d),)
+    grid = (triton.cdiv(n, block_n) * triton.cdiv(dim, block_d),)
     _binary_feedback_kernel[grid](
         source, source, words, mask if mask is not None else out, out,
         n, feedback.num_classes, dim, math.ceil(dim / _BITS), feedback.key if seeded else 0, float(scale),

@@ -58,15 +58,14 @@ import torch
 
 from kernels._dispatch import (
     FLOAT_DTYPES,
-    cdiv,
     check_number,
     define_op,
     check_tensor,
     dot_operands,
     dot_precision,
-    jit,
     tile,
     tl,
+    triton,
     use_triton,
 )
 
@@ -125,7 +124,7 @@ class WeightUpdate(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 
 
-@jit
+@triton.jit
 def _act(x, ACT: tl.constexpr):
     """phi(x) for ACT = 0 relu, 1 tanh, 2 sigmoid, 3 identity (fp32)."""
     if ACT == 0:
@@ -140,7 +139,7 @@ def _act(x, ACT: tl.constexpr):
     return out
 
 
-@jit
+@triton.jit
 def _act_grad(x, ACT: tl.constexpr):
     """phi'(x) for the same activation codes (fp32)."""
     if ACT == 0:
@@ -156,7 +155,7 @@ def _act_grad(x, ACT: tl.constexpr):
     return out
 
 
-@jit
+@triton.jit
 def _project_tile(
     u_ptr, p_ptr, rows, cols, row_mask, col_mask, C, D, scale,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -176,7 +175,7 @@ def _project_tile(
     return acc * scale
 
 
-@jit
+@triton.jit
 def _signal_rule(proj, a, z, beta, alpha, IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr):
     """(signal, target) from the projection tile; the target is only meaningful for LRA."""
     if IS_LRA:
@@ -194,7 +193,7 @@ def _signal_rule(proj, a, z, beta, alpha, IS_LRA: tl.constexpr, ACT: tl.constexp
     return g, y
 
 
-@jit
+@triton.jit
 def _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha,
                  IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr):
     """Load a tile of a (and z, else z = a) and apply the rule to the projected tile."""
@@ -206,7 +205,7 @@ def _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha,
     return _signal_rule(proj, a, z, beta, alpha, IS_LRA, ACT, HAS_Z)
 
 
-@jit
+@triton.jit
 def _signal_kernel(
     u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, d_ptr, y_ptr,
     N, C, D, scale, beta, alpha,
@@ -230,7 +229,7 @@ def _signal_kernel(
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@jit
+@triton.jit
 def _weight_update_kernel(
     u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, zp_ptr, dw_ptr, w_ptr, partial_ptr, factor_ptr,
     N, C, D, DP, scale, beta, alpha, lr,
@@ -304,7 +303,7 @@ def _launch_signal(
     # registers; 64 x 128 over 4 warps spilled on sm_90 (benchmarks/compile_kernels.py).
     block_m, block_d, block_c = tile(N, 16, 64), tile(D, 16, 64), tile(C, 16, 32)
     diag = d is not None and y is not None
-    grid = (cdiv(N, block_m), cdiv(D, block_d))
+    grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
     dot_dtype = dot_operands(upstream.dtype, P.dtype)
     _signal_kernel[grid](
         upstream, P, a, a if z is None else z, g, d if diag else g, y if diag else g,
@@ -346,7 +345,7 @@ def _launch_weight_update(
                        beta=beta, alpha=alpha, activation=activation, scale=scale)
     block_d, block_dp = tile(D, 16, _BLOCK_D), tile(DP, 16, _BLOCK_DP)
     dot_dtype, mm_dtype = dot_operands(upstream.dtype, P.dtype), dot_operands(a.dtype, z_prev.dtype)
-    n_programs = cdiv(D, block_d) * cdiv(DP, block_dp)
+    n_programs = triton.cdiv(D, block_d) * triton.cdiv(DP, block_dp)
     partials = torch.empty(n_programs, device=a.device, dtype=torch.float32)
 
     def launch(write_dw: bool, step: bool, factor: torch.Tensor | None) -> None:

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels._dispatch import jit, tl
+from kernels._dispatch import tl, triton
 from kernels._hash import hash2, hash2_torch, stream_key
 
 __all__ = ["PROBES", "probe_matrix"]
@@ -80,7 +80,7 @@ def probe_matrix(
     return torch.where(bucket == col, sign * math.sqrt(probes), 0.0)
 
 
-@jit
+@triton.jit
 def probe_tile(key1, key2, pos, col, valid, r, scale, PROBE: tl.constexpr):
     """Z[pos, col] for a [BLOCK_P, 1] x [1, BLOCK_R] tile, zero where ``valid`` is false or col >= r."""
     if PROBE == 0:

@@ -58,14 +58,13 @@ from torch import Tensor, nn
 
 from kernels._dispatch import (
     FLOAT_DTYPES,
-    cdiv,
     check_tensor,
     define_op,
     dot_precision,
-    jit,
     require_triton,
     tile,
     tl,
+    triton,
     use_triton,
 )
 from kernels._modules import unsupported_conv2d
@@ -99,7 +98,7 @@ def _launch_config(probes: int) -> dict[str, object]:
 # ---------------------------------------------------------------------------------------------
 
 
-@jit(do_not_specialize=["r", "key1", "key2"])
+@triton.jit(do_not_specialize=["r", "key1", "key2"])
 def _probe_matmul_kernel(
     dy_ptr, a_ptr, M, C_out, N, P_out, W_out, H, W, KW, K, n_rblocks,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, r, key1, key2, scale,
@@ -150,8 +149,8 @@ def _probe_matmul(dy: Tensor, seed: int, probes: int, probe: str, geometry: Conv
     a = torch.empty((c_out, geometry.taps, n, probes), dtype=torch.float32, device=dy.device)
     key1, key2 = probe_keys(seed)
     config = _launch_config(probes)
-    n_rblocks = cdiv(probes, config["BLOCK_R"])
-    grid = (geometry.taps * n_rblocks, cdiv(n * c_out, config["BLOCK_M"]))
+    n_rblocks = triton.cdiv(probes, config["BLOCK_R"])
+    grid = (geometry.taps * n_rblocks, triton.cdiv(n * c_out, config["BLOCK_M"]))
     (h, w), (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = (
         geometry.input_hw, geometry.stride, geometry.padding, geometry.dilation)
     _probe_matmul_kernel[grid](

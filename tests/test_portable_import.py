@@ -149,3 +149,28 @@ print([m for m in ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extensio
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"
     assert "CUDA" not in done.stdout + done.stderr, done.stderr
+
+
+def test_without_triton_cuda_tensors_and_the_interpreter_take_the_reference_path(monkeypatch, caplog):
+    """The policy without Triton (kernels._dispatch): no tensor launches a kernel, CUDA ones
+    included (they run the PyTorch path on their device), and TRITON_INTERPRET=1 changes nothing;
+    the first call logs the notice, later ones do not."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kernels import _dispatch
+
+    cuda_like = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+    assert _dispatch.use_triton(cuda_like)  # with Triton: the kernel
+    monkeypatch.setattr(_dispatch, "TRITON_MISSING", "ModuleNotFoundError: No module named 'triton'")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _dispatch._notice_reference_paths.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="kernels"):
+            assert not _dispatch.use_triton(cuda_like)
+            assert not _dispatch.use_triton(torch.empty(1))
+            assert not _dispatch.triton_interpreting()
+    finally:
+        _dispatch._notice_reference_paths.cache_clear()
+    assert [r.getMessage().count(NOTICE) for r in caplog.records] == [1]
