@@ -260,7 +260,7 @@ def _binary_feedback_kernel(
 ):
     """out[n, d] = scale * sum_c e[n, c] * S[c, d] * mask[n, d]  (LABELS: scale * S[labels[n], d]).
 
-    1-D grid over ``triton.cdiv(N, BLOCK_N) * triton.cdiv(D, BLOCK_D)`` tiles, N-tile index fastest so programs
+    1-D grid over ``cdiv(N, BLOCK_N) * cdiv(D, BLOCK_D)`` tiles, N-tile index fastest so programs
     running together share the same S columns in L2. All offsets are int64.
     """
     pid = tl.program_id(0)

@@ -59,8 +59,8 @@ import torch
 from kernels._dispatch import (
     FLOAT_DTYPES,
     check_number,
-    define_op,
     check_tensor,
+    define_op,
     dot_operands,
     dot_precision,
     tile,
