@@ -64,7 +64,10 @@ def test_forward_only_stages_equal_one_process_with_the_micro_batch(tmp_path, ti
 @pytest.mark.parametrize("rule", [{"name": "dfa"}, {"name": "sdfa"}, {"name": "dfa", "bp_units": ["0"]}],
                          ids=["dfa", "sdfa", "hybrid"])
 def test_dfa_stages_equal_one_process_on_the_whole_batch(tmp_path, tiny_npz, rule):
-    pipeline_equals_one_process(tmp_path, tiny_npz, rule, stages=2, micro=4, one_batch=16)
+    # sdfa's sign(e) signals are larger than DFA's: at lr 0.05 its loss explodes (exit 3), at 0.01 its
+    # training is chaotic enough that the rounding of the micro-batch sums grows past the tolerance
+    optim = {"name": "sgd", "lr": 0.002} if rule["name"] == "sdfa" else None
+    pipeline_equals_one_process(tmp_path, tiny_npz, rule, stages=2, micro=4, one_batch=16, optim=optim)
 
 
 def test_lra_error_units_travel_down_the_stages(tmp_path, tiny_npz):
@@ -126,7 +129,8 @@ def test_stage_boundaries_and_refusals(tmp_path, tiny_npz, capsys):
         path = write_recipe(tmp_path / "bad.toml", tiny_npz, model=MLP, **sections)
         result = torchrun(2, "run", str(path), "--out", str(tmp_path / "bad"))
         assert result.returncode != 0 and message in result.stderr, (change, result.stderr[-2000:])
-        assert result.stderr.count(f"error: {path}") == 2, "each rank says it, without a traceback"
+        lines = result.stderr.splitlines()  # torchrun's own report quotes the line again, indented
+        assert sum(line.startswith(f"error: {path}") for line in lines) == 2, "each rank says it, without a traceback"
         assert "trainer/" not in result.stderr  # the one traceback is torchrun's own ChildFailedError
     path = write_recipe(tmp_path / "one.toml", tiny_npz, train={"pipeline_stages": 2})
     assert main(["run", str(path), "--out", str(tmp_path / "alone")]) == 2  # one process, two stages

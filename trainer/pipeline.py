@@ -44,7 +44,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.distributed import DistEnv
 from trainer.errors import StageFailed
 from trainer.rules.alignment import preserved_buffers
-from trainer.rules.base import Rule, RuleError, StepResult, UnitBatch, UnitRule
+from trainer.rules.base import Rule, RuleError, StepResult, Transport, UnitBatch, UnitRule
 from trainer.units import State, detach_state, dry_outputs, model_units, primary, used_parameters
 
 if TYPE_CHECKING:
@@ -351,23 +351,19 @@ class Courier:
 # --- one stage of a local rule ------------------------------------------------------------------------
 
 
-class LocalPipeline:
-    """One stage of a local rule: its units, the messages they need, and the schedule.
+class StageTransport(Transport):
+    """What one stage of a local rule exchanges with the others, for the rule's own step engine
+    (``UnitRule.run_units``): activations up from the stage below and on to the stage above, each
+    micro-batch's ``e`` from the last stage to every other, and LRA's error units down to the
+    stages whose signals read them (``rule.error_sources``)."""
 
-    ``train_step`` takes the batch every rank's loader gives (only stage 0 reads ``x``; every stage
-    reads ``y``, the same on all) and returns, on the last stage, the loss and logits; on the
-    others a zero loss and no logits (they see none).
-    """
-
-    def __init__(self, rule: UnitRule, env: DistEnv, ranges: list[range], micro_batches: int, timeout_s: float):
-        self.rule, self.env = rule, env
+    def __init__(self, rule: UnitRule, env: DistEnv, ranges: list[range], micro_batches: int, courier: Courier):
+        self.rule, self.courier = rule, courier
         self.stage, self.stages = env.stage, env.stages
         self.units = ranges[env.stage]
-        self.first, self.last = self.stage == 0, self.stage == env.stages - 1
         self.stage_of_unit = [s for s, r in enumerate(ranges) for _ in r]
-        rule.prepare_pipeline(self.stage_of_unit, micro_batches)
         self.micro_batches = 1 if rule.forward_only else micro_batches  # forward-only: the loader gives micro-batches
-        self.courier = Courier(env, timeout_s)
+        self.window = self.stages - 1 - self.stage  # micro-batches in flight beyond the current one
         top, own = rule.top, set(self.units)
         below = [l for l in self.units if l < top]
         # error units this stage needs from the stages above, and those it sends down
@@ -376,7 +372,6 @@ class LocalPipeline:
                  for j in self.units if j != top}
         self.sends = {j: stages for j, stages in sends.items() if stages}
         self._templates: dict[int, list[State]] = {}
-        self._errors: dict[int, torch.Tensor] = {}
 
     def templates(self, micro: int) -> list[State]:
         """Every unit's output state for a micro-batch of ``micro`` samples (``dry_outputs``)."""
@@ -385,88 +380,50 @@ class LocalPipeline:
             self._templates[micro] = dry_outputs(self.rule.model, self.rule.units, zeros, self.rule.autocast)
         return self._templates[micro]
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        if self.rule.forward_only:
-            return self._forward_only_step(x, y, optimizer)
-        return self._error_step(x, y, optimizer)
-
-    def _receive_input(self, micro: int) -> State:
-        template = self.templates(micro)[self.units.start - 1]
+    def receive_input(self, samples: int) -> State:
+        template = self.templates(samples)[self.units.start - 1]
         buffers = [torch.empty_like(t) for t in state_tensors(template)]
-        tensors = self.courier.receive(buffers, self.stage - 1, ACTIVATION, "activations")
-        return rebuild_state(template, tensors)
+        return rebuild_state(template, self.courier.receive(buffers, self.stage - 1, ACTIVATION, "activations"))
 
-    def _no_logits(self, y: torch.Tensor) -> StepResult:
-        return StepResult.unseen(self.rule.ctx.num_classes, y.device)
+    def send_output(self, state: State) -> None:
+        self.courier.send(state_tensors(state), self.stage + 1, ACTIVATION)
 
-    def _forward_only_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        """One micro-batch: forward, local update and step of each unit, output sent on at once."""
-        state = x if self.first else self._receive_input(len(y))
-        for index in self.units:
-            state = self.rule.forward_only_unit(index, state, y, optimizer)
-        if not self.last:
-            self.courier.send(state_tensors(state), self.stage + 1, ACTIVATION)
-            return self._no_logits(y)
-        return StepResult(self.rule.last_loss, primary(state))
+    def publish_error(self, error: torch.Tensor) -> None:
+        for stage in range(self.stages - 1):
+            self.courier.send([error], stage, ERROR)
 
-    def _error_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        """M micro-batches: forwards sent up at once, local backwards as their errors come down,
-        one optimizer step for the batch."""
-        xs, ys = x.chunk(self.micro_batches), y.chunk(self.micro_batches)
-        window = self.stages - 1 - self.stage  # micro-batches in flight beyond the current one
-        in_flight: collections.deque[tuple[int, State, list[State]]] = collections.deque()
-        losses, logits = [], []
-        batch: UnitBatch | None = None
-        for m in range(len(ys)):
-            inputs = xs[m] if self.first else self._receive_input(len(ys[m]))
-            outputs = self.rule.forward_units(inputs, self.units)
-            if self.last:
-                loss, error = self.rule.output_error(primary(outputs[-1]), ys[m])
-                self._errors[m] = error * (len(ys[m]) / len(y))  # the micro-batch's part of the batch mean
-                for stage in range(self.stages - 1):
-                    self.courier.send([self._errors[m]], stage, ERROR)
-                losses.append(loss * len(ys[m]))
-                logits.append(primary(outputs[-1]).detach())
-            else:
-                self.courier.send(state_tensors(outputs[-1]), self.stage + 1, ACTIVATION)
-            in_flight.append((m, inputs, outputs))
-            while len(in_flight) > window:
-                batch = self._local_backward(*in_flight.popleft(), ys, len(y))
-        while in_flight:
-            batch = self._local_backward(*in_flight.popleft(), ys, len(y))
-        self.rule.after_backward(batch)
-        self.rule.step(optimizer)
-        if not self.last:
-            return self._no_logits(y)
-        self.rule.last_loss = torch.stack(losses).sum() / len(y)
-        return StepResult(self.rule.last_loss, torch.cat(logits))
+    def receive_error(self, samples: int) -> torch.Tensor:
+        buffer = torch.empty((samples, self.rule.ctx.num_classes), device=self.rule.ctx.device)
+        return self.courier.receive([buffer], self.stages - 1, ERROR, "the output error")[0]
 
-    def _local_backward(self, m: int, inputs: State, outputs: list[State], ys: tuple[torch.Tensor, ...],
-                        samples: int) -> UnitBatch:
-        """Micro-batch m's local backwards, once its error (and any error units from above) is here."""
-        n, num_classes = len(ys[m]), self.rule.ctx.num_classes
-        if self.last:
-            error = self._errors.pop(m)
-        else:
-            buffer = torch.empty((n, num_classes), device=ys[m].device)
-            error = self.courier.receive([buffer], self.stages - 1, ERROR, "the output error")[0]
-        batch = UnitBatch(primary(inputs), ys[m], outputs, error, first=self.units.start, samples=samples)
-        templates = self.templates(n)
+    def receive_error_units(self, batch: UnitBatch) -> None:
+        templates = self.templates(len(batch.y))
         for src in self.needs:
-            buffer = torch.empty(primary(templates[src]).shape, device=ys[m].device)  # sent as float32
+            buffer = torch.empty(primary(templates[src]).shape, device=batch.y.device)  # sent as float32
             batch.errors[src] = self.courier.receive([buffer], self.stage_of_unit[src], ERROR_UNITS, "error units")[0]
-        signals = self.rule.signals(batch)
+
+    def send_error_units(self, batch: UnitBatch) -> None:
         for j, stages in self.sends.items():
             for stage in stages:
                 self.courier.send([batch.errors[j].float()], stage, ERROR_UNITS)
-        self.rule.local_backward([self.rule.signal_point(i, out) for i, out in zip(batch.indices(), outputs)], signals)
-        return batch
+
+
+class LocalPipeline:
+    """One stage of a local rule: the rule's own step engine over the stage's units, with a
+    ``StageTransport``. ``train_step`` takes the batch every rank's loader gives (only stage 0
+    reads ``x``; every stage reads ``y``, the same on all) and returns, on the last stage, the loss
+    and logits; on the others a zero loss and no logits (they see none)."""
+
+    def __init__(self, rule: UnitRule, env: DistEnv, ranges: list[range], micro_batches: int, timeout_s: float):
+        rule.prepare_pipeline([s for s, r in enumerate(ranges) for _ in r], micro_batches)
+        self.rule, self.courier = rule, Courier(env, timeout_s)
+        self.transport = StageTransport(rule, env, ranges, micro_batches, self.courier)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        return self.rule.run_units(x, y, optimizer, self.transport, self.transport.units)
 
 
 # --- the whole -------------------------------------------------------------------------------------
-
-PIPELINED_END_TO_END = ("bp", "trace_bp")  # through torch.distributed.pipelining
-
 
 @dataclass
 class Pipeline:
@@ -489,9 +446,8 @@ def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig,
     """Split the rule's (or the model's) units into ``env.stages`` stages and build this rank's.
     ``probe`` is one micro-batch of inputs (random): it times the units and shapes the messages;
     ``optimizer`` (the session's) times the units' steps."""
-    if not isinstance(rule, UnitRule) and rule.name not in PIPELINED_END_TO_END:
-        raise RuleError(f"rule {rule.name!r} is not pipelined (its backward pass updates feedback weights, which "
-                        f"the pipeline engine does not run); pipelined: the local rules and {', '.join(PIPELINED_END_TO_END)}")
+    if rule.pipelining not in ("local", "torch"):
+        raise RuleError(f"rule {rule.name!r} is not pipelined: {rule.pipelining}")
     named = pipeline_units(rule, model)
     names, units = [name for name, _ in named], [unit for _, unit in named]
     owned = owned_state(units, model, probe, rule)
@@ -501,7 +457,7 @@ def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig,
     ranges, note = split_stages(names, units, model, env, cfg.stage_boundaries, probe, rule.autocast, owned,
                                 optimizer, 1.0 if forward_only else 1.0 / cfg.micro_batches, backward)
     per_stage = stage_state(owned, ranges, names)
-    if isinstance(rule, UnitRule):
+    if rule.pipelining == "local":
         stage: LocalPipeline | BackpropPipeline = LocalPipeline(rule, env, ranges, cfg.micro_batches, cfg.stage_timeout)
     else:
         from trainer.pipeline_bp import BackpropPipeline

@@ -108,13 +108,18 @@ class Rule(nn.Module, abc.ABC):
     ``train_step`` raises ``TrainingDiverged`` on a diverged loss (one host sync a step); set
     ``check_divergence = False`` to go on regardless (the trainer's loop does, and decides itself).
     ``preparable`` says whether ``prepare()`` can express the rule's update through autograd; a
-    rule that cannot sets it to the reason.
+    rule that cannot sets it to the reason. ``pipelining`` says how ``train.pipeline_stages``
+    runs it: ``"local"`` (every stage runs the rule's own step engine on its units,
+    ``UnitRule.run_units``), ``"torch"`` (end to end, through ``torch.distributed.pipelining``), or
+    the reason it cannot be pipelined.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type]
     notes: tuple[str, ...] = ()  # what the rule decided for the user (e.g. where it cut the model), printed
     preparable: ClassVar[bool | str] = True
+    pipelining: ClassVar[str] = ("it declares no pipeline schedule (a UnitRule subclass runs its own step engine "
+                                 "on each stage; set pipelining = \"torch\" for an end-to-end backprop variant)")
     check_divergence: bool = True
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -300,6 +305,7 @@ class UnitRule(Rule):
     """
 
     Options: ClassVar[type[UnitOptions]]
+    pipelining = "local"
     forward_only: bool = False
     last_loss: torch.Tensor | None = None  # the task loss of the last step
 

@@ -20,6 +20,7 @@ class Backprop(Rule):
 
     name = "bp"
     Options = BackpropOptions
+    pipelining = "torch"  # GPipe or 1F1B through torch.distributed.pipelining (trainer.pipeline_bp)
 
     def __init__(self, model: nn.Module, options: BackpropOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)

@@ -93,6 +93,9 @@ class WeightTransport(Backprop):
     """Backprop with feedback weights in place of W's transpose in every dense and conv layer."""
 
     mode: ClassVar[str]
+    pipelining = ("its layers' backward reads and updates feedback state (B, kp's learned B, brsf's signs redrawn "
+                  "each batch) that a pipeline's micro-batches would see per micro-batch, not per batch as one "
+                  "process does; train it on one process or data-parallel")
 
     def __init__(self, model: nn.Module, options: WeightTransportOptions, ctx: RuleContext):
         try:
