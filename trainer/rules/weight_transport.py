@@ -80,7 +80,10 @@ class KolenPollackOptions(WeightTransportOptions):
 
 def check_optimizer_holds(optimizer: torch.optim.Optimizer, feedback: list[nn.Parameter], rule: str) -> None:
     """Kolen–Pollack's B learns through the optimizer: one that does not hold B (built before the
-    rule converted the model) would train it as plain FA, so refuse it."""
+    rule converted the model) would train it as plain FA, so refuse it. A stand-in without
+    ``param_groups`` is not checked."""
+    if not hasattr(optimizer, "param_groups"):
+        return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = sum(id(b) not in held for b in feedback)
     if missing:
