@@ -398,6 +398,7 @@ def test_the_pipeline_names_its_stages_readably(model, boundaries, listed):
     ("model.name=torchvision:nosuch", "--set model.name=torchvision:nosuch: [model] name: torchvision has no "
                                       "classification model 'nosuch'"),
     ("data.path=missing.npz", "--set data.path=missing.npz: [data] path: missing.npz does not exist"),
+    ("model.name=foo", "--set model.name=foo: [model]: name: expected one of"),  # a validate() error
 ])
 def test_build_errors_name_the_set_not_the_file(tmp_path, tiny_npz, capsys, override, expect):
     path = write_recipe(tmp_path / "r.toml", tiny_npz)

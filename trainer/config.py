@@ -250,8 +250,8 @@ def build_section(cls: type, values: dict[str, Any], where: str, origins: dict[s
     if check is not None:
         try:
             check()
-        except ValueError as err:
-            raise ConfigError(f"{where}: {err}") from None
+        except ValueError as err:  # validate() messages begin with the key: blame its --set if it had one
+            raise ConfigError(f"{origins.get(str(err).split(':', 1)[0], where)}: {err}") from None
     return obj
 
 
