@@ -90,3 +90,9 @@ def test_ddp_example_runs_under_torchrun_and_learns(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = float(re.search(r"accuracy (\S+)", result.stdout).group(1))
     assert accuracy > 0.6 and result.stdout.count("accuracy") == 1  # chance is 0.25; rank 0 alone prints
+
+
+def test_strip_feedback_example_loads_strictly_into_the_plain_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_example("strip-feedback")
+    assert set(namespace["trained"].state_dict()) > set(namespace["plain"].state_dict()), "the feedback state is dropped"
