@@ -26,6 +26,12 @@ from W's initialisation distribution and s that distribution's standard deviatio
   last one but B, which has a gradient, was not (an optimizer built before; version counters only,
   no host sync).
 
+Each mode is one entry of the table :data:`MODES`, a :class:`FeedbackMode`: how B is made from W
+and the mode's own tensor M (R, |R|, or s), how M is drawn, whether it may be kept dense or
+regenerated from the seed, whether it is redrawn every batch, and whether it learns (kp). The
+layers, the autograd function and the converter read only the entry, so a new mode (another
+sign-concordant variant, say) is one more entry.
+
 Initialisation (``init``), which fixes R's distribution and s (fan_in = C_in/groups * kernel numel):
 ``"default"`` is PyTorch's own init of Linear/Conv2d weights, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
 (s = 1/sqrt(3 fan_in)); ``"xavier"`` is N(0, 2/(fan_in + fan_out)); ``"match"`` is N(0, std(W)^2)
@@ -58,8 +64,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Optional
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +83,7 @@ __all__ = [
     "FEEDBACK_STATE_KEYS",
     "FeedbackConv2d",
     "FeedbackLinear",
+    "FeedbackMode",
     "INITS",
     "MODES",
     "STORAGES",
@@ -84,39 +92,102 @@ __all__ = [
     "strip_feedback",
 ]
 
-MODES = ("fa", "usf", "brsf", "frsf", "kp")
-"""The feedback rules (biotorch's names)."""
 INITS = ("default", "xavier", "match")
 """Distributions R (and the scale s) are drawn from."""
 STORAGES = ("dense", "seeded")
-"""How fa's B and frsf's |R| are kept; the other modes accept only ``"dense"`` (their default)."""
+"""How a mode's random part M is kept where it may be either (:meth:`FeedbackMode.refuses_seeded`)."""
 FEEDBACK_STATE_KEYS = ("feedback_weight", "feedback_magnitude", "feedback_scale", "feedback_step")
 """Names of the buffers/Parameter a feedback layer may add to the plain layer's state_dict:
 B (fa dense, kp), |R| (frsf dense), s (usf, brsf, seeded fa/frsf) and the brsf step counter."""
 
-_SEEDED_MODES = ("fa", "frsf")
-_NO_SEEDED = {
-    "usf": "usf stores nothing (B = s * sign(W) is made from W at every backward)",
-    "brsf": "brsf is always regenerated from (seed, step)",
-    "kp": "kp's B is a trained Parameter, so it is always dense",
-}
 _SQRT3 = math.sqrt(3.0)
 
 Conv = tuple[tuple[int, int], str | tuple[int, int], tuple[int, int], int]
 """A conv's (stride, padding as given to F.conv2d, dilation, groups)."""
 
 
-def _check_config(op: str, mode: str, init: str, storage: str, seed: int) -> None:
+def _itself(weight: Tensor, m: Tensor) -> Tensor:
+    return m
+
+
+def _signed(weight: Tensor, m: Tensor) -> Tensor:
+    return m * torch.sign(weight)
+
+
+def _scaled(z: Tensor, s: Tensor) -> Tensor:
+    return s * z
+
+
+def _magnitude(z: Tensor, s: Tensor) -> Tensor:
+    return (s * z).abs_()
+
+
+@dataclass(frozen=True)
+class FeedbackMode:
+    """One row of :data:`MODES`: how a mode makes B, keeps it, redraws it and whether it learns.
+
+    ``feedback(W, M)`` is B from the current W and the mode's own tensor M. ``draw(z, s)`` makes M
+    from a unit-variance draw z of W's shape (``dist``: "uniform" U(-sqrt 3, sqrt 3) or "normal";
+    None: the init's) and the init's std s; without ``draw``, M is s (nothing random, only s kept).
+    A dense M is kept under ``stored_as``; ``redraw="batch"`` regenerates it from (seed, step) at
+    every training forward instead; ``learned`` makes it an nn.Parameter with gradient dW, which is
+    Kolen-Pollack's update only where B is M (``feedback=_itself``). ``formula`` is B for messages.
+    """
+
+    formula: str
+    feedback: Callable[[Tensor, Tensor], Tensor]
+    draw: Callable[[Tensor, Tensor], Tensor] | None = None
+    dist: Literal["uniform", "normal"] | None = None
+    stored_as: Literal["feedback_weight", "feedback_magnitude"] = "feedback_weight"
+    redraw: Literal["never", "batch"] = "never"
+    learned: bool = False
+
+    def __post_init__(self) -> None:
+        if self.learned and (self.draw is None or self.redraw != "never"):
+            raise ValueError("a learned B starts from a draw and is never redrawn")
+
+    def kept(self, storage: str) -> str:
+        """What a layer keeps of M between steps, for the ``storage`` asked: "dense", "seeded" or "none"."""
+        if self.draw is None:
+            return "none"
+        return "seeded" if self.redraw == "batch" else storage
+
+    def refuses_seeded(self, name: str) -> str | None:
+        """Why mode ``name`` cannot take storage="seeded", or None when it can."""
+        if self.draw is None:
+            return f"{name} stores nothing (B = {self.formula} is made from W at every backward)"
+        if self.redraw == "batch":
+            return f"{name} is always regenerated from (seed, step)"
+        if self.learned:
+            return f"{name}'s B is a trained Parameter, so it is always dense"
+        return None
+
+
+MODES: dict[str, FeedbackMode] = {
+    "fa": FeedbackMode("R", _itself, _scaled),
+    "usf": FeedbackMode("s * sign(W)", _signed),
+    "brsf": FeedbackMode("|R| * sign(W)", _signed, _magnitude, redraw="batch"),
+    "frsf": FeedbackMode("|R| * sign(W)", _signed, _magnitude, stored_as="feedback_magnitude"),
+    "kp": FeedbackMode("R, learned", _itself, _scaled, learned=True),
+}
+"""The feedback modes (biotorch's names), one entry each; a new mode is one more entry."""
+
+
+def _check_config(op: str, mode: str, init: str, storage: str, seed: int) -> FeedbackMode:
+    """``mode``'s table entry, after checking the arguments."""
     if mode not in MODES:
-        raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {MODES}")
+        raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {tuple(MODES)}")
     if init not in INITS:
         raise ValueError(f"{op}: unknown init {init!r}; expected one of {INITS}")
     if storage not in STORAGES:
         raise ValueError(f"{op}: unknown storage {storage!r}; expected one of {STORAGES}")
-    if storage == "seeded" and mode not in _SEEDED_MODES:
-        raise ValueError(f"{op}: storage='seeded' is only for fa and frsf; {_NO_SEEDED[mode]}: use storage='dense'")
+    refusal = MODES[mode].refuses_seeded(mode)
+    if storage == "seeded" and refusal is not None:
+        seeded = ", ".join(name for name, rule in MODES.items() if rule.refuses_seeded(name) is None)
+        raise ValueError(f"{op}: storage='seeded' is only for {seeded}; {refusal}: use storage='dense'")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
+    return MODES[mode]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,17 +226,13 @@ def _init_std(weight: Tensor, init: str) -> float:
     return std
 
 
-def _feedback(mode: str, weight: Tensor, stored: Tensor | None, scale: Tensor | None, step: Tensor | None,
-              seed: int, dist: str) -> Tensor:
-    """B for ``mode``: ``stored`` is B (fa dense, kp) or |R| (frsf dense), or None when regenerated."""
-    if mode in ("fa", "kp"):
-        return stored if stored is not None else scale * feedback_draw(weight, seed, None, dist)
-    sign = torch.sign(weight)
-    if mode == "usf":
-        return scale * sign
+def _feedback(mode: FeedbackMode, weight: Tensor, stored: Tensor | None, scale: Tensor | None,
+              step: Tensor | None, seed: int, dist: str) -> Tensor:
+    """B by ``mode``: ``stored`` is the dense M, or None where M is regenerated (from ``step`` when
+    given) or is the scale s."""
     if stored is None:
-        stored = scale * feedback_draw(weight, seed, step if mode == "brsf" else None, dist).abs_()
-    return stored * sign
+        stored = scale if mode.draw is None else mode.draw(feedback_draw(weight, seed, step, dist), scale)
+    return mode.feedback(weight, stored)
 
 
 def _int_padding(padding: str | tuple[int, int], weight: Tensor, dilation: tuple[int, int]) -> tuple[int, int]:
@@ -190,7 +257,7 @@ class _FeedbackFunction(torch.autograd.Function):
         stored: Tensor | None,
         scale: Tensor | None,
         step: Tensor | None,
-        mode: str,
+        mode: FeedbackMode,
         seed: int,
         dist: str,
         conv: Conv | None,
@@ -266,51 +333,48 @@ class _FeedbackLayer:
     weight: nn.Parameter
 
     def _setup_feedback(self, mode: str, init: str, storage: str, seed: int) -> None:
-        """Register the mode's buffers (or kp's Parameter), drawn from W's distribution with ``seed``."""
-        _check_config(type(self).__name__, mode, init, storage, seed)
+        """Register what the mode keeps (M, or s, and the step counter), drawn with ``seed``."""
+        self._mode = _check_config(type(self).__name__, mode, init, storage, seed)
         self.mode, self.init, self.feedback_seed, self.exact = mode, init, seed, False
-        self._kp_versions: tuple[int, int, int, int] | None = None  # kp: (id, _version) of W and B at a forward
-        self._dist = "uniform" if init == "default" else "normal"
+        self._versions: tuple[int, int, int, int] | None = None  # learned B: (id, _version) of W and B at a forward
+        self._dist = self._mode.dist or ("uniform" if init == "default" else "normal")
         weight = self.weight.detach()
         scale = torch.tensor(_init_std(weight, init), dtype=weight.dtype, device=weight.device)
-        if mode == "usf" or mode == "brsf" or storage == "seeded":
-            self.storage = "none" if mode == "usf" else "seeded"
-            self.register_buffer("feedback_scale", scale)
-        else:
-            self.storage = "dense"
-            draw = scale * feedback_draw(weight, seed, None, self._dist)
-            if mode == "fa":
-                self.register_buffer("feedback_weight", draw)
-            elif mode == "kp":
-                self.feedback_weight = nn.Parameter(draw, requires_grad=self.weight.requires_grad)
+        self.storage = self._mode.kept(storage)
+        if self.storage == "dense":
+            m = self._mode.draw(feedback_draw(weight, seed, None, self._dist), scale)
+            if self._mode.learned:
+                setattr(self, self._mode.stored_as, nn.Parameter(m, requires_grad=self.weight.requires_grad))
             else:
-                self.register_buffer("feedback_magnitude", draw.abs_())
-        if mode == "brsf":
+                self.register_buffer(self._mode.stored_as, m)
+        else:
+            self.register_buffer("feedback_scale", scale)
+        if self._mode.redraw == "batch":
             self.register_buffer("feedback_step", torch.zeros((), dtype=torch.int64, device=weight.device))
 
     def _stored(self) -> Tensor | None:
-        """B (fa dense, kp), |R| (frsf dense), or None where it is regenerated."""
-        return getattr(self, "feedback_magnitude" if self.mode == "frsf" else "feedback_weight", None)
+        """The dense M (B for fa and kp, |R| for frsf), or None where it is regenerated."""
+        return getattr(self, self._mode.stored_as) if self.storage == "dense" else None
 
     def _check_b_is_stepped(self) -> None:
-        """kp: raise where W was stepped since the last training forward while B, which has a gradient,
-        was not: the optimizer does not hold B, and kp would train as plain fa. Reads the tensors'
+        """A learned B: raise where W was stepped since the last training forward while B, which has a
+        gradient, was not: the optimizer does not hold B, which would stay fixed. Reads the tensors'
         version counters only (no host sync); skipped under torch.compile."""
-        w, b = self.weight, self.feedback_weight
-        last, self._kp_versions = self._kp_versions, (id(w), w._version, id(b), b._version)
+        w, b = self.weight, self._stored()
+        last, self._versions = self._versions, (id(w), w._version, id(b), b._version)
         if (last is not None and b.grad is not None and (last[0], last[2]) == (id(w), id(b))
                 and w._version != last[1] and b._version == last[3]):
             raise RuntimeError(
-                f"{type(self).__name__} (mode 'kp'): W was stepped since the last training forward but B "
-                "(feedback_weight, which has a gradient) was not, so the optimizer does not hold B and Kolen-Pollack "
-                "would train as plain fa: build the optimizer after convert_to_feedback, from the converted model's "
-                "parameters (model.parameters()), or add B to it (optimizer.add_param_group)")
+                f"{type(self).__name__} (mode {self.mode!r}): W was stepped since the last training forward but B "
+                f"({self._mode.stored_as}, which has a gradient) was not, so the optimizer does not hold B and it "
+                "would train as a fixed B (plain fa): build the optimizer after convert_to_feedback, from the "
+                "converted model's parameters (model.parameters()), or add B to it (optimizer.add_param_group)")
 
     def _feedback_forward(self, input: Tensor, conv: Conv | None) -> Tensor:
-        if self.mode == "kp" and self.feedback_weight.requires_grad and not torch.compiler.is_compiling():
+        if self._mode.learned and self._stored().requires_grad and not torch.compiler.is_compiling():
             self._check_b_is_stepped()
         step = None
-        if self.mode == "brsf":
+        if self._mode.redraw == "batch":
             # A new tensor, not the buffer: a later forward's increment must not change this one's
             # draw. (A clone of the incremented buffer is not enough: aot_eager's partitioner then
             # recomputes it in backward from the already incremented buffer.)
@@ -318,14 +382,14 @@ class _FeedbackLayer:
             with torch.no_grad():
                 self.feedback_step.copy_(step)
         return _FeedbackFunction.apply(input, self.weight, self.bias, self._stored(),
-                                       getattr(self, "feedback_scale", None), step, self.mode,
+                                       getattr(self, "feedback_scale", None), step, self._mode,
                                        self.feedback_seed, self._dist, conv)
 
     @torch.no_grad()
     def current_feedback_weight(self) -> Tensor:
         """B as the next feedback backward uses it (materialised, W's dtype; for brsf the current
         step's, i.e. the draw of the last training forward). Ignores ``exact``."""
-        return _feedback(self.mode, self.weight, self._stored(), getattr(self, "feedback_scale", None),
+        return _feedback(self._mode, self.weight, self._stored(), getattr(self, "feedback_scale", None),
                          getattr(self, "feedback_step", None), self.feedback_seed, self._dist).clone()
 
     @property

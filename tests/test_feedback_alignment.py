@@ -15,8 +15,10 @@ from torch import nn
 from kernels._hash import stream_key
 from kernels.feedback_alignment import (
     FEEDBACK_STATE_KEYS,
+    MODES,
     FeedbackConv2d,
     FeedbackLinear,
+    FeedbackMode,
     convert_to_feedback,
     feedback_layers,
     strip_feedback,
@@ -467,6 +469,38 @@ def test_bad_configurations_are_refused_clearly():
         FeedbackLinear.from_module(nn.Conv2d(2, 2, 1), "fa")
     with pytest.raises(ValueError, match="FeedbackConv2d: padding_mode='circular'"):
         FeedbackConv2d(2, 2, 3, padding_mode="circular")
+
+
+@pytest.mark.parametrize("storage", ["dense", "seeded"])
+def test_a_new_mode_is_one_table_entry(monkeypatch, storage):
+    """A sign-concordant variant registered here only, B = s * sign(W) * U with U fixed uniform in
+    [0.5, 1.5], trains through convert_to_feedback with dx = B^T dy."""
+    half = 0.5 / math.sqrt(3)  # z ~ U(-sqrt 3, sqrt 3), so 1 + half * z ~ U(0.5, 1.5)
+    monkeypatch.setitem(MODES, "signed-uniform", FeedbackMode(
+        "s * sign(W) * U", lambda w, m: m * torch.sign(w), lambda z, s: s * (1 + half * z), dist="uniform",
+        stored_as="feedback_magnitude"))
+    model = convert_to_feedback(mlp(), "signed-uniform", init="xavier", storage=storage, seed=7)
+    layers = feedback_layers(model)
+    start = [layer.weight.detach().clone() for _, layer in layers]
+    sgd_steps(model, (5, 7), steps=3)
+    seen = {}
+    for name, layer in layers:
+        def capture(module, args, out, name=name):
+            args[0].register_hook(lambda g: seen.__setitem__((name, "dx"), g))
+            out.register_hook(lambda g: seen.__setitem__((name, "dy"), g))
+        layer.register_forward_hook(capture)
+    random_loss(model(torch.randn(5, 7, requires_grad=True))).backward()
+    for index, ((name, layer), w0) in enumerate(zip(layers, start)):
+        w = layer.weight.detach()
+        assert not torch.equal(w, w0), name
+        u = 1 + half * unit_draw(w, stream_key(7, index), "uniform")
+        assert 0.5 <= u.min() and u.max() <= 1.5
+        b = torch.tensor(math.sqrt(2 / sum(w.shape))) * torch.sign(w) * u
+        assert_rel_close(layer.current_feedback_weight(), b, 1e-6, f"{name} B")
+        assert_rel_close(seen[name, "dx"], seen[name, "dy"] @ b, RTOL, f"{name} dx")
+        keys = {k for k in layer.state_dict() if k in FEEDBACK_STATE_KEYS}
+        assert keys == ({"feedback_magnitude"} if storage == "dense" else {"feedback_scale"}), name
+    assert not any(k.rsplit(".", 1)[1] in FEEDBACK_STATE_KEYS for k in strip_feedback(model.state_dict()))
 
 
 def test_repr_and_feedback_bytes():
