@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from trainer.rules.alignment import angle_degrees, flat_gradient, needs_labels, preserved_buffers
+from trainer.rules.alignment import bp_alignment, needs_labels, preserved_buffers
 from trainer.rules.base import RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
 from trainer.units import Granularity, State, detach_state, primary, used_parameters
@@ -177,24 +177,14 @@ class DFA(UnitRule):
     def measure_alignment(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Angle (degrees) between each unit's update now in ``.grad`` and its BP gradient on
         (x, y); "angle" is the mean over the units that learn from feedback (below the top segment)."""
-        params = [p for owned in self.unit_parameters for p in owned]
-        with preserved_buffers(self.model), torch.enable_grad():
+        groups = {name: owned for (name, _), owned in zip(self.model_units, self.unit_parameters)}
+        below_top = {name for index, (name, _) in enumerate(self.model_units) if index not in self.segments[-1]}
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
             with self.autocast():
-                logits = self.eager_forward(x)
-            loss = self.criterion(logits.float(), y)
-            true_grads = list(torch.autograd.grad(loss, params, allow_unused=True))
-        angles: dict[str, float] = {}
-        from_feedback = []
-        for index, ((name, _), owned) in enumerate(zip(self.model_units, self.unit_parameters)):
-            bp_grads, true_grads = true_grads[:len(owned)], true_grads[len(owned):]
-            if not owned:
-                continue
-            angle = angle_degrees(flat_gradient(owned, [p.grad for p in owned]), flat_gradient(owned, bp_grads))
-            angles[f"angle/{name}"] = angle
-            if index not in self.segments[-1]:
-                from_feedback.append(angle)
-        angles["angle"] = sum(from_feedback) / len(from_feedback) if from_feedback else 0.0
-        return angles
+                return self.eager_forward(x)
+
+        return bp_alignment(self.model, groups, forward, self.criterion, x, y, mean_over=below_top)
 
     def diagnostics(self) -> dict[str, float]:
         return dict(self.angles)

@@ -25,15 +25,14 @@ batch (``angle/NAME``), from one extra exact forward and backward (BatchNorm sta
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from kernels import convert_to_feedback, feedback_layers
-from trainer.rules.alignment import angle_degrees, needs_labels, preserved_buffers
+from trainer.rules.alignment import angle_degrees, bp_alignment, needs_labels
 from trainer.rules.base import ParamOptions, RuleContext, RuleError, StepResult
 from trainer.rules.bp import Backprop
 
@@ -93,16 +92,17 @@ def check_optimizer_holds(optimizer: torch.optim.Optimizer, feedback: list[nn.Pa
 
 
 class WeightTransport(Backprop):
-    """Backprop with feedback weights in place of W's transpose in every dense and conv layer."""
+    """Backprop with feedback weights in place of W's transpose in every dense and conv layer; the
+    rule's ``name`` is its mode in ``kernels.feedback_alignment.MODES``."""
 
-    mode: ClassVar[str]
-    pipelining = ("its layers' backward reads and updates feedback state (B, kp's learned B, brsf's signs redrawn "
-                  "each batch) that a pipeline's micro-batches would see per micro-batch, not per batch as one "
-                  "process does; train it on one process or data-parallel")
+    pipelining = ("torch.distributed.pipelining would run its layers and the criterion without the rule's step: "
+                  "brsf would redraw R at every micro-batch's forward instead of once a batch, and align_every's "
+                  "BP pass through the whole model and kp's check that the optimizer holds B would not run; train "
+                  "it on one process or data-parallel")
 
     def __init__(self, model: nn.Module, options: WeightTransportOptions, ctx: RuleContext):
         try:
-            model = convert_to_feedback(model, self.mode, init=options.feedback_init,
+            model = convert_to_feedback(model, self.name, init=options.feedback_init,
                                         storage=options.feedback_storage if isinstance(options, StoredFeedbackOptions)
                                         else "dense", seed=ctx.seed,
                                         keep_exact=tuple(options.keep_exact))
@@ -126,13 +126,14 @@ class WeightTransport(Backprop):
 
     prepared_after_backward = after_backward
 
-    @contextlib.contextmanager
-    def exact_backward(self) -> Iterator[None]:
-        """Every feedback layer backpropagates through W for the duration (plain BP)."""
+    def exact_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's forward under the rule's autocast with every feedback layer exact, so that
+        its backward is plain BP."""
         for _, layer in self.layers:
             layer.exact = True
         try:
-            yield
+            with self.autocast():
+                return self.model(x)
         finally:
             for _, layer in self.layers:
                 layer.exact = False
@@ -140,21 +141,11 @@ class WeightTransport(Backprop):
     def measure_alignment(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Per layer, the angle between B and W and between the update now in ``.grad`` and the
         true BP gradient on (x, y); "angle" and "fb_angle" are their means over the layers."""
-        weights = [layer.weight for _, layer in self.layers]
-        feedback = [layer.current_feedback_weight() for _, layer in self.layers]
-        with preserved_buffers(self.model), self.exact_backward(), torch.enable_grad():
-            with self.autocast():
-                logits = self.model(x)
-            true_grads = torch.autograd.grad(self.criterion(logits.float(), y), weights, allow_unused=True)
-        angles: dict[str, float] = {}
-        for (name, layer), b, bp in zip(self.layers, feedback, true_grads):
-            angles[f"fb_angle/{name}"] = angle_degrees(b.flatten(), layer.weight.detach().flatten())
-            if layer.weight.grad is not None and bp is not None:
-                angles[f"angle/{name}"] = angle_degrees(layer.weight.grad.flatten(), bp.flatten())
-        for key in ("angle", "fb_angle"):
-            values = [v for k, v in angles.items() if k.startswith(key + "/")]
-            angles[key] = sum(values) / len(values) if values else 0.0
-        return angles
+        angles = {f"fb_angle/{name}": angle_degrees(layer.current_feedback_weight().flatten(),
+                                                    layer.weight.detach().flatten()) for name, layer in self.layers}
+        angles["fb_angle"] = sum(angles.values()) / len(angles)
+        groups = {name: [layer.weight] for name, layer in self.layers}
+        return angles | bp_alignment(self.model, groups, self.exact_forward, self.criterion, x, y)
 
     def diagnostics(self) -> dict[str, float]:
         return dict(self.angles)
@@ -163,31 +154,31 @@ class WeightTransport(Backprop):
 class FeedbackAlignment(WeightTransport):
     """fa: a fixed random B of W's distribution."""
 
-    name, mode, Options = "fa", "fa", StoredFeedbackOptions
+    name, Options = "fa", StoredFeedbackOptions
 
 
 class UniformSignSymmetry(WeightTransport):
     """usf: B = s · sign(W), sign-concordant with the current W."""
 
-    name, mode, Options = "usf", "usf", WeightTransportOptions
+    name, Options = "usf", WeightTransportOptions
 
 
 class BatchRandomSignSymmetry(WeightTransport):
     """brsf: B = |R| ⊙ sign(W), random magnitudes redrawn every batch."""
 
-    name, mode, Options = "brsf", "brsf", WeightTransportOptions
+    name, Options = "brsf", WeightTransportOptions
 
 
 class FixedRandomSignSymmetry(WeightTransport):
     """frsf: B = |R| ⊙ sign(W), random magnitudes drawn once."""
 
-    name, mode, Options = "frsf", "frsf", StoredFeedbackOptions
+    name, Options = "frsf", StoredFeedbackOptions
 
 
 class KolenPollack(WeightTransport):
     """kp: B receives W's gradient and decay, so it converges to W without reading it."""
 
-    name, mode, Options = "kp", "kp", KolenPollackOptions
+    name, Options = "kp", KolenPollackOptions
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
         check_optimizer_holds(optimizer, [layer.feedback_weight for _, layer in self.layers], self.name)
