@@ -11,8 +11,10 @@ traceback.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
+import os
 import re
 import sys
 import types
@@ -29,6 +31,18 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message says where and what is allowed."""
+
+
+def import_module(module_name: str, key: str) -> types.ModuleType:
+    """The module of a ``python:`` model or rule, imported from the working directory (or an
+    installed package); ConfigError naming the recipe ``key`` when it does not import."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or whatever the module raises while importing
+        raise ConfigError(f"{key}: cannot import {module_name!r} from {os.getcwd()} "
+                          f"({type(err).__name__}: {err})") from None
 
 
 @dataclass
@@ -348,7 +362,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 RuleOptions = Callable[[str], type]
 """The rule-options registry: a rule's name to its options dataclass; KeyError (with the known
-names) for an unknown rule. ``trainer.rules.rule_options_class`` is the trainer's."""
+names) for an unknown rule, ConfigError for a ``python:`` rule it cannot use.
+``trainer.rules.rule_options_class`` is the trainer's."""
 
 
 def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = "<recipe>",
@@ -383,6 +398,8 @@ def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = 
         options_cls = rule_options(rule_name)
     except KeyError as err:
         raise ConfigError(f"{where('rule', 'name')}: [rule] name: {err.args[0]}") from None
+    except ConfigError as err:  # a python: rule that does not import or is no rule
+        raise ConfigError(f"{where('rule', 'name')}: {err}") from None
     if rule_values and not dataclasses.fields(options_cls):
         key = sorted(rule_values)[0]
         raise ConfigError(f"{where('rule', key)}: [rule] {key}: rule {rule_name!r} has no options; remove the key")

@@ -6,9 +6,6 @@ How the local rules split them into units is ``trainer.units``.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections import OrderedDict
 from typing import Callable
 
@@ -17,7 +14,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ConfigError, ModelConfig, import_module
 
 class LayeredNet(nn.Sequential):
     """A plain feed-forward net stored as stages of layers (no residual connections)."""
@@ -193,14 +190,7 @@ def _torchvision_model(builder: str, num_classes: int, kwargs: dict) -> nn.Modul
 def _user_model(target: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict) -> nn.Module:
     """``package.module:factory`` from the working directory, called with num_classes, input_shape, kwargs."""
     module_name, factory_name = target.split(":")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # ImportError, or whatever the module raises while importing
-        raise ConfigError(f"[model] name: cannot import {module_name!r} from {os.getcwd()} "
-                          f"({type(err).__name__}: {err})") from None
-    factory = getattr(module, factory_name, None)
+    factory = getattr(import_module(module_name, "[model] name"), factory_name, None)
     if not callable(factory):
         raise ConfigError(f"[model] name: {module_name} has no callable {factory_name!r}")
     try:

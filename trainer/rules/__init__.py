@@ -1,9 +1,14 @@
-"""The learning rules, by the name a recipe's ``[rule] name`` uses."""
+"""The learning rules, by the name a recipe's ``[rule] name`` uses: a built-in rule's, or
+``python:package.module:ClassName`` for a ``Rule`` subclass of the user's (docs/rules.md, "Writing a
+rule"), imported from the working directory or an installed package as ``python:`` models are."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
+from trainer.config import ConfigError, import_module
 from trainer.rules.base import ParamOptions, Rule, RuleContext, RuleError, StepResult, UnitRule
 from trainer.rules.bp import Backprop
 from trainer.rules.dfa import DFA, BinaryDFA, SignDFA
@@ -26,17 +31,54 @@ RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (
 )}
 
 
+PYTHON_RULE = "python:package.module:ClassName"
+
+
+def rule_class(name: str) -> type[Rule]:
+    """The class of rule ``name``. KeyError with the known names for an unknown built-in name;
+    ConfigError naming ``[rule] name`` for a ``python:`` rule that does not import or is not a
+    ``Rule`` subclass with an ``Options`` dataclass."""
+    kind, _, target = name.partition(":")
+    if kind != "python":
+        if name not in RULES:
+            raise KeyError(f"unknown rule {name!r}; rules: {', '.join(sorted(RULES))}, or {PYTHON_RULE!r} for your own")
+        return RULES[name]
+    if target.count(":") != 1 or not all(target.split(":")):
+        raise ConfigError(f"[rule] name: expected {PYTHON_RULE!r}, got {name!r}")
+    module_name, class_name = target.split(":")
+    module = import_module(module_name, "[rule] name")
+    rules = [key for key, value in vars(module).items() if isinstance(value, type) and issubclass(value, Rule)
+             and value.__module__ == module.__name__]
+    found = getattr(module, class_name, None)
+    listed = f"its rules: {', '.join(rules)}" if rules else "it defines no Rule subclass"
+    if found is None:
+        raise ConfigError(f"[rule] name: {module_name} has no {class_name!r} ({listed}); name the rule's class")
+    if not (isinstance(found, type) and issubclass(found, Rule)):
+        kind = f"the class {found.__qualname__}" if isinstance(found, type) else f"a {type(found).__name__}"
+        raise ConfigError(f"[rule] name: {module_name}:{class_name} is {kind}, not a subclass of trainer.rules.Rule "
+                          f"({listed}); name the rule's class")
+    if found.__abstractmethods__:
+        raise ConfigError(f"[rule] name: {name} does not define {', '.join(sorted(found.__abstractmethods__))} "
+                          "(a Rule subclass defines train_step; a UnitRule has its own)")
+    if not isinstance(getattr(found, "name", None), str):
+        raise ConfigError(f"[rule] name: {name} declares no name: set the class attribute name = \"...\" (its "
+                          "messages and metrics call it that)")
+    options = getattr(found, "Options", None)
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise ConfigError(f"[rule] name: {name} has no Options dataclass (Options = {options!r}): declare the schema "
+                          "of its [rule] keys as a @dataclass class attribute Options (UnitOptions for a UnitRule)")
+    return found
+
+
 def rule_options_class(name: str) -> type:
-    """The options dataclass of rule ``name``; KeyError with the known names otherwise."""
-    if name not in RULES:
-        raise KeyError(f"unknown rule {name!r}; rules: {', '.join(sorted(RULES))}")
-    return RULES[name].Options
+    """The options dataclass of rule ``name`` (see ``rule_class`` for what it raises)."""
+    return rule_class(name).Options
 
 
 def build_rule(name: str, options: object, model: nn.Module, ctx: RuleContext) -> Rule:
     """Rule ``name`` with its validated options, training ``model``."""
-    rule_options_class(name)
-    return RULES[name](model, options, ctx).to(ctx.device)
+    return rule_class(name)(model, options, ctx).to(ctx.device)
 
 
-__all__ = ["RULES", "ParamOptions", "Rule", "RuleContext", "RuleError", "StepResult", "UnitRule", "build_rule", "rule_options_class"]
+__all__ = ["RULES", "ParamOptions", "Rule", "RuleContext", "RuleError", "StepResult", "UnitRule", "build_rule",
+           "rule_class", "rule_options_class"]
