@@ -301,7 +301,7 @@ def add_step_arguments(parser: Any, batch: int) -> None:
 
 def step_settings(args: Any) -> tuple[torch.device, bool, bool]:
     """(device, compile, amp) from ``add_step_arguments``' flags: compile and bf16 default to on for CUDA."""
-    from trainer.session import on_cuda_by_default, resolve_device
+    from trainer.devices import on_cuda_by_default, resolve_device
 
     device = resolve_device(args.device)
     return device, on_cuda_by_default(args.compile, device.type), on_cuda_by_default(args.amp, device.type)

@@ -30,7 +30,8 @@ from benchmarks._harness import cifar_data, environment, make_console, table, ti
 from trainer.data import NormStats, load_images  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.recipes import load_recipe  # noqa: E402
-from trainer.session import build_session, resolve_device  # noqa: E402
+from trainer.devices import resolve_device  # noqa: E402
+from trainer.session import build_session  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_resnet18_bp.toml"
 

@@ -245,7 +245,7 @@ def measure(args: argparse.Namespace) -> None:
         "images_per_s": images / seconds, "activation_bytes": peak.bytes,
         "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(), "loss": float(last["loss"]) if last["logits"] else None,
-        "split": session.pipeline.note if session.pipeline is not None else "one process",
+        "split": " ".join(session.layout.notes) or "one process",
         "recipe": recipe.source,
     }
     with open(args.report, "a") as f:  # one short line per rank, appended

@@ -44,7 +44,7 @@ from benchmarks._harness import (  # noqa: E402
     write_results,
 )
 from trainer.rules import Rule  # noqa: E402
-from trainer.session import resolve_device  # noqa: E402
+from trainer.devices import resolve_device  # noqa: E402
 
 
 @dataclass

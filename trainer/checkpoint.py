@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, holding everything a resume or ``trainer eval`` needs."""
+"""Checkpoints: written atomically, holding everything a resume or ``trainer eval`` needs; what a
+session puts in one (``checkpoint_payload``) and how a freshly built session takes it back (``restore``)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainer.config import ConfigError
+from trainer.distributed import DistEnv
 from trainer.run_folder import CHECKPOINT_NAME
+
+if TYPE_CHECKING:
+    from trainer.session import Session
 
 FORMAT_VERSION = 1
 PAYLOAD_KEYS = ("recipe", "epoch", "step", "world_size", "model", "rule", "optimizer", "scheduler", "rng", "data")
@@ -81,6 +86,62 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gathered_rng_states(env: DistEnv) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (collective: all ranks call it)."""
+    if not env.enabled:
+        return [rng_state()]
+    states: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+# --- a session's round trip ----------------------------------------------------------------------
+
+
+def checkpoint_payload(s: Session, epoch: int, step: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint holds: enough to resume exactly, and to evaluate without the data."""
+    return {
+        "recipe": s.recipe.to_dict(), "epoch": epoch, "step": step, "world_size": s.env.world_size,
+        "model": s.model.state_dict(), "rule": s.rule.state_dict(),
+        **s.layout.checkpoint_fields(s.optimizer),  # "optimizer" and "pipeline"
+        "scheduler": s.scheduler.state_dict(), "rng": rng,
+        "data": {"mean": list(s.data.stats.mean), "std": list(s.data.stats.std),
+                 "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape), "files": s.data_files},
+    }
+
+
+def restore(s: Session, payload: dict[str, Any], out_dir: Path) -> tuple[int, int]:
+    """Load a checkpoint of the run folder ``out_dir`` (and this rank's stage part, under a pipeline)
+    into a freshly built session; returns (epoch, step) to continue from."""
+    if payload["world_size"] != s.env.world_size:
+        raise ConfigError(f"the checkpoint was written by {payload['world_size']} process(es); resume it with "
+                          f"the same number (got {s.env.world_size})")
+    stages = (payload.get("pipeline") or {}).get("stages", 1)
+    if stages != s.env.stages:
+        raise ConfigError(f"the checkpoint was written by a pipeline of {stages} stage(s); resume it with "
+                          f"train.pipeline_stages = {stages} (got {s.env.stages})")
+    for key, saved in payload["data"].get("files", {}).items():  # checkpoints before fingerprints have none
+        now = s.data_files.get(key)
+        if now is not None and now != saved:
+            change = f"{saved['size']} → {now['size']} bytes" if now["size"] != saved["size"] else \
+                "its sha256 differs"
+            raise ConfigError(f"{now['file']} ({key}): the file changed since the checkpoint was written ({change}); "
+                              "--resume needs the images it trained on: put that file back, or start a new run with "
+                              "another --out")
+    optimizer_state = s.layout.optimizer_state(payload, out_dir)
+    try:
+        s.model.load_state_dict(payload["model"])
+        s.rule.load_state_dict(payload["rule"])
+        s.optimizer.load_state_dict(optimizer_state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ConfigError(f"the checkpoint does not fit the model and rule built from the recipe ({reason}); "
+                          "resume with the recipe it was written with, or start a new run with another --out") from None
+    s.scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"][s.env.rank])
+    return payload["epoch"], payload["step"]
 
 
 # --- pipeline stages' parts ------------------------------------------------------------------------

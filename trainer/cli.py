@@ -118,8 +118,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
     from trainer.checkpoint import load_checkpoint
     from trainer.data import DeviceLoader, build_data, load_images
-    from trainer.loop import evaluate
-    from trainer.session import trained_model
+    from trainer.evaluation import evaluate, trained_model
 
     trained = trained_model(load_checkpoint(args.run), source=args.run, device_flag=args.device)
     recipe, shape, num_classes = trained.recipe, trained.input_shape, trained.num_classes

@@ -1,5 +1,6 @@
 """The training loop: compact on purpose. The rule owns the step, the session owns what is trained
-(``trainer.session``), the reporter owns what is shown (``trainer.report``); the loop owns the order."""
+(``trainer.session``) and its layout what differs under a pipeline (``trainer.layout``), the reporter
+owns what is shown (``trainer.report``); the loop owns the order."""
 
 from __future__ import annotations
 
@@ -12,24 +13,24 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
-from trainer.checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_stage_part, remove_stage_parts, save_checkpoint,
-                                save_stage_part)
+from trainer.checkpoint import (CHECKPOINT_NAME, checkpoint_payload, gathered_rng_states, load_checkpoint, restore,
+                                save_checkpoint)
 from trainer.config import RESUMABLE_KEYS, ConfigError, Recipe, dump_toml, parse_override, recipe_changes, tomllib
-from trainer.data import Loader
-from trainer.distributed import DistEnv, all_reduce_sum, average_buffers, finish
+from trainer.distributed import all_reduce_sum, average_buffers, finish
 from trainer.errors import RunInterrupted, StageFailed, TrainingDiverged, divergence
+from trainer.evaluation import evaluate
 from trainer.recipes import recipe_from_dict
 from trainer.report import MetricsLog, Reporter
 from trainer.rules import Rule
 from trainer.run_folder import RunFolder
-from trainer.session import Session, build_session, checkpoint_payload, gathered_rng_states, restore
+from trainer.session import Session, build_session
 
 
 def rule_state_mb(rule: Rule) -> float:
@@ -42,25 +43,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Loader, criterion: nn.Module,
-             env: DistEnv = DistEnv()) -> dict[str, float]:
-    """Loss and accuracy over a loader (summed over ranks' shards). A short last batch is padded
-    so compiled shapes stay fixed."""
-    total_loss, correct, count = 0.0, 0, 0
-    for x, y in loader.batches(0):
-        n = len(y)
-        if n < loader.batch_size:
-            x = torch.cat([x, x.new_zeros((loader.batch_size - n, *x.shape[1:]))])
-        logits = forward(x)[:n].float()
-        total_loss += criterion(logits, y).item() * n
-        correct += (logits.argmax(1) == y).sum().item()
-        count += n
-    if env.enabled:
-        total_loss, correct, count = all_reduce_sum([total_loss, correct, count])
-    return {"loss": total_loss / count, "accuracy": correct / count}
 
 
 def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[int, dict[str, Any]]:
@@ -274,8 +256,7 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
     ckpt_path = out_dir / CHECKPOINT_NAME
     s = build_session(recipe, sets)
     main = s.env.is_main
-    part = load_stage_part(out_dir, payload["epoch"], s.env.rank) if payload and payload.get("pipeline") else None
-    epoch, step = restore(s, payload, part) if payload is not None else (0, 0)
+    epoch, step = restore(s, payload, out_dir) if payload is not None else (0, 0)
     if s.env.enabled:
         torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 rewrites files
     history: list[dict[str, Any]] = []
@@ -290,8 +271,7 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
                  f"out: {escape(str(out_dir))}")
     if payload is not None:
         reporter.say(f"resumed from epoch {epoch}, step {step}")
-    pipeline_notes = [s.pipeline.note] if s.pipeline is not None else []
-    for text in [*s.data.notes, *s.rule.notes, *pipeline_notes, *notes]:
+    for text in [*s.data.notes, *s.rule.notes, *s.layout.notes, *notes]:
         reporter.note(text)
     try:
         with reporter.running(len(s.data.train)):
@@ -300,8 +280,7 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
                 step, summary = train_epoch(s, epoch, step, reporter)
                 if s.env.replicas > 1:
                     average_buffers(s.model, s.env.replicas, s.env.replica_group)  # one set of BatchNorm statistics
-                if s.pipeline is not None:
-                    s.pipeline.synchronize(s.env)  # every rank now holds the whole trained model
+                s.layout.synchronize()  # every rank now holds the whole trained model
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     s.model.eval()
                     s.rule.eval()
@@ -309,15 +288,11 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
                 history.append(summary)
                 reporter.end_epoch(summary, s.data.test_name)
                 rng = gathered_rng_states(s.env)
-                if s.pipeline is not None:  # each rank's optimizer state, before the checkpoint that names it
-                    save_stage_part(out_dir, epoch + 1, s.env.rank, s.optimizer.state_dict())
-                    torch.distributed.barrier()
+                s.layout.save_part(out_dir, epoch + 1, s.optimizer)
                 if main:
                     save_checkpoint(ckpt_path, checkpoint_payload(s, epoch + 1, step, rng))
                 saved.append(epoch + 1)
-                if s.pipeline is not None:
-                    torch.distributed.barrier()
-                    remove_stage_parts(out_dir, s.env.rank, keep=epoch + 1)
+                s.layout.drop_older_parts(out_dir, epoch + 1)
     except KeyboardInterrupt:  # SIGINT or SIGTERM: the epochs done so far, then train() says what was kept
         reporter.summary(history, s.data.test_name)
         raise

@@ -34,15 +34,18 @@ import inspect
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.checkpoint import load_stage_part, remove_stage_parts, save_stage_part
 from trainer.config import ConfigError, TrainConfig
 from trainer.distributed import DistEnv
 from trainer.errors import StageFailed
+from trainer.layout import Layout
 from trainer.rules.alignment import preserved_buffers
 from trainer.rules.base import Rule, RuleError, StepResult, Transport, UnitBatch, UnitRule
 from trainer.units import State, detach_state, dry_outputs, model_units, primary, used_parameters
@@ -426,48 +429,82 @@ class LocalPipeline:
 # --- the whole -------------------------------------------------------------------------------------
 
 @dataclass
-class Pipeline:
-    """This process's stage of a pipeline, and what every stage trains (for the epoch-end sync)."""
+class Pipeline(Layout):
+    """This process's stage of a pipeline, and what every stage trains (for the epoch-end sync).
+    Each rank's optimizer state covers its own stage only: it is kept in a stage part beside
+    ``checkpoint.pt`` (``trainer.checkpoint``), which records the number of stages."""
 
     stage: LocalPipeline | BackpropPipeline
     per_stage: list[list[torch.Tensor]]
-    note: str
+    note: str  # the split
+    env: DistEnv
 
-    def synchronize(self, env: DistEnv) -> None:
-        """At an epoch's end: this stage's sends finished, then every rank gets every stage's
-        trained tensors (collective over the pipeline)."""
+    @staticmethod
+    def collective_timeout(cfg: TrainConfig) -> float | None:
+        return cfg.stage_timeout
+
+    @staticmethod
+    def loader_batch_size(cfg: TrainConfig, forward_only: bool) -> int:
+        # a forward-only rule updates on every micro-batch: its loader gives micro-batches
+        return cfg.batch_size // cfg.micro_batches if forward_only else cfg.batch_size
+
+    @classmethod
+    def build(cls, rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig, input_shape: tuple[int, ...],
+              optimizer: torch.optim.Optimizer) -> Pipeline:
+        """Split the rule's (or the model's) units into ``env.stages`` stages and build this rank's.
+        A random micro-batch of inputs times the units and shapes the messages; ``optimizer`` (the
+        session's) times the units' steps."""
+        if rule.pipelining not in ("local", "torch"):
+            raise RuleError(f"rule {rule.name!r} is not pipelined: {rule.pipelining}")
+        probe = torch.randn((cfg.batch_size // cfg.micro_batches, *input_shape), device=rule.ctx.device)
+        named = pipeline_units(rule, model)
+        names, units = [name for name, _ in named], [unit for _, unit in named]
+        owned = owned_state(units, model, probe, rule)
+        forward_only = isinstance(rule, UnitRule) and rule.forward_only
+        backward = forward_only_backward(rule, torch.randint(0, rule.ctx.num_classes, (len(probe),),
+                                                             device=probe.device)) if forward_only else ones_backward
+        ranges, note = split_stages(names, units, model, env, cfg.stage_boundaries, probe, rule.autocast, owned,
+                                    optimizer, 1.0 if forward_only else 1.0 / cfg.micro_batches, backward)
+        per_stage = stage_state(owned, ranges, names)
+        if rule.pipelining == "local":
+            stage: LocalPipeline | BackpropPipeline = LocalPipeline(rule, env, ranges, cfg.micro_batches,
+                                                                    cfg.stage_timeout)
+        else:
+            from trainer.pipeline_bp import BackpropPipeline
+
+            mine = ranges[env.stage]
+            template = probe if mine.start == 0 else dry_outputs(model, units[: mine.start], probe, rule.autocast)[-1]
+            try:
+                stage = BackpropPipeline(units[mine.start : mine.stop], env.stage, env.stages, env.pipeline_group,
+                                         probe.device, cfg.micro_batches, cfg.pipeline_schedule, rule.criterion,
+                                         template, rule.autocast)
+            except ValueError as err:  # a state the engine cannot send (checked on every stage alike)
+                raise RuleError(str(err)) from None
+        return cls(stage, per_stage, note, env)
+
+    @property
+    def notes(self) -> list[str]:
+        return [self.note]
+
+    def synchronize(self) -> None:
+        """This stage's sends finished, then every rank gets every stage's trained tensors
+        (collective over the pipeline)."""
         if isinstance(self.stage, LocalPipeline):
             self.stage.courier.flush()
-        broadcast_stage_state(self.per_stage, env)
+        broadcast_stage_state(self.per_stage, self.env)
 
+    def checkpoint_fields(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {"optimizer": None, "pipeline": {"stages": self.env.stages}}
 
-def build_pipeline(rule: Rule, model: nn.Module, env: DistEnv, cfg: TrainConfig, probe: torch.Tensor,
-                   optimizer: torch.optim.Optimizer) -> Pipeline:
-    """Split the rule's (or the model's) units into ``env.stages`` stages and build this rank's.
-    ``probe`` is one micro-batch of inputs (random): it times the units and shapes the messages;
-    ``optimizer`` (the session's) times the units' steps."""
-    if rule.pipelining not in ("local", "torch"):
-        raise RuleError(f"rule {rule.name!r} is not pipelined: {rule.pipelining}")
-    named = pipeline_units(rule, model)
-    names, units = [name for name, _ in named], [unit for _, unit in named]
-    owned = owned_state(units, model, probe, rule)
-    forward_only = isinstance(rule, UnitRule) and rule.forward_only
-    backward = forward_only_backward(rule, torch.randint(0, rule.ctx.num_classes, (len(probe),), device=probe.device)) \
-        if forward_only else ones_backward
-    ranges, note = split_stages(names, units, model, env, cfg.stage_boundaries, probe, rule.autocast, owned,
-                                optimizer, 1.0 if forward_only else 1.0 / cfg.micro_batches, backward)
-    per_stage = stage_state(owned, ranges, names)
-    if rule.pipelining == "local":
-        stage: LocalPipeline | BackpropPipeline = LocalPipeline(rule, env, ranges, cfg.micro_batches, cfg.stage_timeout)
-    else:
-        from trainer.pipeline_bp import BackpropPipeline
+    def save_part(self, out_dir: Path, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        """This rank's optimizer state, then a wait for every rank's: the checkpoint that names
+        ``epoch`` is written only once all its parts are."""
+        save_stage_part(out_dir, epoch, self.env.rank, optimizer.state_dict())
+        dist.barrier()
 
-        mine = ranges[env.stage]
-        template = probe if mine.start == 0 else dry_outputs(model, units[: mine.start], probe, rule.autocast)[-1]
-        try:
-            stage = BackpropPipeline(units[mine.start : mine.stop], env.stage, env.stages, env.pipeline_group,
-                                     probe.device, cfg.micro_batches, cfg.pipeline_schedule, rule.criterion, template,
-                                     rule.autocast)
-        except ValueError as err:  # a state the engine cannot send (checked on every stage alike)
-            raise RuleError(str(err)) from None
-    return Pipeline(stage, per_stage, note)
+    def drop_older_parts(self, out_dir: Path, epoch: int) -> None:
+        dist.barrier()
+        remove_stage_parts(out_dir, self.env.rank, keep=epoch)
+
+    def optimizer_state(self, payload: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+        return load_stage_part(out_dir, payload["epoch"], self.env.rank)["optimizer"]

@@ -1,10 +1,12 @@
-"""A training session built from a recipe, and its checkpoint round trip.
+"""A training session built from a recipe.
 
-``build_session`` assembles device, data, model, rule, optimizer and schedule in one place;
-``trainer run`` (the loop), ``trainer eval`` and the benchmarks all build through this module, so
-what trains is what gets measured and evaluated. The optimizer belongs to the session: a rule only
-calls ``optimizer.step()`` on the gradients it wrote, and says through ``Rule.param_options`` which
-parameters learn at another rate or decay otherwise than the recipe's ``[optim]`` says.
+``build_session`` assembles device, data, model, rule, optimizer, schedule and the layout of the
+units over processes (``trainer.layout``) in one place; ``trainer run`` (the loop) and the
+benchmarks build through this module, so what trains is what gets measured (the checkpoint round
+trip is in ``trainer.checkpoint``, evaluation in ``trainer.evaluation``). The optimizer belongs to
+the session: a rule only calls ``optimizer.step()`` on the gradients it wrote, and says through
+``Rule.param_options`` which parameters learn at another rate or decay otherwise than the recipe's
+``[optim]`` says.
 """
 
 from __future__ import annotations
@@ -14,56 +16,19 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from kernels import FEEDBACK_STATE_KEYS
-from trainer.checkpoint import rng_state, set_rng_state
 from trainer.config import ConfigError, OptimConfig, Recipe
-from trainer.data import DataBundle, NormStats, build_data, default_augmentation, source_facts
+from trainer.data import DataBundle, build_data, default_augmentation, source_facts
+from trainer.devices import device_name, on_cuda_by_default, resolve_device
 from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
+from trainer.layout import Layout, Stepper
 from trainer.models import build_model
-from trainer.pipeline import LocalPipeline, Pipeline, build_pipeline
-from trainer.recipes import recipe_from_dict
+from trainer.pipeline import Pipeline
 from trainer.rules import ParamOptions, Rule, RuleContext, RuleError, build_rule
-
-if TYPE_CHECKING:
-    from trainer.pipeline_bp import BackpropPipeline
-
-
-def device_name(name: str) -> str:
-    """``[train] device`` as this machine reads it: "auto" is cuda when available, else cpu. A
-    ``cuda:N`` must be one of this machine's GPUs: torch refuses a long index with a traceback and
-    wraps one above 127 (``cuda:128`` is ``cuda:-128``)."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    index = name.partition(":")[2]
-    count = torch.cuda.device_count()
-    if index and int(index) >= count:
-        there = f"its GPUs are {', '.join(f'cuda:{i}' for i in range(count))}; use one of those, " if count else \
-            "it has no CUDA device; use "
-        raise ConfigError(f"[train] device = {name!r}: this machine has no such device ({there}'cpu' or 'auto')")
-    return name
-
-
-def on_cuda_by_default(flag: bool | None, device_type: str) -> bool:
-    """An unset ``compile`` or ``amp``: on where CUDA is."""
-    return device_type == "cuda" if flag is None else flag
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The training device; under torchrun each process takes the GPU of its local rank."""
-    name = device_name(name)
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"[train] device = {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
 
 
 def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
@@ -123,13 +88,13 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     env: DistEnv
-    pipeline: Pipeline | None = None  # this process's stage, when train.pipeline_stages > 1
+    layout: Layout  # one process, or this process's stage of a pipeline (train.pipeline_stages > 1)
     data_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # data_fingerprints of the recipe
 
     @property
-    def stepper(self) -> Rule | LocalPipeline | BackpropPipeline:
+    def stepper(self) -> Stepper:
         """What turns a batch into updates: the rule, or this process's pipeline stage of it."""
-        return self.rule if self.pipeline is None else self.pipeline.stage
+        return self.layout.stage
 
     @property
     def lr(self) -> float:
@@ -175,14 +140,12 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
     """
     sets = sets or {}
     cfg = recipe.train
-    pipelined = cfg.pipeline_stages > 1
+    kind: type[Layout] = Pipeline if cfg.pipeline_stages > 1 else Layout  # sizes the loader before it is built
     env = init_distributed(torch.device(device_name(cfg.device)).type, cfg.pipeline_stages,
-                           cfg.stage_timeout if pipelined else None)
+                           kind.collective_timeout(cfg))
     device = resolve_device(cfg.device, env.local_rank)
     torch.manual_seed(cfg.seed)
-    # a forward-only rule updates on every micro-batch: its loader gives micro-batches (trainer.pipeline)
-    forward_only = pipelined and is_forward_only(recipe)
-    batch_size = cfg.batch_size // cfg.micro_batches if forward_only else cfg.batch_size
+    batch_size = kind.loader_batch_size(cfg, is_forward_only(recipe))
     try:
         data = build_data(recipe.data, device, batch_size, cfg.eval_batch_size, cfg.seed, env.replica, env.replicas)
     except ConfigError as err:
@@ -202,19 +165,15 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
         broadcast_state([model, rule])
     if env.replicas > 1:
         average_gradients_before_step(optimizer, env.replicas, env.replica_group)
-    pipeline = None
-    if pipelined:
-        micro_batch = batch_size if forward_only else batch_size // cfg.micro_batches
-        probe = torch.randn((micro_batch, *data.input_shape), device=device)
-        try:
-            pipeline = build_pipeline(rule, model, env, cfg, probe, optimizer)
-        except (ConfigError, RuleError) as err:
-            raise ConfigError(f"{recipe.source}: [train] pipeline_stages = {cfg.pipeline_stages} with rule "
-                              f"{recipe.rule.name!r}: {err}") from None
+    try:
+        layout = kind.build(rule, model, env, cfg, data.input_shape, optimizer)
+    except (ConfigError, RuleError) as err:  # a pipeline the rule or model cannot be split into
+        raise ConfigError(f"{recipe.source}: [train] pipeline_stages = {cfg.pipeline_stages} with rule "
+                          f"{recipe.rule.name!r}: {err}") from None
     torch.manual_seed(cfg.seed + env.rank)  # ranks draw different randomness (e.g. probes) from here on
     total = cfg.epochs * len(data.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
-    return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, pipeline,
+    return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, layout,
                    data_fingerprints(recipe))
 
 
@@ -245,101 +204,3 @@ def blamed(err: ConfigError, recipe: Recipe, sets: Mapping[str, str], key: str |
 def is_forward_only(recipe: Recipe) -> bool:
     """Whether the recipe's rule updates each unit right after its own forward (drtp, tpsgd)."""
     return bool(getattr(recipe.rule.options, "forward_only", False))
-
-
-# --- checkpoints ---------------------------------------------------------------------------------
-
-
-def gathered_rng_states(env: DistEnv) -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (collective: all ranks call it)."""
-    if not env.enabled:
-        return [rng_state()]
-    states: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(states, rng_state())
-    return states
-
-
-def checkpoint_payload(s: Session, epoch: int, step: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a checkpoint holds: enough to resume exactly, and to evaluate without the data."""
-    return {
-        "recipe": s.recipe.to_dict(), "epoch": epoch, "step": step, "world_size": s.env.world_size,
-        "model": s.model.state_dict(), "rule": s.rule.state_dict(),
-        # under a pipeline each rank's optimizer state is its stage's: in the stage parts (trainer.checkpoint)
-        "optimizer": s.optimizer.state_dict() if s.pipeline is None else None,
-        "pipeline": {"stages": s.env.stages} if s.pipeline is not None else None,
-        "scheduler": s.scheduler.state_dict(), "rng": rng,
-        "data": {"mean": list(s.data.stats.mean), "std": list(s.data.stats.std),
-                 "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape), "files": s.data_files},
-    }
-
-
-def restore(s: Session, payload: dict[str, Any], part: dict[str, Any] | None = None) -> tuple[int, int]:
-    """Load a checkpoint (and, under a pipeline, this rank's part of it) into a freshly built
-    session; returns (epoch, step) to continue from."""
-    if payload["world_size"] != s.env.world_size:
-        raise ConfigError(f"the checkpoint was written by {payload['world_size']} process(es); resume it with "
-                          f"the same number (got {s.env.world_size})")
-    stages = (payload.get("pipeline") or {}).get("stages", 1)
-    if stages != s.env.stages:
-        raise ConfigError(f"the checkpoint was written by a pipeline of {stages} stage(s); resume it with "
-                          f"train.pipeline_stages = {stages} (got {s.env.stages})")
-    for key, saved in payload["data"].get("files", {}).items():  # checkpoints before fingerprints have none
-        now = s.data_files.get(key)
-        if now is not None and now != saved:
-            change = f"{saved['size']} → {now['size']} bytes" if now["size"] != saved["size"] else \
-                "its sha256 differs"
-            raise ConfigError(f"{now['file']} ({key}): the file changed since the checkpoint was written ({change}); "
-                              "--resume needs the images it trained on: put that file back, or start a new run with "
-                              "another --out")
-    try:
-        s.model.load_state_dict(payload["model"])
-        s.rule.load_state_dict(payload["rule"])
-        s.optimizer.load_state_dict(payload["optimizer"] if part is None else part["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        reason = " ".join(str(err).split())[:300]
-        raise ConfigError(f"the checkpoint does not fit the model and rule built from the recipe ({reason}); "
-                          "resume with the recipe it was written with, or start a new run with another --out") from None
-    s.scheduler.load_state_dict(payload["scheduler"])
-    set_rng_state(payload["rng"][s.env.rank])
-    return payload["epoch"], payload["step"]
-
-
-@dataclass
-class TrainedModel:
-    """A checkpoint's model, ready for evaluation, with what is needed to feed it."""
-
-    recipe: Recipe
-    device: torch.device
-    model: nn.Module
-    stats: NormStats  # the training images' normalisation
-    input_shape: tuple[int, ...]
-    num_classes: int
-    epoch: int  # epochs trained
-    step: int
-
-
-def trained_model(payload: dict[str, Any], source: str, device_flag: str | None = None) -> TrainedModel:
-    """The plain model of a checkpoint in eval mode (every rule's checkpoint loads into it), on the
-    device it trained on or on ``device_flag`` (``trainer eval --device``)."""
-    recipe = recipe_from_dict(payload["recipe"], source=f"{source} (saved recipe)")
-    try:
-        device = resolve_device(device_flag or recipe.train.device)
-    except ConfigError as err:  # a GPU this machine lacks
-        where = f"--device {device_flag}:" if device_flag else f"{source}: it trained with"
-        raise ConfigError(f"{where} {err} (trainer eval {source} --device cpu)") from None
-    shape, num_classes = tuple(payload["data"]["input_shape"]), payload["data"]["num_classes"]
-    model = build_model(recipe.model, shape, num_classes).to(device)
-    try:
-        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
-    except RuntimeError as err:  # the same names with other shapes
-        reason: str | None = " ".join(str(err).split())[:300]
-    else:  # the feedback state of weight-transport layers is the rule's, not the model's
-        unexpected = [key for key in unexpected if key.rsplit(".", 1)[-1] not in FEEDBACK_STATE_KEYS]
-        reason = f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else None
-    if reason is not None:
-        raise ConfigError(f"{source}: the checkpoint's model does not fit {recipe.model.name!r} built from the "
-                          f"recipe saved in it ({reason}); the checkpoint was edited or mixed from two runs: evaluate "
-                          "a checkpoint as training wrote it")
-    model.eval()
-    stats = NormStats(tuple(payload["data"]["mean"]), tuple(payload["data"]["std"]))
-    return TrainedModel(recipe, device, model, stats, shape, num_classes, payload["epoch"], payload["step"])

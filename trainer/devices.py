@@ -1,0 +1,42 @@
+"""Which device a run uses: ``[train] device`` read on this machine, and the defaults that follow
+from it (``compile`` and ``amp`` are on where CUDA is). Training, ``trainer eval``, ``trainer show``
+and the benchmarks all resolve it here, so they agree on what "auto" means."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.config import ConfigError
+
+
+def device_name(name: str) -> str:
+    """``[train] device`` as this machine reads it: "auto" is cuda when available, else cpu. A
+    ``cuda:N`` must be one of this machine's GPUs: torch refuses a long index with a traceback and
+    wraps one above 127 (``cuda:128`` is ``cuda:-128``)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    index = name.partition(":")[2]
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        there = f"its GPUs are {', '.join(f'cuda:{i}' for i in range(count))}; use one of those, " if count else \
+            "it has no CUDA device; use "
+        raise ConfigError(f"[train] device = {name!r}: this machine has no such device ({there}'cpu' or 'auto')")
+    return name
+
+
+def on_cuda_by_default(flag: bool | None, device_type: str) -> bool:
+    """An unset ``compile`` or ``amp``: on where CUDA is."""
+    return device_type == "cuda" if flag is None else flag
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The training device; under torchrun each process takes the GPU of its local rank."""
+    name = device_name(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"[train] device = {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
