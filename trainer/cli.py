@@ -14,6 +14,7 @@ import json
 import os
 import re
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,8 +70,40 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         out = auto_out(path.stem)
     else:
         out = Path(args.out) if args.out else Path("runs") / path.stem
-    train(recipe, out, resume=args.resume, console=console, origin=RecipeOrigin.read(path, args.set))
+    try:
+        train(recipe, out, resume=args.resume, console=console, origin=RecipeOrigin.read(path, args.set))
+    except (ConfigError, TrainingDiverged, StageFailed):
+        raise
+    except Exception as err:
+        failure = _user_rule_failure(err, recipe.rule.name)
+        if failure is None:
+            raise
+        where = next((f"--set {item}" for item in args.set if item.partition("=")[0].strip() == "rule.name"),
+                     recipe.source)
+        raise ConfigError(f"{where}: [rule] name: {failure}") from None
     return 0
+
+
+def _user_rule_failure(err: Exception, name: str) -> str | None:
+    """What a ``python:`` rule's own code raised while training, in one line naming where, or None
+    for an error that did not pass through it (the trainer's own bugs keep their traceback)."""
+    if not name.startswith("python:"):
+        return None
+    from trainer.rules import rule_class
+
+    own = {cls.__module__ for cls in rule_class(name).__mro__
+           if not cls.__module__.startswith(("trainer.", "torch.", "builtins", "abc"))}
+    frames = [(frame, line) for frame, line in traceback.walk_tb(err.__traceback__)
+              if frame.f_globals.get("__name__") in own]
+    if not frames:
+        return None
+    frame, line = frames[-1]  # the innermost line of the rule's own code
+    path = frame.f_code.co_filename
+    with contextlib.suppress(ValueError):  # another drive (Windows)
+        path = os.path.relpath(path)
+    message = " ".join(str(err).split())
+    return (f"rule {name} raised {type(err).__name__} in training: {message} (in {frame.f_code.co_name}(), "
+            f"{path}:{line}); fix the rule there")
 
 
 def _eval_images(spec: str, recipe: Recipe) -> tuple["Images", str]:
