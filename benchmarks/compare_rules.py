@@ -10,7 +10,9 @@ alone), so ``--seeds 0 1 2`` trains every rule once per seed (the held-out split
 ``data.split_seed``) and reports mean ± standard deviation. ``--jobs N`` runs N trainings at once,
 each with ``OMP_NUM_THREADS = cores / N`` unless that is set (for CPU machines and one-GPU jobs).
 ``--reuse`` reads the runs that already finished in ``--out`` with the same recipe, so an interrupted
-comparison, or one that adds seeds or rules, trains only what is missing.
+comparison, or one that adds seeds or rules, trains only what is missing. ``--recipe FILE`` adds a
+recipe of your own, e.g. one whose ``[rule] name`` is a ``python:`` rule (imported from the working
+directory), labelled by its file name.
 
 The cifar suite trains on ``--npz`` (split into train and held-out), else on torchvision's CIFAR-10
 under ``--cifar-root`` (default data/cifar10, the recipes' root) when it is there, else on synthetic
@@ -118,7 +120,8 @@ def run_one(label: str, recipe: str, seed: int, overrides: list[str], out: Path,
 
     With ``reuse``, a finished run of the same recipe in ``out`` is read instead of trained again
     (its ``wall_s`` is then the sum of its epochs' training times, not this call's)."""
-    path, items = RECIPES / f"{recipe}.toml", [*overrides, f"train.seed={seed}"]
+    path = Path(recipe) if recipe.endswith(".toml") else RECIPES / f"{recipe}.toml"  # a file, or a built-in's name
+    items = [*overrides, f"train.seed={seed}"]
     results = finished_run(out, path, items) if reuse else None
     row = {"label": label, "recipe": recipe, "seed": seed}
     if results is None:
@@ -186,7 +189,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, required=True, help="the same budget for every rule")
     parser.add_argument("--npz", type=Path, help="cifar suite: the .npz of CIFAR images to split and train on")
     parser.add_argument("--cifar-root", type=Path, help="cifar suite: torchvision's CIFAR-10 folder (default data/cifar10)")
-    parser.add_argument("--rules", help="comma-separated labels to run (default: the whole suite)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="FILE",
+                        help="a recipe file of your own to run beside the suite's, labelled by its file name "
+                             "(e.g. a python: rule's; repeatable)")
+    parser.add_argument("--rules", help="comma-separated labels to run (default: the whole suite and every --recipe)")
     parser.add_argument("--set", action="append", default=[], help="an override for every run, e.g. train.batch_size=64")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values; each rule runs once per seed")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (CPU threads are split among them)")
@@ -194,7 +200,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="read runs already finished in --out with the same recipe instead of training them again")
     args = parser.parse_args()
-    entries = SUITES[args.suite]
+    entries = [*SUITES[args.suite], *((Path(recipe).stem, recipe, []) for recipe in args.recipe)]
     if args.rules:
         wanted = {r.strip() for r in args.rules.split(",")}
         entries = [e for e in entries if e[0] in wanted]

@@ -168,3 +168,18 @@ def test_the_packages_own_rules_keep_their_traceback(tmp_path, tiny_npz, monkeyp
     path = write_recipe(tmp_path / "r.toml", tiny_npz, rule={"name": "dfa"})
     with pytest.raises(ValueError, match="a bug of the package"):
         main(["run", str(path), "--out", str(tmp_path / "run")])
+
+
+def test_compare_rules_runs_a_python_rule_from_its_recipe(tmp_path, in_repo, monkeypatch):
+    import csv
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_rules", REPO / "benchmarks" / "compare_rules.py")
+    compare_rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_rules)
+    monkeypatch.setattr(compare_rules.sys, "argv", [
+        "compare_rules.py", "--suite", "mnist5k", "--epochs", "1", "--rules", "sparse_dfa", "--out", str(tmp_path),
+        "--recipe", "examples/rules/sparse_dfa.toml", "--set", "train.device=cpu", "--set", "train.compile=false"])
+    compare_rules.main()
+    (row,) = csv.DictReader((tmp_path / "results.csv").open())
+    assert row["rule"] == "sparse_dfa" and not row["error"] and float(row["accuracy"]) > 0.5, row
