@@ -1,10 +1,10 @@
-"""Benchmark: the fused local-alignment update against the unfused PyTorch sequence of the same math.
+"""Benchmark: the fused LRA signal and weight update against the unfused PyTorch sequence of the same math.
 
 For each case it reports the fused op's relative error against the float32 reference
 (``local_signal_reference`` / ``local_weight_update_reference``; exit status 1 above tolerance),
 and bytes moved and time for
-  * unfused: the eager PyTorch ops (projection GEMM, scale, phi'(a), products / LRA target, error,
-    sign mix; then g^T z_prev, norm, scale, SGD step). Bytes are counted op by op with a dispatch
+  * unfused: the eager PyTorch ops (projection GEMM, scale, LRA target, error, sign mix; then
+    e^T z_prev, norm, scale). Bytes are counted op by op with a dispatch
     mode: every aten op reads its tensor inputs and writes its outputs (views count nothing);
   * fused: ``kernels.local_alignment``. Bytes are modelled from the shapes as the compulsory traffic
     of its kernels: each input read once and each output written once per pass (the norm-ball case
@@ -14,24 +14,21 @@ Times come from ``benchmarks/_harness.time_ops``: ``triton.testing.do_bench`` on
 its PyTorch path, so the CPU times compare two PyTorch sequences and only the byte model speaks for
 the kernels.
 
-    python benchmarks/bench_local_alignment.py                   # CUDA, MLP and ResNet-18 sizes
-    python benchmarks/bench_local_alignment.py --quick --out bench_out/local_alignment.json
+    python -m benchmarks.bench_local_alignment                   # CUDA, MLP and ResNet-18 sizes
+    python -m benchmarks.bench_local_alignment --quick --out bench_out/local_alignment.json
 """
 
 import argparse
 import statistics
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import environment, make_console, relative_error, table, time_ops, write_results  # noqa: E402
-from kernels._dispatch import use_triton  # noqa: E402
-from kernels.local_alignment import (  # noqa: E402
+from benchmarks._harness import environment, make_console, relative_error, table, time_ops, write_results
+from kernels._dispatch import use_triton
+from kernels.local_alignment import (
     fuse_signal_default,
     local_signal,
     local_signal_reference,
@@ -45,51 +42,35 @@ class Case:
     family: str  # "MLP" or "ResNet-18"
     name: str
     op: str  # "signal" or "update"
-    kind: str
     activation: str
     n: int  # rows of the signal (batch, or batch*H*W for the channel-map form)
     c_up: int
     d: int
     d_prev: int = 0
     max_norm: bool = False
-    step: bool = False
 
 
 def cases(quick: bool) -> list[Case]:
     if quick:
         n, big, img = 64, 1024, 8
         return [
-            Case("MLP", "DFA 10->1024", "signal", "dfa", "tanh", n, 10, big),
-            Case("MLP", "DRTP 10->1024", "signal", "drtp", "relu", n, 10, big),
-            Case("MLP", "LRA 1024->1024", "signal", "lra", "tanh", n, big, big),
-            Case("ResNet-18", "DFA 10->64x32x32 dense", "signal", "dfa", "relu", img, 10, 64 * 32 * 32),
-            Case("ResNet-18", "LRA 128->64 ch-map 32x32", "signal", "lra", "relu", img * 32 * 32, 128, 64),
-            Case("MLP", "dW DFA 10: 512x256", "update", "dfa", "tanh", n, 10, 512, 256),
-            Case("MLP", "dW LRA 512: 512x256 +ball", "update", "lra", "tanh", n, 512, 512, 256, True),
-            Case("MLP", "SGD DFA 10: 512x256 +ball", "update", "dfa", "tanh", n, 10, 512, 256, True, True),
+            Case("MLP", "LRA 1024->1024", "signal", "tanh", n, big, big),
+            Case("ResNet-18", "LRA 128->64 ch-map 32x32", "signal", "relu", img * 32 * 32, 128, 64),
+            Case("MLP", "dW LRA 10: 512x256", "update", "tanh", n, 10, 512, 256),
+            Case("MLP", "dW LRA 512: 512x256 +ball", "update", "tanh", n, 512, 512, 256, True),
         ]
     n = 256
-    out = []
-    for d in (1000, 4096):
-        out += [
-            Case("MLP", f"DFA 10->{d}", "signal", "dfa", "tanh", n, 10, d),
-            Case("MLP", f"DRTP 10->{d}", "signal", "drtp", "relu", n, 10, d),
-            Case("MLP", f"LRA 1000->{d}", "signal", "lra", "tanh", n, 1000, d),
-        ]
-    for ch, hw in ((64, 32), (128, 16), (256, 8), (512, 4)):
-        out.append(Case("ResNet-18", f"DFA 10->{ch}x{hw}x{hw} dense", "signal", "dfa", "relu", n, 10, ch * hw * hw))
+    out = [Case("MLP", f"LRA 1000->{d}", "signal", "tanh", n, 1000, d) for d in (1000, 4096)]
     out += [
-        Case("ResNet-18", "LRA 64->64 ch-map 32x32", "signal", "lra", "relu", n * 32 * 32, 64, 64),
-        Case("ResNet-18", "LRA 128->64 ch-map 32x32", "signal", "lra", "relu", n * 32 * 32, 128, 64),
-        Case("ResNet-18", "LRA 512->256 ch-map 8x8", "signal", "lra", "relu", n * 8 * 8, 512, 256),
+        Case("ResNet-18", "LRA 64->64 ch-map 32x32", "signal", "relu", n * 32 * 32, 64, 64),
+        Case("ResNet-18", "LRA 128->64 ch-map 32x32", "signal", "relu", n * 32 * 32, 128, 64),
+        Case("ResNet-18", "LRA 512->256 ch-map 8x8", "signal", "relu", n * 8 * 8, 512, 256),
     ]
-    for c_up, kind in ((10, "dfa"), (1000, "lra")):
+    for c_up in (10, 1000):  # the prologue fused (C_up <= 64) and not
         for d, dp in ((1000, 784), (4096, 4096)):
             out += [
-                Case("MLP", f"dW {kind.upper()} {c_up}: {d}x{dp}", "update", kind, "tanh", n, c_up, d, dp),
-                Case("MLP", f"dW {kind.upper()} {c_up}: {d}x{dp} +ball", "update", kind, "tanh", n, c_up, d, dp, True),
-                Case("MLP", f"SGD {kind.upper()} {c_up}: {d}x{dp} +ball", "update", kind, "tanh", n, c_up, d, dp, True, True),
-                Case("MLP", f"SGD {kind.upper()} {c_up}: {d}x{dp}", "update", kind, "tanh", n, c_up, d, dp, False, True),
+                Case("MLP", f"dW LRA {c_up}: {d}x{dp}", "update", "tanh", n, c_up, d, dp),
+                Case("MLP", f"dW LRA {c_up}: {d}x{dp} +ball", "update", "tanh", n, c_up, d, dp, True),
             ]
     return out
 
@@ -100,36 +81,20 @@ def _phi(x, act):
     return {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act](x)
 
 
-def _dphi(x, act):
-    if act == "relu":
-        return (x > 0).to(x.dtype)
-    if act == "tanh":
-        return 1 - torch.tanh(x) ** 2
-    s = torch.sigmoid(x)
-    return s * (1 - s)
+BETA, ALPHA, SCALE = 0.1, 0.19, 1.0
 
 
-BETA, ALPHA, SCALE, LR = 0.1, 0.19, 1.0, 1e-3
+def unfused_signal(u, P, a, z, act):
+    y = _phi(a - BETA * (u @ P) * SCALE, act)
+    diff = z - y
+    return ALPHA * diff + (1 - ALPHA) * torch.sign(diff)
 
 
-def unfused_signal(kind, u, P, a, z, act):
-    p = (u @ P) * SCALE
-    if kind == "lra":
-        y = _phi(a - BETA * p, act)
-        diff = z - y
-        return ALPHA * diff + (1 - ALPHA) * torch.sign(diff)
-    g = p * _dphi(a, act)
-    return -g if kind == "drtp" else g
-
-
-def unfused_update(kind, u, P, a, z, zp, act, max_norm, weight):
-    g = unfused_signal(kind, u, P, a, z, act)
-    dw = g.t() @ zp
+def unfused_update(u, P, a, z, zp, act, max_norm):
+    dw = unfused_signal(u, P, a, z, act).t() @ zp
     norm = torch.linalg.vector_norm(dw)
     if max_norm is not None:
         dw = dw * torch.clamp(max_norm / norm, max=1.0)
-    if weight is not None:
-        weight.sub_(dw, alpha=LR)
     return dw, norm
 
 
@@ -150,10 +115,10 @@ class ByteCounter(TorchDispatchMode):
 
 # ---- the fused op and its byte model ---------------------------------------------------------------
 
-def fused_bytes(c: Case, act_size: int, p_size: int, w_size: int) -> int:
+def fused_bytes(c: Case, act_size: int, p_size: int) -> int:
     """Compulsory traffic of the fused kernels: inputs read once and outputs written once per pass."""
     n, c_up, d, dp = c.n, c.c_up, c.d, c.d_prev
-    signal_reads = n * c_up * act_size + c_up * d * p_size + n * d * act_size * (2 if c.kind == "lra" else 1)
+    signal_reads = n * c_up * act_size + c_up * d * p_size + 2 * n * d * act_size  # u, P, a and z
     g_bytes = n * d * act_size
     if c.op == "signal":
         return signal_reads + g_bytes
@@ -162,45 +127,41 @@ def fused_bytes(c: Case, act_size: int, p_size: int, w_size: int) -> int:
     else:  # signal kernel writes g once; each GEMM pass reads it
         before, per_pass = signal_reads + g_bytes, g_bytes + n * dp * act_size
     passes = 2 if c.max_norm else 1  # norm-ball: norm pass, then the scaled pass
-    result = 2 * d * dp * w_size if c.step else d * dp * act_size  # step reads+writes W; else writes dW
-    return before + passes * per_pass + result
+    return before + passes * per_pass + d * dp * act_size  # and dW written once
 
 
 def make_inputs(c: Case, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(device=device, dtype=dtype)  # noqa: E731
     u = mk(c.n, c.c_up, sc=0.01)
-    if c.kind == "drtp":
-        u = torch.nn.functional.one_hot(torch.arange(c.n) % c.c_up, c.c_up).to(device=device, dtype=dtype)
     P = mk(c.c_up, c.d, sc=c.c_up ** -0.5)
     a = mk(c.n, c.d)
-    z = _phi(a, c.activation) if c.kind == "lra" else None
+    z = _phi(a, c.activation)
     zp = mk(c.n, c.d_prev) if c.op == "update" else None
-    w = mk(c.d, c.d_prev, sc=0.01).float() if c.step else None
-    return u, P, a, z, zp, w
+    return u, P, a, z, zp
 
 
-def runners(c: Case, u, P, a, z, zp, w):
+def runners(c: Case, u, P, a, z, zp):
     max_norm = 1.0 if c.max_norm else None
     if c.op == "signal":
         def fused():
-            return local_signal(c.kind, u, P, a, z, beta=BETA, alpha=ALPHA, activation=c.activation, scale=SCALE)
+            return local_signal("lra", u, P, a, z, beta=BETA, alpha=ALPHA, activation=c.activation, scale=SCALE)
 
         def unfused():
-            return unfused_signal(c.kind, u, P, a, z, c.activation)
+            return unfused_signal(u, P, a, z, c.activation)
         return fused, unfused
 
     def fused():
-        return local_weight_update(c.kind, u, P, a, z, zp, beta=BETA, alpha=ALPHA, activation=c.activation,
-                                   scale=SCALE, max_norm=max_norm, weight=w, lr=LR if c.step else None)
+        return local_weight_update("lra", u, P, a, z, zp, beta=BETA, alpha=ALPHA, activation=c.activation,
+                                   scale=SCALE, max_norm=max_norm)
 
     def unfused():
-        return unfused_update(c.kind, u, P, a, z, zp, c.activation, max_norm, w)
+        return unfused_update(u, P, a, z, zp, c.activation, max_norm)
     return fused, unfused
 
 
-def reference_error(c: Case, u, P, a, z, zp, w) -> float:
-    """||fused - reference|| / ||reference|| of the op's result (of the weight change for SGD steps).
+def reference_error(c: Case, u, P, a, z, zp) -> float:
+    """||fused - reference|| / ||reference|| of the op's result.
 
     The references compute in float32 and round like the kernels, so on CUDA this checks the
     compiled kernels at the benchmark's sizes; on CPU both are the PyTorch path (0 by construction).
@@ -209,19 +170,11 @@ def reference_error(c: Case, u, P, a, z, zp, w) -> float:
     """
     kw = dict(beta=BETA, alpha=1.0, activation=c.activation, scale=SCALE)
     if c.op == "signal":
-        got, want = (op(c.kind, u, P, a, z, **kw) for op in (local_signal, local_signal_reference))
-        if c.kind == "lra":
-            got, want = got.e, want.e
+        got, want = (op("lra", u, P, a, z, **kw).e for op in (local_signal, local_signal_reference))
     else:
         kw["max_norm"] = 1.0 if c.max_norm else None
-        if c.step:
-            w_got, w_want = w.clone(), w.clone()
-            local_weight_update(c.kind, u, P, a, z, zp, weight=w_got, lr=LR, **kw)
-            local_weight_update_reference(c.kind, u, P, a, z, zp, weight=w_want, lr=LR, **kw)
-            got, want = w_got - w, w_want - w
-        else:
-            got = local_weight_update(c.kind, u, P, a, z, zp, **kw).dw
-            want = local_weight_update_reference(c.kind, u, P, a, z, zp, **kw).dw
+        got = local_weight_update("lra", u, P, a, z, zp, **kw).dw
+        want = local_weight_update_reference("lra", u, P, a, z, zp, **kw).dw
     return relative_error(got, want)
 
 
@@ -254,14 +207,14 @@ def main(argv=None) -> int:
 
     rows = []
     for c in cases(args.quick):
-        u, P, a, z, zp, w = make_inputs(c, dtype, device)
-        fused, unfused = runners(c, u, P, a, z, zp, w)
+        u, P, a, z, zp = make_inputs(c, dtype, device)
+        fused, unfused = runners(c, u, P, a, z, zp)
         counter = ByteCounter()
         with counter:
             unfused()
         act_size = a.element_size()
-        fb = fused_bytes(c, act_size, P.element_size(), 4)
-        error = reference_error(c, u, P, a, z, zp, w)
+        fb = fused_bytes(c, act_size, P.element_size())
+        error = reference_error(c, u, P, a, z, zp)
         times = time_ops({"fused": fused, "unfused": unfused}, device, cpu_repeats=args.reps)
         t_f, t_u = times["fused"].median_ms, times["unfused"].median_ms
         rows.append(dict(asdict(c), unfused_bytes=counter.bytes, fused_bytes=fb,
@@ -269,7 +222,7 @@ def main(argv=None) -> int:
                          fused_spread=times["fused"].spread, unfused_spread=times["unfused"].spread,
                          fused_gbps=fb / (t_f * 1e6),
                          fused_prologue=(c.op == "update" and fuse_signal_default(c.c_up, c.d_prev))))
-        del u, P, a, z, zp, w
+        del u, P, a, z, zp
 
     # 16-bit outputs round at about 2^-8 relative. In float32 the LRA error units z - y are small
     # differences of O(1) values (5e-5 between the interpreter and the reference at --quick sizes).
@@ -285,7 +238,7 @@ def main(argv=None) -> int:
             if r["op"] == "signal":
                 kernel = "signal"
             else:
-                kernel = "GEMM, g in prologue" if r["fused_prologue"] else "g once, GEMM"
+                kernel = "GEMM, e in prologue" if r["fused_prologue"] else "e once, GEMM"
                 kernel += ", 2 passes" if r["max_norm"] else ""
             result.add_row(r["name"], shape, kernel, f"{r['unfused_bytes'] / 1e6:.2f}", f"{r['fused_bytes'] / 1e6:.2f}",
                            f"{r['bytes_ratio']:.2f}x",

@@ -9,8 +9,8 @@ raises (each is recorded and the rest still run).
 
 * ``binary_feedback_project`` / ``project_labels`` (packed and seeded signs, with and without the
   mask) against the float32 product with the materialised signs;
-* ``local_signal`` / ``local_weight_update`` (DFA, DRTP, LRA; norm ball, prologue fusion on and off,
-  the in-place SGD step) against ``local_signal_reference`` / ``local_weight_update_reference``
+* ``local_signal`` / ``local_weight_update`` (LRA; norm ball, prologue fusion on and off) against
+  ``local_signal_reference`` / ``local_weight_update_reference``
   (α = 1: with α < 1 the sign term flips wherever z - y rounds differently, in any summation order);
 * ``TraceConv2d`` against ``nn.Conv2d``: output, input and bias gradients are exact; the weight
   gradient is an unbiased estimate, so it is checked against the same module's PyTorch path (its
@@ -23,8 +23,8 @@ Under the interpreter the local-alignment ops skip bfloat16: Triton 3.8's interp
 ``tl.dot`` of bfloat16 operands wrongly (results of order 1e10 for a 16x16x16 product; float16 and
 float32 agree), so only a GPU checks those kernels in bfloat16.
 
-    TRITON_INTERPRET=0 python benchmarks/check_kernels.py --device cuda --out kernels.json
-    TRITON_INTERPRET=1 python benchmarks/check_kernels.py --device cpu --quick     # the interpreter
+    TRITON_INTERPRET=0 python -m benchmarks.check_kernels --device cuda --out kernels.json
+    TRITON_INTERPRET=1 python -m benchmarks.check_kernels --device cpu --quick     # the interpreter
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,10 +41,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import environment, make_console, table, write_results  # noqa: E402
-from kernels import (  # noqa: E402
+from benchmarks._harness import environment, make_console, table, write_results
+from kernels import (
     PROBES,
     CompactBatchNorm2d,
     SeededSigns,
@@ -58,8 +55,8 @@ from kernels import (  # noqa: E402
     pack_signs,
     project_labels,
 )
-from kernels._dispatch import triton_interpreting, use_triton  # noqa: E402
-from kernels.local_alignment import phi  # noqa: E402
+from kernels._dispatch import triton_interpreting, use_triton
+from kernels.local_alignment import fuse_signal_default, phi
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # max-norm relative error: 16-bit outputs round at 2^-8 (bf16) and 2^-11 (fp16) of each element
@@ -146,19 +143,15 @@ def _binary_feedback_cases(device: torch.device, dtype: torch.dtype, n: int, c: 
 
 # ---- local alignment ------------------------------------------------------------------------------
 
-SIGNAL_CASES = [("dfa", "relu", 10), ("dfa", "tanh", 10), ("drtp", "sigmoid", 10), ("lra", "tanh", 67),
-                ("lra", "relu", 67)]
+SIGNAL_CASES = [("tanh", 10), ("relu", 10), ("tanh", 67), ("relu", 67)]  # (activation, C_up)
 ARGS = dict(beta=0.1, alpha=1.0, scale=1.3)
 
 
-def _unit_inputs(inputs: Inputs, kind: str, act: str, n: int, c_up: int, d: int, dtype: torch.dtype):
-    if kind == "drtp":
-        upstream = nn.functional.one_hot(inputs.randint(c_up, n), c_up).to(dtype)
-    else:
-        upstream = inputs.randn(n, c_up, dtype=dtype, scale=0.3)
+def _unit_inputs(inputs: Inputs, act: str, n: int, c_up: int, d: int, dtype: torch.dtype):
+    upstream = inputs.randn(n, c_up, dtype=dtype, scale=0.3)
     P = inputs.randn(c_up, d, dtype=dtype, scale=c_up**-0.5)
     a = inputs.randn(n, d, dtype=dtype)
-    return upstream, P, a, phi(a, act) if kind == "lra" else None
+    return upstream, P, a, phi(a, act)
 
 
 def _local_alignment_dtypes(device: torch.device, dtypes: list[torch.dtype]) -> list[torch.dtype]:
@@ -171,54 +164,44 @@ def _local_alignment_dtypes(device: torch.device, dtypes: list[torch.dtype]) -> 
 def local_signal_checks(device: torch.device, dtypes: list[torch.dtype], quick: bool) -> Iterator[Check]:
     n, d = 37, 131
     for dtype in _local_alignment_dtypes(device, dtypes):
-        for kind, act, c_up in SIGNAL_CASES:
+        for act, c_up in SIGNAL_CASES:
             inputs = Inputs(device, seed=c_up + len(act))
-            upstream, P, a, z = _unit_inputs(inputs, kind, act, n, c_up, d, dtype)
-            for given_z in ((True, False) if kind == "lra" else (False,)):
+            upstream, P, a, z = _unit_inputs(inputs, act, n, c_up, d, dtype)
+            for given_z in (True, False):
                 zz = z if given_z else None
 
-                def signal(kind=kind, act=act, upstream=upstream, P=P, a=a, zz=zz) -> Pairs:
-                    kw = dict(ARGS, activation=act, diagnostics=kind == "lra")
-                    got = local_signal(kind, upstream, P, a, zz, **kw)
-                    want = local_signal_reference(kind, upstream, P, a, zz, **kw)
-                    if kind != "lra":
-                        return {"g": (got, want)}
+                def signal(act=act, upstream=upstream, P=P, a=a, zz=zz) -> Pairs:
+                    kw = dict(ARGS, activation=act, diagnostics=True)
+                    got = local_signal("lra", upstream, P, a, zz, **kw)
+                    want = local_signal_reference("lra", upstream, P, a, zz, **kw)
                     return {"e": (got.e, want.e), "d": (got.d, want.d), "y": (got.y, want.y)}
-                yield Check("local_signal", f"{kind} {act} {n}x{c_up}->{d}{' z given' if given_z else ''}", dtype,
+                yield Check("local_signal", f"lra {act} {n}x{c_up}->{d}{' z given' if given_z else ''}", dtype,
                             TOLERANCE[dtype], signal)
 
 
-# (prologue fusion, norm ball as a share of the update's norm, in-place SGD step)
-UPDATE_VARIANTS = [(False, None, False), (True, None, False), (True, 0.5, False), (False, 0.5, True), (True, None, True)]
+# (C_up: the prologue is fused at C_up <= 64, not above, with D_prev > 64; norm ball as a share of the norm)
+UPDATE_VARIANTS = [(10, None), (67, None), (10, 0.5), (67, 0.5)]
 
 
 def local_weight_update_checks(device: torch.device, dtypes: list[torch.dtype], quick: bool) -> Iterator[Check]:
     n, d, d_prev = 37, 131, 67
     for dtype in _local_alignment_dtypes(device, dtypes):
-        for kind, act, c_up in (SIGNAL_CASES[1], SIGNAL_CASES[3]):
+        for c_up, ball in UPDATE_VARIANTS[:2] if quick else UPDATE_VARIANTS:
             inputs = Inputs(device, seed=c_up)
-            upstream, P, a, z = _unit_inputs(inputs, kind, act, n, c_up, d, dtype)
+            upstream, P, a, z = _unit_inputs(inputs, "tanh", n, c_up, d, dtype)
             z_prev = inputs.randn(n, d_prev, dtype=dtype)
-            weight = inputs.randn(d, d_prev, scale=0.05)
-            for fuse, ball, step in UPDATE_VARIANTS[:2] if quick else UPDATE_VARIANTS:
-                def update(kind=kind, act=act, upstream=upstream, P=P, a=a, z=z, z_prev=z_prev, weight=weight,
-                           fuse=fuse, ball=ball, step=step) -> Pairs:
-                    kw = dict(ARGS, activation=act)
-                    if ball is not None:  # a ball that binds: a share of the update's norm
-                        kw["max_norm"] = ball * local_weight_update_reference(kind, upstream, P, a, z, z_prev,
-                                                                               **kw).norm.item()
-                    if not step:
-                        got = local_weight_update(kind, upstream, P, a, z, z_prev, fuse_signal=fuse, **kw)
-                        want = local_weight_update_reference(kind, upstream, P, a, z, z_prev, **kw)
-                        return {"dw": (got.dw, want.dw), "norm": (got.norm, want.norm),
-                                "factor": (got.factor, want.factor)}
-                    w_got, w_want = weight.clone(), weight.clone()
-                    local_weight_update(kind, upstream, P, a, z, z_prev, weight=w_got, lr=0.1, fuse_signal=fuse, **kw)
-                    local_weight_update_reference(kind, upstream, P, a, z, z_prev, weight=w_want, lr=0.1, **kw)
-                    return {"weight change": (w_got - weight, w_want - weight)}
-                what = f"{'sgd step' if step else 'dW'} {kind} {n}x{c_up}->{d}x{d_prev}"
-                what += f"{' +ball' if ball else ''}, prologue {'on' if fuse else 'off'}"
-                yield Check("local_weight_update", what, dtype, TOLERANCE[dtype], update)
+
+            def update(upstream=upstream, P=P, a=a, z=z, z_prev=z_prev, ball=ball) -> Pairs:
+                kw = dict(ARGS, activation="tanh")
+                if ball is not None:  # a ball that binds: a share of the update's norm
+                    kw["max_norm"] = ball * local_weight_update_reference("lra", upstream, P, a, z, z_prev,
+                                                                           **kw).norm.item()
+                got = local_weight_update("lra", upstream, P, a, z, z_prev, **kw)
+                want = local_weight_update_reference("lra", upstream, P, a, z, z_prev, **kw)
+                return {"dw": (got.dw, want.dw), "norm": (got.norm, want.norm), "factor": (got.factor, want.factor)}
+            what = f"dW lra {n}x{c_up}->{d}x{d_prev}{' +ball' if ball else ''}"
+            what += f", prologue {'on' if fuse_signal_default(c_up, d_prev) else 'off'}"
+            yield Check("local_weight_update", what, dtype, TOLERANCE[dtype], update)
 
 
 # ---- trace conv -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ log of Triton's own compile (its flags, its binary).
 Exits non-zero when a variant fails to compile or needs more shared memory than the target has.
 Run it without ``TRITON_INTERPRET``; nothing is launched and no GPU is needed.
 
-    python benchmarks/compile_kernels.py [--arch 90] [--out bench_out/compile_kernels.json]
+    python -m benchmarks.compile_kernels [--arch 90] [--out bench_out/compile_kernels.json]
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels.binary_feedback as binary_feedback  # noqa: E402
 import kernels.local_alignment as local_alignment  # noqa: E402
@@ -132,25 +130,22 @@ def _cases() -> dict[str, Callable[[], object]]:
             randn(37, 10, dtype=f16), packed, grad_mask=randn(37, 301)),
         "labels, packed": lambda: binary_feedback.project_labels(torch.arange(37) % 10, packed),
         "labels, seeded, bf16": lambda: binary_feedback.project_labels(torch.arange(37) % 10, seeded, dtype=bf16),
-        "signal dfa tanh": lambda: la.local_signal("dfa", randn(n, c), randn(c, d), randn(n, d), activation="tanh"),
-        "signal drtp relu bf16": lambda: la.local_signal(
-            "drtp", randn(n, c, dtype=bf16), randn(c, d, dtype=bf16), randn(n, d, dtype=bf16)),
+        "signal lra tanh": lambda: la.local_signal("lra", randn(n, c), randn(c, d), randn(n, d), activation="tanh"),
+        "signal lra relu bf16": lambda: la.local_signal(
+            "lra", randn(n, c, dtype=bf16), randn(c, d, dtype=bf16), randn(n, d, dtype=bf16)),
         "signal lra sigmoid, z, diagnostics": lambda: la.local_signal(
             "lra", randn(n, 90), randn(90, d), randn(n, d), randn(n, d), alpha=0.5, activation="sigmoid",
             diagnostics=True),
         "signal lra identity fp16": lambda: la.local_signal(
             "lra", randn(n, 90, dtype=f16), randn(90, d, dtype=f16), randn(n, d, dtype=f16), activation="identity"),
         "signal lra relu, TF32": with_tf32(lambda: la.local_signal("lra", randn(n, 90), randn(90, d), randn(n, d))),
-        "update dfa, fused signal, TF32": with_tf32(lambda: la.local_weight_update(
-            "dfa", randn(n, c), randn(c, d), randn(n, d), None, randn(n, dp))),
+        "update lra, fused signal, TF32": with_tf32(lambda: la.local_weight_update(
+            "lra", randn(n, c), randn(c, d), randn(n, d), None, randn(n, dp))),
         "update lra, fused signal, norm-ball": lambda: la.local_weight_update(
             "lra", randn(n, c), randn(c, d), randn(n, d), None, randn(n, dp), max_norm=1.0),
-        "update dfa bf16, unfused signal": lambda: la.local_weight_update(
-            "dfa", randn(n, 90, dtype=bf16), randn(90, d, dtype=bf16), randn(n, d, dtype=bf16), None,
-            randn(n, 130, dtype=bf16), fuse_signal=False),
-        "SGD step lra, fused, norm-ball": lambda: la.local_weight_update(
-            "lra", randn(n, c), randn(c, d), randn(n, d), randn(n, d), randn(n, dp), max_norm=1.0,
-            weight=randn(d, dp), lr=0.1),
+        "update lra bf16, unfused signal (C_up, D_prev > 64), z": lambda: la.local_weight_update(
+            "lra", randn(n, 90, dtype=bf16), randn(90, d, dtype=bf16), randn(n, d, dtype=bf16),
+            randn(n, d, dtype=bf16), randn(n, 130, dtype=bf16)),
         **{f"trace compress {probe}, r={r}": (lambda probe=probe, r=r: trace_conv.trace_compress_triton(x, 1, r, probe))
            for probe, r in (("gaussian", 4), ("rademacher", 16), ("orthogonal", 64))},
         "trace compress bf16": lambda: trace_conv.trace_compress_triton(x.to(bf16), 1, 8, "rademacher"),

@@ -1,53 +1,46 @@
-"""Fused local-alignment update: DFA / DRTP / LRA signals and the dense weight update built on them.
+"""Fused local-alignment update: LRA's error units and the dense weight update built on them.
 
 Notation (see ``docs/rules.md``): a unit has pre-activation ``a`` (N x D) and output ``z = phi(a)``;
-its input is ``z_prev`` (N x D_prev). The upstream error units ``u`` (N x C_up) reach it through a
-dense matrix ``P`` (C_up x D): DFA's feedback ``B``, DRTP's target projection, or LRA's error matrix
-``E``. With the projection ``p = scale * (u @ P)`` (N x D):
+its input is ``z_prev`` (N x D_prev). The upstream error units ``u`` (N x C_up) reach it through
+LRA's dense error matrix ``P = E`` (C_up x D). With E's action ``d = scale * (u @ P)`` (N x D), the
+target is ``y = phi(a - beta * d)`` and the error units are
+``e = alpha * (z - y) + (1 - alpha) * sign(z - y)`` (``sign(0) = 0``), the unit's signal.
 
-* ``"dfa"``:  ``g = p * phi'(a)``                                  (u = output error e)
-* ``"drtp"``: ``g = -p * phi'(a)``                                 (u = one-hot or soft labels y*)
-* ``"lra"``:  ``d = p``, ``y = phi(a - beta * d)``, ``e = alpha * (z - y) + (1 - alpha) * sign(z - y)``;
-  the signal is the error units ``e`` (``sign(0) = 0``).
-
-For a dense unit the weight update is ``dW = g^T @ z_prev`` (D x D_prev; for LRA the Hebbian form
-``e^T @ z_prev``), its Frobenius norm ``||dW||``, the norm-ball projection
-``dW <- c * dW / ||dW|| if ||dW|| >= c`` and optionally the SGD step ``W -= lr * dW``.
+For a dense unit the weight update is the Hebbian ``dW = e^T @ z_prev`` (D x D_prev), its Frobenius
+norm ``||dW||`` and the norm-ball projection ``dW <- c * dW / ||dW|| if ||dW|| >= c``.
 
 Kernels (Triton; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
 
 * ``_signal_kernel``: one program per (BLOCK_M x BLOCK_D) tile of the signal. It runs the projection
   GEMM over C_up in BLOCK_C chunks into an fp32 accumulator and applies the elementwise rule as the
-  GEMM's epilogue, so ``p`` / ``d`` is never written unless the LRA diagnostics are asked for.
+  GEMM's epilogue, so ``d`` is never written unless the diagnostics are asked for.
 * ``_weight_update_kernel``: one program per (BLOCK_D x BLOCK_DP) tile of ``dW``, reducing over the
-  batch in BLOCK_N chunks. Its PROLOGUE produces the (BLOCK_N x BLOCK_D) tile of ``g`` on the fly
-  (the projection GEMM over C_up plus the rule above), so ``g`` is never written to memory; the tile
+  batch in BLOCK_N chunks. Its PROLOGUE produces the (BLOCK_N x BLOCK_D) tile of ``e`` on the fly
+  (the projection GEMM over C_up plus the rule above), so ``e`` is never written to memory; the tile
   is recomputed once per column of dW tiles, i.e. ``ceil(D_prev / BLOCK_DP)`` times. That costs
   about ``C_up / BLOCK_DP`` times the main GEMM's FLOPs, so the prologue is fused when
-  ``C_up <= BLOCK_DP`` (or there is a single column of tiles); above that the launcher writes ``g``
-  once with ``_signal_kernel`` and the same GEMM kernel loads it instead (``fuse_signal`` overrides).
+  ``C_up <= BLOCK_DP`` (or there is a single column of tiles); above that the launcher writes ``e``
+  once with ``_signal_kernel`` and the same GEMM kernel loads it instead (``fuse_signal_default``).
   Every program also writes the sum of squares of its tile to a small buffer that one torch sum on
-  the device reduces to ``||dW||`` (a fixed order: deterministic, no atomics). The EPILOGUE stores ``dW`` and/or applies
-  ``W -= lr * f * dW`` to the weight tile in place.
+  the device reduces to ``||dW||`` (a fixed order: deterministic, no atomics). The EPILOGUE stores
+  ``dW``.
 
 Norm-ball ordering: the projection factor ``f = min(1, c / ||dW||)`` needs the norm of the whole
 update before any tile may be written. Without ``max_norm`` one pass does everything (f = 1). With
 ``max_norm`` the update runs as two launches of the same kernel: pass 1 computes only the per-tile
 sums of squares (nothing of size D x D_prev is written); ``f`` is formed on the device (no host
-sync); pass 2 recomputes the tiles and writes ``f * dW`` (or steps ``W``). The batch dimension N is
-the GEMM's reduction, and it is small (a minibatch), so the update is memory-bound on the D x D_prev
-tensors: recomputing the tile FLOPs is cheaper than writing ``dW`` and reading it back for scaling,
-and the fused step moves exactly the SGD floor (read W, write W) and never materialises ``dW``.
+sync); pass 2 recomputes the tiles and writes ``f * dW``. The batch dimension N is the GEMM's
+reduction, and it is small (a minibatch), so the update is memory-bound on the D x D_prev tensors:
+recomputing the tile FLOPs is cheaper than writing ``dW`` and reading it back for scaling.
 
 Dots take the inputs' common 16-bit dtype, else float32; float32 dots use TF32 only where torch
 allows it for matmuls (``torch.backends.cuda.matmul.allow_tf32``; the "matmul" rule of
 ``kernels._dispatch``), like the PyTorch path. CPU tensors without the interpreter run the
 pure-PyTorch references (``local_signal_reference``, ``local_weight_update_reference``), which
 compute in float32 and cast like the kernels do.
-The ops are registered as ``torch.ops.bpfree.local_signal``, ``torch.ops.bpfree.local_weight_update``
-and ``torch.ops.bpfree.local_sgd_step_`` with fake implementations, so they trace inside
-``torch.compile(fullgraph=True)`` without a graph break. They compute updates, not differentiable
-functions: the public wrappers detach their inputs.
+The ops are registered as ``torch.ops.bpfree.local_signal`` and ``torch.ops.bpfree.local_weight_update``
+with fake implementations, so they trace inside ``torch.compile(fullgraph=True)`` without a graph
+break. They compute updates, not differentiable functions: the public wrappers detach their inputs.
 """
 
 from __future__ import annotations
@@ -84,7 +77,8 @@ __all__ = [
     "phi",
 ]
 
-LOCAL_KINDS: tuple[str, ...] = ("dfa", "drtp", "lra")
+LOCAL_KINDS: tuple[str, ...] = ("lra",)
+"""The rules whose signal the kernels compute: LRA's, the one a rule trains with (``kind`` names it)."""
 LOCAL_ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "identity")
 
 _ACT_CODE = {name: code for code, name in enumerate(LOCAL_ACTIVATIONS)}
@@ -97,7 +91,7 @@ _GROUP_D = 8
 
 
 class LRASignal(NamedTuple):
-    """What ``local_signal(kind="lra", ...)`` returns: the error units ``e``, and with
+    """What ``local_signal`` returns: the error units ``e``, and with
     ``diagnostics=True`` also ``E``'s action ``d`` and the target ``y`` (otherwise None)."""
 
     e: torch.Tensor
@@ -108,13 +102,12 @@ class LRASignal(NamedTuple):
 class WeightUpdate(NamedTuple):
     """What ``local_weight_update`` returns.
 
-    ``dw``: the (projected) update ``f * g^T z_prev`` in the activation dtype, or None when the
-    step was applied to ``weight`` in place; ``norm``: ``||g^T z_prev||_F`` before projection (0-d
-    float32); ``factor``: the norm-ball factor ``f = min(1, max_norm / norm)`` (0-d float32, 1 when
+    ``dw``: the (projected) update ``f * e^T z_prev`` in the activation dtype; ``norm``:
+    ``||e^T z_prev||_F`` before projection (0-d float32); ``factor``: the norm-ball factor ``f = min(1, max_norm / norm)`` (0-d float32, 1 when
     ``max_norm`` is None).
     """
 
-    dw: torch.Tensor | None
+    dw: torch.Tensor
     norm: torch.Tensor
     factor: torch.Tensor
 
@@ -140,22 +133,6 @@ def _act(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(x, ACT: tl.constexpr):
-    """phi'(x) for the same activation codes (fp32)."""
-    if ACT == 0:
-        out = tl.where(x > 0, 1.0, 0.0)
-    elif ACT == 1:
-        t = _act(x, 1)
-        out = 1.0 - t * t
-    elif ACT == 2:
-        s = tl.sigmoid(x)
-        out = s * (1.0 - s)
-    else:
-        out = tl.full(x.shape, 1.0, tl.float32)
-    return out
-
-
-@triton.jit
 def _project_tile(
     u_ptr, p_ptr, rows, cols, row_mask, col_mask, C, D, scale,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -176,40 +153,24 @@ def _project_tile(
 
 
 @triton.jit
-def _signal_rule(proj, a, z, beta, alpha, IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr):
-    """(signal, target) from the projection tile; the target is only meaningful for LRA."""
-    if IS_LRA:
-        y = _act(a - beta * proj, ACT)
-        if HAS_Z:
-            out = z
-        else:
-            out = _act(a, ACT)
-        diff = out - y
-        sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-        g = alpha * diff + (1.0 - alpha) * sgn
-    else:
-        g = proj * _act_grad(a, ACT)
-        y = g
-    return g, y
-
-
-@triton.jit
-def _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha,
-                 IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr):
-    """Load a tile of a (and z, else z = a) and apply the rule to the projected tile."""
+def _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha, ACT: tl.constexpr, HAS_Z: tl.constexpr):
+    """(error units, target) of a tile from the projected tile, a and z (phi(a) when not given)."""
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        z = a
-    return _signal_rule(proj, a, z, beta, alpha, IS_LRA, ACT, HAS_Z)
+        z = _act(a, ACT)
+    y = _act(a - beta * proj, ACT)
+    diff = z - y
+    sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    return alpha * diff + (1.0 - alpha) * sgn, y
 
 
 @triton.jit
 def _signal_kernel(
     u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, d_ptr, y_ptr,
     N, C, D, scale, beta, alpha,
-    IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr, DIAG: tl.constexpr,
+    ACT: tl.constexpr, HAS_Z: tl.constexpr, DIAG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -222,7 +183,7 @@ def _signal_kernel(
                          BLOCK_M, BLOCK_D, BLOCK_C, DOT_DTYPE, PREC)
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
-    g, y = _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha, IS_LRA, ACT, HAS_Z)
+    g, y = _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha, ACT, HAS_Z)
     tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
     if DIAG:
         tl.store(d_ptr + offs, proj.to(d_ptr.dtype.element_ty), mask=mask)
@@ -231,15 +192,15 @@ def _signal_kernel(
 
 @triton.jit
 def _weight_update_kernel(
-    u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, zp_ptr, dw_ptr, w_ptr, partial_ptr, factor_ptr,
-    N, C, D, DP, scale, beta, alpha, lr,
-    IS_LRA: tl.constexpr, ACT: tl.constexpr, HAS_Z: tl.constexpr, FUSED_SIGNAL: tl.constexpr,
-    WRITE_DW: tl.constexpr, STEP: tl.constexpr, HAS_FACTOR: tl.constexpr,
+    u_ptr, p_ptr, a_ptr, z_ptr, g_ptr, zp_ptr, dw_ptr, partial_ptr, factor_ptr,
+    N, C, D, DP, scale, beta, alpha,
+    ACT: tl.constexpr, HAS_Z: tl.constexpr, FUSED_SIGNAL: tl.constexpr,
+    WRITE_DW: tl.constexpr, HAS_FACTOR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr,
     GROUP_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
     MM_PREC: tl.constexpr,
 ):
-    """One (BLOCK_D x BLOCK_DP) tile of dW = g^T z_prev; g's tile is made in the prologue (or loaded)."""
+    """One (BLOCK_D x BLOCK_DP) tile of dW = e^T z_prev; e's tile is made in the prologue (or loaded)."""
     pid = tl.program_id(0)
     num_d = tl.cdiv(D, BLOCK_D)
     num_dp = tl.cdiv(DP, BLOCK_DP)
@@ -263,7 +224,7 @@ def _weight_update_kernel(
         if FUSED_SIGNAL:
             proj = _project_tile(u_ptr, p_ptr, rows, cols, row_mask, col_mask, C, D, scale,
                                  BLOCK_N, BLOCK_D, BLOCK_C, DOT_DTYPE, DOT_PREC)
-            g, _ = _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha, IS_LRA, ACT, HAS_Z)
+            g, _ = _tile_signal(proj, a_ptr, z_ptr, offs, mask, beta, alpha, ACT, HAS_Z)
             g = tl.where(mask, g, 0.0)  # padded columns would otherwise leak into the norm
         else:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)
@@ -278,21 +239,14 @@ def _weight_update_kernel(
     out_mask = col_mask[:, None] & colp_mask[None, :]
     if WRITE_DW:
         tl.store(dw_ptr + out_offs, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
-    if STEP:
-        w = tl.load(w_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(w_ptr + out_offs, (w - lr * acc).to(w_ptr.dtype.element_ty), mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers (write into given buffers)
 # --------------------------------------------------------------------------------------------------
 
-def _signed_scale(kind: str, scale: float) -> float:
-    return -scale if kind == "drtp" else scale
-
-
 def _launch_signal(
-    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
+    upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
     g: torch.Tensor, d: torch.Tensor | None, y: torch.Tensor | None,
     *, beta: float, alpha: float, activation: str, scale: float,
 ) -> None:
@@ -307,8 +261,8 @@ def _launch_signal(
     dot_dtype = dot_operands(upstream.dtype, P.dtype)
     _signal_kernel[grid](
         upstream, P, a, a if z is None else z, g, d if diag else g, y if diag else g,
-        N, C, D, _signed_scale(kind, scale), beta, alpha,
-        IS_LRA=kind == "lra", ACT=_ACT_CODE[activation], HAS_Z=z is not None, DIAG=diag,
+        N, C, D, scale, beta, alpha,
+        ACT=_ACT_CODE[activation], HAS_Z=z is not None, DIAG=diag,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
         DOT_DTYPE=dot_dtype, PREC=dot_precision(dot_dtype, "matmul"), num_warps=8,
     )
@@ -324,38 +278,36 @@ def fuse_signal_default(c_up: int, d_prev: int) -> bool:
 
 
 def _launch_weight_update(
-    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
-    z_prev: torch.Tensor, *, beta: float, alpha: float, activation: str, scale: float,
-    max_norm: float | None, fuse_signal: bool | None,
-    dw: torch.Tensor | None, weight: torch.Tensor | None, lr: float,
+    upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
+    z_prev: torch.Tensor, dw: torch.Tensor, *, beta: float, alpha: float, activation: str, scale: float,
+    max_norm: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the weight-update GEMM: store ``f * dW`` into ``dw`` and/or step ``weight -= lr * f * dW``.
+    """Run the weight-update GEMM, storing ``f * dW`` into ``dw``.
 
     Returns ``(norm, factor)``. One launch without ``max_norm``; with it, a norm-only launch, the
     factor on the device, then a second launch that writes the scaled update.
     """
     N, C = upstream.shape
     D, DP = a.shape[1], z_prev.shape[1]
-    fused = fuse_signal_default(C, DP) if fuse_signal is None else fuse_signal
+    fused = fuse_signal_default(C, DP)
     if fused:
         g = a  # placeholder pointer, never read
     else:
         g = torch.empty_like(a)
-        _launch_signal(kind, upstream, P, a, z, g, None, None,
+        _launch_signal(upstream, P, a, z, g, None, None,
                        beta=beta, alpha=alpha, activation=activation, scale=scale)
     block_d, block_dp = tile(D, 16, _BLOCK_D), tile(DP, 16, _BLOCK_DP)
     dot_dtype, mm_dtype = dot_operands(upstream.dtype, P.dtype), dot_operands(a.dtype, z_prev.dtype)
     n_programs = triton.cdiv(D, block_d) * triton.cdiv(DP, block_dp)
     partials = torch.empty(n_programs, device=a.device, dtype=torch.float32)
 
-    def launch(write_dw: bool, step: bool, factor: torch.Tensor | None) -> None:
+    def launch(write_dw: bool, factor: torch.Tensor | None) -> None:
         _weight_update_kernel[(n_programs,)](
             upstream, P, a, a if z is None else z, g, z_prev,
-            dw if write_dw else partials, weight if step else partials, partials,
-            partials if factor is None else factor,
-            N, C, D, DP, _signed_scale(kind, scale), beta, alpha, lr,
-            IS_LRA=kind == "lra", ACT=_ACT_CODE[activation], HAS_Z=z is not None, FUSED_SIGNAL=fused,
-            WRITE_DW=write_dw, STEP=step, HAS_FACTOR=factor is not None,
+            dw if write_dw else partials, partials, partials if factor is None else factor,
+            N, C, D, DP, scale, beta, alpha,
+            ACT=_ACT_CODE[activation], HAS_Z=z is not None, FUSED_SIGNAL=fused,
+            WRITE_DW=write_dw, HAS_FACTOR=factor is not None,
             BLOCK_N=tile(N, 16, _BLOCK_N), BLOCK_C=tile(C, 16, 32),
             BLOCK_D=block_d, BLOCK_DP=block_dp, GROUP_D=_GROUP_D,
             DOT_DTYPE=dot_dtype, DOT_PREC=dot_precision(dot_dtype, "matmul"),
@@ -364,13 +316,13 @@ def _launch_weight_update(
         )
 
     if max_norm is None:
-        launch(dw is not None, weight is not None, None)
+        launch(True, None)
         norm = partials.sum().sqrt()
         return norm, norm_ball_factor(norm, None)
-    launch(False, False, None)
+    launch(False, None)
     norm = partials.sum().sqrt()
     factor = norm_ball_factor(norm, max_norm)
-    launch(dw is not None, weight is not None, factor)
+    launch(True, factor)
     return norm, factor
 
 
@@ -390,17 +342,6 @@ def phi(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "identity":
         return x
     raise ValueError(f"phi: unknown activation {activation!r}; expected one of {', '.join(LOCAL_ACTIVATIONS)}")
-
-
-def _phi_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return (x > 0).to(x.dtype)
-    if activation == "tanh":
-        return 1 - torch.tanh(x) ** 2
-    if activation == "sigmoid":
-        s = torch.sigmoid(x)
-        return s * (1 - s)
-    return torch.ones_like(x)
 
 
 def lra_error_units(
@@ -444,31 +385,25 @@ def norm_ball_factor(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor
 
 
 def _signal_math(
-    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
+    upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
     beta: float, alpha: float, activation: str, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(signal, projection, LRA target) in float32."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(error units, E's action d, target) in float32."""
     proj = scale * (upstream.float() @ P.float())
-    a = a.float()
-    if kind == "lra":
-        e, y = lra_error_units(proj, a, z, beta=beta, alpha=alpha, activation=activation)
-        return e, proj, y
-    g = proj * _phi_grad(a, activation)
-    return (-g if kind == "drtp" else g), proj, None
+    e, y = lra_error_units(proj, a.float(), z, beta=beta, alpha=alpha, activation=activation)
+    return e, proj, y
 
 
 def local_signal_reference(
     kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None = None,
     *, beta: float = 0.1, alpha: float = 1.0, activation: str = "relu", scale: float = 1.0,
     diagnostics: bool = False,
-) -> torch.Tensor | LRASignal:
+) -> LRASignal:
     """Pure-PyTorch ``local_signal`` (same arguments, checks and results; float32 math)."""
     op = "local_signal_reference"
     _check_signal_args(op, kind, upstream, P, a, z, activation, diagnostics)
     beta, alpha, scale = _rule_numbers(op, beta, alpha, scale)
-    g, proj, y = _signal_math(kind, upstream, P, a, z, beta, alpha, activation, scale)
-    if kind != "lra":
-        return g.to(a.dtype)
+    g, proj, y = _signal_math(upstream, P, a, z, beta, alpha, activation, scale)
     if diagnostics:
         return LRASignal(g.to(a.dtype), proj.to(a.dtype), y.to(a.dtype))
     return LRASignal(g.to(a.dtype), None, None)
@@ -477,25 +412,26 @@ def local_signal_reference(
 def local_weight_update_reference(
     kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
     z_prev: torch.Tensor, *, beta: float = 0.1, alpha: float = 1.0, activation: str = "relu",
-    scale: float = 1.0, max_norm: float | None = None, weight: torch.Tensor | None = None,
-    lr: float | None = None,
+    scale: float = 1.0, max_norm: float | None = None,
 ) -> WeightUpdate:
     """Pure-PyTorch ``local_weight_update`` (same arguments, checks and results; float32 math)."""
     op = "local_weight_update_reference"
     beta, alpha, scale = _rule_numbers(op, beta, alpha, scale)
     max_norm = None if max_norm is None else check_number(op, "max_norm", max_norm)
-    lr = None if lr is None else check_number(op, "lr", lr)
-    _check_update_args(op, kind, upstream, P, a, z, z_prev, activation, max_norm, weight, lr)
-    g, _, _ = _signal_math(kind, upstream, P, a, z, beta, alpha, activation, scale)
-    dw = g.t() @ z_prev.float()
+    _check_update_args(op, kind, upstream, P, a, z, z_prev, activation, max_norm)
+    return WeightUpdate(*_update_math(upstream, P, a, z, z_prev, beta, alpha, activation, scale, max_norm))
+
+
+def _update_math(
+    upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None, z_prev: torch.Tensor,
+    beta: float, alpha: float, activation: str, scale: float, max_norm: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(f * dW in a's dtype, ||dW||, f), in float32."""
+    e, _, _ = _signal_math(upstream, P, a, z, beta, alpha, activation, scale)
+    dw = e.t() @ z_prev.float()
     norm = torch.linalg.vector_norm(dw)
     factor = norm_ball_factor(norm, max_norm)
-    dw = dw * factor
-    if weight is None:
-        return WeightUpdate(dw.to(a.dtype), norm, factor)
-    with torch.no_grad():
-        weight.copy_(weight.float() - lr * dw)
-    return WeightUpdate(None, norm, factor)
+    return (dw * factor).to(a.dtype), norm, factor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,73 +441,46 @@ def local_weight_update_reference(
 
 @define_op("bpfree::local_signal")
 def _local_signal_op(
-    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: Optional[torch.Tensor],
+    upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: Optional[torch.Tensor],
     beta: float, alpha: float, activation: str, scale: float, diagnostics: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(a):
         g = torch.empty_like(a)
         d = torch.empty_like(a) if diagnostics else a.new_empty(0)
         y = torch.empty_like(a) if diagnostics else a.new_empty(0)
-        _launch_signal(kind, upstream, P, a, z, g, d if diagnostics else None, y if diagnostics else None,
+        _launch_signal(upstream, P, a, z, g, d if diagnostics else None, y if diagnostics else None,
                        beta=beta, alpha=alpha, activation=activation, scale=scale)
         return g, d, y
-    g, proj, y = _signal_math(kind, upstream, P, a, z, beta, alpha, activation, scale)
+    g, proj, y = _signal_math(upstream, P, a, z, beta, alpha, activation, scale)
     if diagnostics:
         return g.to(a.dtype), proj.to(a.dtype), y.to(a.dtype)
     return g.to(a.dtype), a.new_empty(0), a.new_empty(0)
 
 
 @torch.library.register_fake(_local_signal_op)
-def _(kind, upstream, P, a, z, beta, alpha, activation, scale, diagnostics):
+def _(upstream, P, a, z, beta, alpha, activation, scale, diagnostics):
     extra = a.shape if diagnostics else (0,)
     return torch.empty_like(a), a.new_empty(extra), a.new_empty(extra)
 
 
 @define_op("bpfree::local_weight_update")
 def _local_weight_update_op(
-    kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: Optional[torch.Tensor],
+    upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: Optional[torch.Tensor],
     z_prev: torch.Tensor, beta: float, alpha: float, activation: str, scale: float,
-    max_norm: Optional[float], fuse_signal: Optional[bool],
+    max_norm: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(a):
         dw = a.new_empty(a.shape[1], z_prev.shape[1])
-        norm, factor = _launch_weight_update(
-            kind, upstream, P, a, z, z_prev, beta=beta, alpha=alpha, activation=activation,
-            scale=scale, max_norm=max_norm, fuse_signal=fuse_signal, dw=dw, weight=None, lr=0.0)
+        norm, factor = _launch_weight_update(upstream, P, a, z, z_prev, dw, beta=beta, alpha=alpha,
+                                             activation=activation, scale=scale, max_norm=max_norm)
         return dw, norm, factor
-    dw, norm, factor = local_weight_update_reference(
-        kind, upstream, P, a, z, z_prev, beta=beta, alpha=alpha, activation=activation,
-        scale=scale, max_norm=max_norm)
-    return dw, norm, factor
+    return _update_math(upstream, P, a, z, z_prev, beta, alpha, activation, scale, max_norm)
 
 
 @torch.library.register_fake(_local_weight_update_op)
-def _(kind, upstream, P, a, z, z_prev, beta, alpha, activation, scale, max_norm, fuse_signal):
+def _(upstream, P, a, z, z_prev, beta, alpha, activation, scale, max_norm):
     scalar = a.new_empty((), dtype=torch.float32)
     return a.new_empty(a.shape[1], z_prev.shape[1]), scalar, torch.empty_like(scalar)
-
-
-# custom_op, not define_op: it mutates ``weight``, whose version counter custom_op bumps.
-@torch.library.custom_op("bpfree::local_sgd_step_", mutates_args=("weight",))
-def _local_sgd_step_op(
-    weight: torch.Tensor, lr: float, kind: str, upstream: torch.Tensor, P: torch.Tensor,
-    a: torch.Tensor, z: Optional[torch.Tensor], z_prev: torch.Tensor, beta: float, alpha: float,
-    activation: str, scale: float, max_norm: Optional[float], fuse_signal: Optional[bool],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(a):
-        return _launch_weight_update(
-            kind, upstream, P, a, z, z_prev, beta=beta, alpha=alpha, activation=activation,
-            scale=scale, max_norm=max_norm, fuse_signal=fuse_signal, dw=None, weight=weight, lr=lr)
-    _, norm, factor = local_weight_update_reference(
-        kind, upstream, P, a, z, z_prev, beta=beta, alpha=alpha, activation=activation,
-        scale=scale, max_norm=max_norm, weight=weight, lr=lr)
-    return norm, factor
-
-
-@_local_sgd_step_op.register_fake
-def _(weight, lr, kind, upstream, P, a, z, z_prev, beta, alpha, activation, scale, max_norm, fuse_signal):
-    scalar = a.new_empty((), dtype=torch.float32)
-    return scalar, torch.empty_like(scalar)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,15 +510,11 @@ def _check_signal_args(
     if a.numel() == 0 or c_up == 0:
         raise ValueError(f"{op}: empty inputs (N={n}, C_up={c_up}, D={P.shape[1]}); every size must be >= 1")
     if z is not None:
-        if kind != "lra":
-            raise ValueError(f"{op}: z is only used by kind='lra'; pass z=None for kind={kind!r}")
         check_tensor(op, "z", z, ndim=2, dtypes=FLOAT_DTYPES, device=device)
         if z.shape != a.shape:
             raise ValueError(f"{op}: z must have a's shape {tuple(a.shape)}, got {tuple(z.shape)}")
     if not isinstance(diagnostics, bool):
         raise TypeError(f"{op}: diagnostics must be True or False, got {type(diagnostics).__name__} {diagnostics!r}")
-    if diagnostics and kind != "lra":
-        raise ValueError(f"{op}: diagnostics=True (returning d and y) is only defined for kind='lra'")
 
 
 def _rule_numbers(op: str, beta: float, alpha: float, scale: float) -> tuple[float, float, float]:
@@ -619,88 +524,62 @@ def _rule_numbers(op: str, beta: float, alpha: float, scale: float) -> tuple[flo
 def _check_update_args(
     op: str, kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor,
     z: torch.Tensor | None, z_prev: torch.Tensor, activation: str, max_norm: float | None,
-    weight: torch.Tensor | None, lr: float | None, fuse_signal: bool | None = None,
 ) -> None:
     _check_signal_args(op, kind, upstream, P, a, z, activation)
-    if fuse_signal is not None and not isinstance(fuse_signal, bool):
-        raise TypeError(f"{op}: fuse_signal must be True, False or None (chosen by size), "
-                        f"got {type(fuse_signal).__name__} {fuse_signal!r}")
     check_tensor(op, "z_prev", z_prev, ndim=2, dtypes=FLOAT_DTYPES, device=a.device)
     if z_prev.shape[0] != a.shape[0] or z_prev.shape[1] == 0:
         raise ValueError(f"{op}: z_prev must be N x D_prev with N = {a.shape[0]} and D_prev >= 1, "
                          f"got {tuple(z_prev.shape)}")
     if max_norm is not None and not max_norm > 0:
         raise ValueError(f"{op}: max_norm must be > 0 (or None for no projection), got {max_norm}")
-    if (weight is None) != (lr is None):
-        raise ValueError(f"{op}: pass weight and lr together (the SGD step W -= lr * dW) or neither")
-    if weight is not None:
-        check_tensor(op, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=a.device)
-        expected = (a.shape[1], z_prev.shape[1])
-        if tuple(weight.shape) != expected:
-            raise ValueError(f"{op}: weight must be D x D_prev = {expected}, got {tuple(weight.shape)}")
 
 
 def local_signal(
     kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None = None,
     *, beta: float = 0.1, alpha: float = 1.0, activation: str = "relu", scale: float = 1.0,
     diagnostics: bool = False,
-) -> torch.Tensor | LRASignal:
-    """A unit's local learning signal from the upstream error units, in one fused kernel.
+) -> LRASignal:
+    """A unit's LRA error units from the upstream ones, in one fused kernel.
 
-    With ``p = scale * (upstream @ P)`` (``upstream``: N x C_up, ``P``: C_up x D, ``a``: N x D):
+    ``kind`` is one of :data:`LOCAL_KINDS` ("lra"). With ``upstream`` (N x C_up), ``P`` (C_up x D,
+    E) and ``a`` (N x D): ``d = scale * (upstream @ P)`` (E's action), ``y = phi(a - beta * d)``
+    (target), ``e = alpha * (z - y) + (1 - alpha) * sign(z - y)``; returns ``LRASignal(e, d, y)``
+    with ``d`` and ``y`` only when ``diagnostics=True`` (else None; then ``d`` is never written to
+    memory). ``z`` is the unit's output; when None it is recomputed as ``phi(a)`` in the kernel.
 
-    * ``kind="dfa"``:  returns ``g = p * phi'(a)`` (upstream = output error ``e``, P = feedback B);
-    * ``kind="drtp"``: returns ``g = -p * phi'(a)`` (upstream = one-hot or soft labels ``y*``);
-    * ``kind="lra"``:  ``d = p`` (E's action), ``y = phi(a - beta * d)`` (target),
-      ``e = alpha * (z - y) + (1 - alpha) * sign(z - y)``; returns ``LRASignal(e, d, y)`` with ``d``
-      and ``y`` only when ``diagnostics=True`` (else None; then ``d`` is never written to memory).
-      ``z`` is the unit's output; when None it is recomputed as ``phi(a)`` in the kernel.
-
-    ``phi`` is ``activation`` (relu, tanh, sigmoid or identity; relu'(0) = 0). Inputs are 2-D,
-    contiguous, float32/float16/bfloat16 on one device; math is float32, outputs have ``a``'s dtype.
+    ``phi`` is ``activation`` (relu, tanh, sigmoid or identity). Inputs are 2-D, contiguous,
+    float32/float16/bfloat16 on one device; math is float32, outputs have ``a``'s dtype.
     Non-differentiable (inputs are detached). Raises ValueError/TypeError on bad arguments.
     """
     op = "local_signal"
     _check_signal_args(op, kind, upstream, P, a, z, activation, diagnostics)
     beta, alpha, scale = _rule_numbers(op, beta, alpha, scale)
     g, d, y = torch.ops.bpfree.local_signal(
-        kind, upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(),
+        upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(),
         beta, alpha, activation, scale, diagnostics)
-    if kind != "lra":
-        return g
     return LRASignal(g, d, y) if diagnostics else LRASignal(g, None, None)
 
 
 def local_weight_update(
     kind: str, upstream: torch.Tensor, P: torch.Tensor, a: torch.Tensor, z: torch.Tensor | None,
     z_prev: torch.Tensor, *, beta: float = 0.1, alpha: float = 1.0, activation: str = "relu",
-    scale: float = 1.0, max_norm: float | None = None, weight: torch.Tensor | None = None,
-    lr: float | None = None, fuse_signal: bool | None = None,
+    scale: float = 1.0, max_norm: float | None = None,
 ) -> WeightUpdate:
-    """A dense unit's update ``dW = g^T @ z_prev`` (D x D_prev) with the signal made in the GEMM prologue.
+    """A dense unit's Hebbian update ``dW = e^T @ z_prev`` (D x D_prev) with the error units made in
+    the GEMM prologue.
 
-    ``g`` is ``local_signal(kind, upstream, P, a, z, ...)`` (for LRA the error units ``e``: the
-    Hebbian form ``dW = e^T z_prev``); ``z_prev`` (N x D_prev) is the unit's input. Also returns
-    ``norm = ||g^T z_prev||_F`` and, with ``max_norm = c``, applies the norm-ball projection
-    ``dW <- f * dW`` with ``f = c / norm`` if ``norm >= c`` else 1 (``f`` is returned).
-
-    With ``weight`` (D x D_prev) and ``lr`` the plain SGD step ``weight -= lr * f * dW`` is applied in
-    place in the GEMM's epilogue and ``dw`` is None: without ``max_norm`` one pass that never writes
-    ``dW``; with it, a norm pass and then a recomputing pass that steps the weight (no host sync).
-    ``fuse_signal`` forces (True) or disables (False) the prologue fusion; None picks it by
-    ``fuse_signal_default(C_up, D_prev)``. Results match ``local_weight_update_reference``.
+    ``e`` is ``local_signal(kind, upstream, P, a, z, ...).e``; ``z_prev`` (N x D_prev) is the unit's
+    input. Also returns ``norm = ||e^T z_prev||_F`` and, with ``max_norm = c``, applies the norm-ball
+    projection ``dW <- f * dW`` with ``f = c / norm`` if ``norm >= c`` else 1 (``f`` is returned):
+    a norm pass and a recomputing pass, no host sync. Whether ``e`` is recomputed in the prologue
+    or written once is ``fuse_signal_default(C_up, D_prev)``. Results match
+    ``local_weight_update_reference``.
     """
     op = "local_weight_update"
     beta, alpha, scale = _rule_numbers(op, beta, alpha, scale)
     max_norm = None if max_norm is None else check_number(op, "max_norm", max_norm)
-    lr = None if lr is None else check_number(op, "lr", lr)
-    _check_update_args(op, kind, upstream, P, a, z, z_prev, activation, max_norm, weight, lr, fuse_signal)
-    numbers = (beta, alpha, activation, scale, max_norm)
-    args = (kind, upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(),
-            z_prev.detach(), *numbers, fuse_signal)
-    if weight is None:
-        dw, norm, factor = torch.ops.bpfree.local_weight_update(*args)
-        return WeightUpdate(dw, norm, factor)
-    with torch.no_grad():
-        norm, factor = torch.ops.bpfree.local_sgd_step_(weight, lr, *args)
-    return WeightUpdate(None, norm, factor)
+    _check_update_args(op, kind, upstream, P, a, z, z_prev, activation, max_norm)
+    dw, norm, factor = torch.ops.bpfree.local_weight_update(
+        upstream.detach(), P.detach(), a.detach(), None if z is None else z.detach(), z_prev.detach(),
+        beta, alpha, activation, scale, max_norm)
+    return WeightUpdate(dw, norm, factor)

@@ -52,14 +52,12 @@ def lra_inputs() -> dict:
 def test_local_alignment_options_are_checked_before_the_registered_op():
     inputs = lra_inputs()
     z_prev = torch.randn(4, 5)
-    with pytest.raises(TypeError, match="local_weight_update: fuse_signal must be True, False or None"):
-        local_weight_update("dfa", **inputs, z=None, z_prev=z_prev, fuse_signal="yes")
     with pytest.raises(TypeError, match="local_signal: diagnostics must be True or False, got str 'yes'"):
         local_signal("lra", **inputs, diagnostics="yes")
     with pytest.raises(TypeError, match="local_signal_reference: beta must be a Python number"):
-        local_signal_reference("dfa", **inputs, beta="0.1")
-    with pytest.raises(TypeError, match="local_weight_update_reference: lr must be a Python number"):
-        local_weight_update_reference("dfa", **inputs, z=None, z_prev=z_prev, weight=torch.zeros(6, 5), lr="0.1")
+        local_signal_reference("lra", **inputs, beta="0.1")
+    with pytest.raises(TypeError, match="local_weight_update_reference: max_norm must be a Python number"):
+        local_weight_update_reference("lra", **inputs, z=None, z_prev=z_prev, max_norm="1.0")
     with pytest.raises(ValueError, match="lra_error_units: unknown activation 'gelu'"):
         lra_error_units(inputs["a"], inputs["a"], None, beta=0.1, alpha=1.0, activation="gelu")
     with pytest.raises(ValueError, match="norm_ball_factor: max_norm must be > 0"):
@@ -168,8 +166,8 @@ def _calls() -> dict[str, tuple]:
             kind="lra", **inputs, z=torch.randn(4, 6), beta=0.1, alpha=0.5, activation="tanh", scale=1.0,
             diagnostics=True)),
         "local_weight_update": (local_weight_update, dict(
-            kind="dfa", **inputs, z=None, z_prev=torch.randn(4, 5), beta=0.1, alpha=1.0, activation="relu",
-            scale=1.0, max_norm=1.0, weight=torch.zeros(6, 5), lr=0.1, fuse_signal=None)),
+            kind="lra", **inputs, z=None, z_prev=torch.randn(4, 5), beta=0.1, alpha=1.0, activation="relu",
+            scale=1.0, max_norm=1.0)),
         "lra_error_units": (lra_error_units, dict(
             d=torch.randn(4, 6), a=torch.randn(4, 6), z=None, beta=0.1, alpha=1.0, activation="relu")),
         "norm_ball_factor": (norm_ball_factor, dict(norm=torch.tensor(2.0), max_norm=1.0)),

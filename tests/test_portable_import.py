@@ -55,9 +55,10 @@ want = 0.5 * (e @ signs.float()) * mask
 assert torch.allclose(binary_feedback_project(e, SeededSigns(3, 10, 70, 1), 0.5, mask), want, atol=1e-5)
 assert torch.allclose(binary_feedback_project(e, pack_signs(signs), 0.5, mask), want, atol=1e-5)
 
-# local_signal (DFA): scale * (u @ P) * relu'(a)
+# local_signal (LRA, alpha = 1): e = relu(a) - relu(a - beta * scale * (u @ P))
 u, P, a = torch.randn(4, 3), torch.randn(3, 6), torch.randn(4, 6)
-assert torch.allclose(local_signal("dfa", u, P, a, scale=0.3), 0.3 * (u @ P) * (a > 0), atol=1e-6)
+want = a.relu() - (a - 0.1 * 0.3 * (u @ P)).relu()
+assert torch.allclose(local_signal("lra", u, P, a, scale=0.3).e, want, atol=1e-6)
 
 # TraceConv2d forward and backward: the exact conv and input gradient, the reference weight estimate
 conv = TraceConv2d(3, 4, 3, padding=1, probes=8)
