@@ -171,7 +171,15 @@ def environment(device: torch.device | str) -> dict[str, Any]:
             "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(), "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+            "command": command_line()}
+
+
+def command_line() -> str:
+    """This process's command as it is typed again: ``python -m benchmarks.NAME ...`` for a script run
+    as a module (``sys.argv[0]`` is then the file's full path, which is not how it is run)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    script = ["-m", spec.name] if spec is not None else sys.argv[:1]
+    return shlex.join([Path(sys.executable).name, *script, *sys.argv[1:]])
 
 
 def _plain(value: Any) -> Any:

@@ -17,7 +17,7 @@ Timings are ``benchmarks/_harness.time_ops``: ``triton.testing.do_bench`` on CUD
 p20/p80 spread goes to the results). Without a GPU only a tiny subset runs, on the PyTorch (CPU)
 path of the op, and the output says so. Results also go to ``--out`` (.json or .csv).
 
-    python benchmarks/bench_binary_feedback.py [--quick] [--device cuda] [--dtype float32] [--no-mask] [--out results.json]
+    python -m benchmarks.bench_binary_feedback [--quick] [--device cuda] [--dtype float32] [--no-mask] [--out results.json]
 """
 
 import argparse
@@ -29,11 +29,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import device_name, environment, make_console, relative_error, table, time_ops, write_results  # noqa: E402
-from kernels._dispatch import triton_interpreting  # noqa: E402
-from kernels.binary_feedback import PackedSigns, SeededSigns, binary_feedback_project, pack_signs  # noqa: E402
+from benchmarks._harness import device_name, environment, make_console, relative_error, table, time_ops, write_results
+from kernels._dispatch import triton_interpreting
+from kernels.binary_feedback import PackedSigns, SeededSigns, binary_feedback_project, pack_signs
 
 MODELS = {"resnet18-cifar": 10, "resnet50-imagenet": 1000}  # model -> number of classes
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -7,21 +7,18 @@ trainer's sizes (N = 128; C = 10 with the unit sizes of the small CNN and ResNet
 is first checked against the dense product of the same signs. The ratio column is time over dense's
 (below 1: faster). The kernels' PyTorch path runs (``TRITON_INTERPRET=0``); its first call compiles.
 
-    python benchmarks/bench_binary_feedback_cpu.py [--repeats 15] [--threads 2] [--out results.json]
+    python -m benchmarks.bench_binary_feedback_cpu [--repeats 15] [--threads 2] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # the PyTorch (CPU) path, before triton is imported
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._harness import environment, make_console, relative_error, table, time_interleaved, write_results  # noqa: E402
 from kernels import SeededSigns, binary_feedback_project, pack_signs  # noqa: E402

@@ -10,28 +10,25 @@ with a synchronised wall clock, and the median is reported.
 Images: ``--npz``, else torchvision's CIFAR-10 under ``--cifar-root`` (default data/cifar10, the
 recipes' root) when it is there, else synthetic CIFAR-shaped images (same speed); the output says which.
 
-    python benchmarks/bench_bp_throughput.py --npz path/to/cifar10-train.npz --batch 256
+    python -m benchmarks.bench_bp_throughput --npz path/to/cifar10-train.npz --batch 256
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import cifar_data, environment, make_console, table, time_interleaved, write_results  # noqa: E402
-from trainer.data import NormStats, load_images  # noqa: E402
-from trainer.models import build_model  # noqa: E402
-from trainer.recipes import load_recipe  # noqa: E402
-from trainer.devices import resolve_device  # noqa: E402
-from trainer.session import build_session  # noqa: E402
+from benchmarks._harness import cifar_data, environment, make_console, table, time_interleaved, write_results
+from trainer.data import NormStats, load_images
+from trainer.devices import resolve_device
+from trainer.models import build_model
+from trainer.recipes import load_recipe
+from trainer.session import build_session
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_resnet18_bp.toml"
 

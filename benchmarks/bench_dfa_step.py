@@ -9,19 +9,15 @@ reported (robust to load spikes). BDFA (±1 feedback through the binary-projecti
 BP's step time; on the CPU, BDFA's step no slower than dense DFA's (the kernel's PyTorch path makes
 the signs in blocks, compiled, never the whole C x D float matrix).
 
-    python benchmarks/bench_dfa_step.py                                  # CUDA: batch 256, compile, bf16
-    python benchmarks/bench_dfa_step.py --device cpu --batch 16 --steps 3 --out bench_out/dfa_step.json
+    python -m benchmarks.bench_dfa_step                                  # CUDA: batch 256, compile, bf16
+    python -m benchmarks.bench_dfa_step --device cpu --batch 16 --steps 3 --out bench_out/dfa_step.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import (  # noqa: E402
+from benchmarks._harness import (
     add_step_arguments,
     cifar_batch,
     cifar_rule,

@@ -2,7 +2,7 @@
 
 For each model, rule and number of micro-batches M, the parent launches
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/bench_pipeline.py --worker ...
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m benchmarks.bench_pipeline --worker ...
 
 (gloo, ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)`` in every process, ``train.pipeline_stages
 = 2``, ``train.micro_batches = M``, stages balanced by the trainer's own measured unit times), and
@@ -53,8 +53,8 @@ S = 2 needs two idle cores, or the efficiency measures the load. The full run, b
 launches for ResNet-18, 23 for the ViT, each a fresh process; about a quarter of an hour on two
 free cores), with its defaults spelt out in the second line:
 
-    python benchmarks/bench_pipeline.py --npz path/to/cifar10-train.npz
-    python benchmarks/bench_pipeline.py --npz path/to/cifar10-train.npz --models resnet18 vit --micro 2 4 8 \
+    python -m benchmarks.bench_pipeline --npz path/to/cifar10-train.npz
+    python -m benchmarks.bench_pipeline --npz path/to/cifar10-train.npz --models resnet18 vit --micro 2 4 8 \
         --batch 64 --vit-batch 2048 --warmup 2 --steps 6 --out benchmarks/results/pipeline_cpu
 
 One model alone: ``--models vit --out benchmarks/results/pipeline_cpu_vit`` (an ``--out`` of its
@@ -81,11 +81,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rich.markup import escape
 
-from rich.markup import escape  # noqa: E402
-
-from benchmarks._harness import cifar_data, environment, make_console, table, write_results  # noqa: E402
+from benchmarks._harness import cifar_data, environment, make_console, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -266,7 +264,7 @@ class Job:
 
 
 def job_command(job: Job, args: argparse.Namespace, data_overrides: list[str], report: Path) -> list[str]:
-    worker_args = [str(Path(__file__).resolve()), "--worker", "--model", job.model, "--rule", job.rule,
+    worker_args = ["-m", "benchmarks.bench_pipeline", "--worker", "--model", job.model, "--rule", job.rule,
                    "--micro", str(job.micro), "--stages", str(job.stages), "--batch", str(job.batch),
                    "--warmup", str(args.warmup), "--steps", str(args.steps), "--report", str(report),
                    "--stage-timeout", str(args.stage_timeout)]

@@ -19,21 +19,18 @@ Activation memory, by device (``benchmarks/_harness.PeakMemory``):
 The goal of the target-projection rules: at most 0.35x BP's peak activation memory at the same
 batch, and at least a 2x larger batch within the budget where BP runs out.
 
-    python benchmarks/bench_target_projection_memory.py [--batch 256] [--budget-gib 8] [--out results.json]
+    python -m benchmarks.bench_target_projection_memory [--batch 256] [--budget-gib 8] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import (  # noqa: E402
+from benchmarks._harness import (
     PeakMemory,
     cifar_batch,
     environment,
@@ -43,8 +40,8 @@ from benchmarks._harness import (  # noqa: E402
     time_interleaved,
     write_results,
 )
-from trainer.rules import Rule  # noqa: E402
-from trainer.devices import resolve_device  # noqa: E402
+from trainer.devices import resolve_device
+from trainer.rules import Rule
 
 
 @dataclass

@@ -17,7 +17,7 @@ Three tables:
 3. Relative error ||g_est - g|| / ||g|| and cosine of the weight gradient of a few layers against
    the exact gradient, as r grows, for each probe kind (mean over ``--error-seeds`` draws).
 
-    python benchmarks/bench_trace_conv.py [--device cpu|cuda] [--memory-device meta|cpu|cuda]
+    python -m benchmarks.bench_trace_conv [--device cpu|cuda] [--memory-device meta|cpu|cuda]
         [--r 4 16 64] [--cifar-batch 256] [--imagenet-batch 64] [--time-batch N] [--steps N]
         [--error-batch N] [--error-seeds N] [--out results.json]
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -37,9 +36,7 @@ import torchvision
 from rich.console import Console
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import (  # noqa: E402
+from benchmarks._harness import (
     PeakMemory,
     cifar_batch,
     environment,
@@ -48,8 +45,8 @@ from benchmarks._harness import (  # noqa: E402
     time_interleaved,
     write_results,
 )
-from kernels._dispatch import use_triton  # noqa: E402
-from kernels import PROBES, MaskReLU, TraceConv2d, convert_batch_norms, convert_to_trace_conv  # noqa: E402
+from kernels._dispatch import use_triton
+from kernels import PROBES, MaskReLU, TraceConv2d, convert_batch_norms, convert_to_trace_conv
 
 ERROR_LAYERS = ("layer1.0.conv1", "layer2.0.conv2", "layer3.0.downsample.0", "layer4.1.conv2")
 CATEGORIES = ("conv input", "trace Xbar", "batchnorm", "relu", "pool", "other")

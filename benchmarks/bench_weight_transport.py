@@ -8,19 +8,15 @@ making of B (usf: sign(W) every step; brsf: a fresh |R| every batch; seeded: B r
 backward). Feedback memory is what the layers keep besides W (dense B or |R|: W's bytes; seeded,
 usf, brsf: none).
 
-    python benchmarks/bench_weight_transport.py --device cpu --batch 64 --steps 5 --out bench_out/wt_step.json
-    python benchmarks/bench_weight_transport.py        # CUDA: batch 128, compile, bf16
+    python -m benchmarks.bench_weight_transport --device cpu --batch 64 --steps 5 --out bench_out/wt_step.json
+    python -m benchmarks.bench_weight_transport        # CUDA: batch 128, compile, bf16
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._harness import (  # noqa: E402
+from benchmarks._harness import (
     add_step_arguments,
     cifar_batch,
     cifar_rule,

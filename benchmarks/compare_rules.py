@@ -19,8 +19,8 @@ under ``--cifar-root`` (default data/cifar10, the recipes' root) when it is ther
 CIFAR-shaped images written to ``--out`` (speed and memory hold, accuracy means nothing); the table
 title and every CSV row say which.
 
-    python benchmarks/compare_rules.py --suite mnist5k --epochs 8 --out bench_out/mnist5k
-    python benchmarks/compare_rules.py --suite cifar --npz path/to/cifar10-train.npz \
+    python -m benchmarks.compare_rules --suite mnist5k --epochs 8 --out bench_out/mnist5k
+    python -m benchmarks.compare_rules --suite cifar --npz path/to/cifar10-train.npz \
         --epochs 4 --seeds 0 1 2 --jobs 2 --out bench_out/cifar
 """
 
@@ -36,12 +36,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rich.markup import escape
 
-from rich.markup import escape  # noqa: E402
-
-from benchmarks._harness import cifar_data, make_console, table, write_csv, write_json  # noqa: E402
-from trainer.recipes import load_recipe  # noqa: E402
+from benchmarks._harness import cifar_data, make_console, table, write_csv, write_json
+from trainer.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -4,9 +4,9 @@
 
 On a CUDA machine with torch, torchvision and triton installed, after ``pip install --no-deps -e .``:
 
-    python benchmarks/gpu_check.py --out gpu_check_out                         # about 8 minutes
-    python benchmarks/gpu_check.py --only kernels,bench_dfa_step --out rerun   # parts again
-    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu_check   # tests this script
+    python -m benchmarks.gpu_check --out gpu_check_out                         # about 8 minutes
+    python -m benchmarks.gpu_check --only kernels,bench_dfa_step --out rerun   # parts again
+    python -m benchmarks.gpu_check --device cpu --quick --out /tmp/gpu_check   # tests this script
 
 Why it is built this way: a first GPU run may be the only one, so it must spend its minutes
 measuring, not debugging. Every part runs in subprocesses with a timeout (the whole process group
@@ -37,12 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from benchmarks._harness import environment, write_json, write_synthetic_cifar
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from benchmarks._harness import environment, write_json, write_synthetic_cifar  # noqa: E402
 
 CPU_TIMEOUT_S = 300
 MIN_TIMEOUT_S = 10  # below this a part is not started: its budget was spent before it
@@ -152,7 +151,7 @@ def kernel_checks(check: Check, timeout: float) -> dict[str, Any]:
 
     def suite(names: str) -> tuple[str, dict[str, Any], str | None]:
         label = "kernels" if len(groups) == 1 else f"kernels-{names}"
-        argv = ["benchmarks/check_kernels.py", "--device", check.device, "--suites", names,
+        argv = ["-m", "benchmarks.check_kernels", "--device", check.device, "--suites", names,
                 *(["--quick"] if check.quick else [])]
         out_json = check.out / "results" / f"check_{label}.json"
         try:
@@ -197,7 +196,7 @@ class Bench:
                           "(without --quick this one runs at CPU sizes)")
         flags = self.cpu if not check.on_cuda else self.cuda_quick if check.quick else self.cuda
         flags = [flag.replace("{npz}", str(check.synthetic_npz)) for flag in flags]
-        argv = [f"benchmarks/{self.script}.py", *flags, "--device", check.device]
+        argv = ["-m", f"benchmarks.{self.script}", *flags, "--device", check.device]
         return run_script(check, self.script, argv, timeout, child_env(), check.out / "results" / f"{self.script}.json")
 
 

@@ -1,6 +1,5 @@
 """benchmarks/bench_pipeline.py: the recipes it trains, its goals, and one --quick run end to end."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,13 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_pipeline as bench
 from trainer.session import is_forward_only
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pipeline.py"
-_SPEC = importlib.util.spec_from_file_location("bench_pipeline", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules["bench_pipeline"] = bench  # its dataclasses look their module up
-_SPEC.loader.exec_module(bench)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 MEASURED = [(model, label) for model in bench.MODELS for label in bench.RULES
@@ -53,8 +49,8 @@ def test_goals_compare_local_rules_with_bps_best_schedule_at_the_same_m():
 
 def test_quick_run_measures_a_pipeline_and_its_baseline(tmp_path):
     out = tmp_path / "quick"
-    done = subprocess.run([sys.executable, str(_PATH), "--quick", "--rules", "drtp", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_pipeline", "--quick", "--rules", "drtp", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.with_suffix(".json").read_text())
     [r] = result["tables"]["vit"]

@@ -1,18 +1,13 @@
 """benchmarks/compare_rules.py: how runs over seeds are summarized (the numbers BENCHMARKS.md reports)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from benchmarks import compare_rules
 from trainer.config import dump_toml
 from trainer.recipes import load_recipe
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_rules.py"
-_SPEC = importlib.util.spec_from_file_location("compare_rules", _PATH)
-compare_rules = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(compare_rules)
 
 
 def run(seed: int, accuracy: float, curve: list[tuple[int, float]]) -> dict:

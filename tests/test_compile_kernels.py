@@ -19,8 +19,8 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory_and_registers(tmp_p
     out = tmp_path / "compile.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compile_kernels.py"), "--arch", "90", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "benchmarks.compile_kernels", "--arch", "90", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     variants = json.loads(out.read_text())["variants"]

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_cpu_quick_runs_every_part_or_says_why_not(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
-                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     markdown = (tmp_path / "gpu_check.md").read_text()
