@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.rules import RuleContext, UnitRule
-from trainer.rules.base import UnitOptions
+from trainer.rules import RuleContext, UnitOptions, UnitRule
 
 
 @dataclass
@@ -34,6 +33,8 @@ class ClassCodeOptions(UnitOptions):
 
 
 class ClassCodes(UnitRule):
+    """Each unit below the top learns alone, toward its binary code of the label."""
+
     name = "class_codes"
     Options = ClassCodeOptions
     preparable = "each unit steps right after its own forward, toward a target read from the labels"

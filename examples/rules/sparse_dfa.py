@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.rules import RuleContext, UnitRule
-from trainer.rules.base import UnitBatch, UnitOptions
+from trainer.rules import RuleContext, UnitBatch, UnitOptions, UnitRule
 from trainer.units import primary
 
 
@@ -31,6 +30,8 @@ class SparseDFAOptions(UnitOptions):
 
 
 class SparseDFA(UnitRule):
+    """DFA whose fixed feedback is sparse ±1: each class reaches only a share of a unit's outputs."""
+
     name = "sparse_dfa"
     Options = SparseDFAOptions
 

@@ -9,7 +9,7 @@ import dataclasses
 from torch import nn
 
 from trainer.config import ConfigError, import_module
-from trainer.rules.base import ParamOptions, Rule, RuleContext, RuleError, StepResult, UnitRule
+from trainer.rules.base import ParamOptions, Rule, RuleContext, RuleError, StepResult, UnitBatch, UnitOptions, UnitRule
 from trainer.rules.bp import Backprop
 from trainer.rules.dfa import DFA, BinaryDFA, SignDFA
 from trainer.rules.lra import LocalRepresentationAlignment, RecursiveLRA
@@ -80,5 +80,5 @@ def build_rule(name: str, options: object, model: nn.Module, ctx: RuleContext) -
     return rule_class(name)(model, options, ctx).to(ctx.device)
 
 
-__all__ = ["RULES", "ParamOptions", "Rule", "RuleContext", "RuleError", "StepResult", "UnitRule", "build_rule",
-           "rule_class", "rule_options_class"]
+__all__ = ["RULES", "ParamOptions", "Rule", "RuleContext", "RuleError", "StepResult", "UnitBatch", "UnitOptions",
+           "UnitRule", "build_rule", "rule_class", "rule_options_class"]
