@@ -148,7 +148,7 @@ def restore(s: Session, payload: dict[str, Any], out_dir: Path) -> tuple[int, in
 # Under a pipeline every rank's optimizer state covers its own stage only. Each rank writes it as a
 # part named by the epoch, all ranks wait, and then the main checkpoint (which names the epoch) is
 # written: a crash between the two leaves the previous checkpoint and its parts complete. Parts of
-# older epochs are removed after the new checkpoint is in place.
+# older epochs are removed after the new checkpoint is in place (trainer.pipeline.Pipeline does both).
 
 STAGE_PARTS = "stages"  # the folder of the parts, in the run folder
 
