@@ -73,7 +73,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     with pytest.raises(TrainingDiverged, match="loss became (nan|inf)"):
         train(load_recipe(path), tmp_path / "run")
     assert main(["run", str(path), "--out", str(tmp_path / "run2")]) == 3
-    assert "Lower optim.lr" in capsys.readouterr().err
+    assert "optim.lr=1e+30 (sgd) came from recipe r: lower it" in capsys.readouterr().err
 
 
 def test_eval_on_the_recipe_split_and_on_npz(tmp_path, tiny_npz, capsys):

@@ -28,7 +28,7 @@ from trainer.distributed import DistEnv, average_gradients_before_step, broadcas
 from trainer.layout import Layout, Stepper
 from trainer.models import build_model
 from trainer.pipeline import Pipeline
-from trainer.rules import ParamOptions, Rule, RuleContext, RuleError, build_rule
+from trainer.rules import ParamOptions, Rule, RuleContext, RuleError, build_rule, rule_class
 
 
 def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
@@ -202,5 +202,7 @@ def blamed(err: ConfigError, recipe: Recipe, sets: Mapping[str, str], key: str |
 
 
 def is_forward_only(recipe: Recipe) -> bool:
-    """Whether the recipe's rule updates each unit right after its own forward (drtp, tpsgd)."""
-    return bool(getattr(recipe.rule.options, "forward_only", False))
+    """Whether the recipe's rule updates each unit right after its own forward (drtp, tpsgd): its
+    ``forward_only`` option where it has one, else its class's declaration (a python: rule's)."""
+    declared = getattr(recipe.rule.options, "forward_only", None)
+    return bool(declared if declared is not None else getattr(rule_class(recipe.rule.name), "forward_only", False))
