@@ -125,14 +125,7 @@ def ones_backward(index: int, out: State) -> None:
 def forward_only_backward(rule: UnitRule, y: torch.Tensor) -> Backward:
     """A forward-only rule's own local backward (its signal included: DRTP's and tpSGD's scale with
     the unit's output, which is largest in the first units)."""
-    def backward(index: int, out: State) -> None:
-        if index < rule.top:
-            signal = rule.unit_signal(index, primary(out), y)
-        else:
-            signal = rule.output_error(primary(out), y)[1]
-        rule.local_backward([rule.signal_point(index, out)], [signal])
-
-    return backward
+    return lambda index, out: rule.forward_only_backward(index, out, y)
 
 
 def measure_unit_seconds(units: Sequence[nn.Module], model: nn.Module, x: torch.Tensor,

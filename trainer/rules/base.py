@@ -452,13 +452,22 @@ class UnitRule(Rule):
         with ``out``, and its detached output is returned (the top unit sets ``last_loss``)."""
         with self.autocast():
             out = self.units[index](detach_state(state))
+        loss = self.forward_only_backward(index, out, y)
+        if loss is not None:
+            self.last_loss = loss
+        self.step(optimizer)
+        return detach_state(out)
+
+    def forward_only_backward(self, index: int, out: State, y: torch.Tensor) -> torch.Tensor | None:
+        """Unit ``index``'s local backward in a forward-only step, from its output: ``unit_signal``
+        below the top, ``e`` at the top (whose loss is returned; None below)."""
+        loss = None
         if index < self.top:
             signal = self.unit_signal(index, primary(out), y)
         else:
-            self.last_loss, signal = self.output_error(primary(out), y)
+            loss, signal = self.output_error(primary(out), y)
         self.local_backward([self.signal_point(index, out)], [signal])
-        self.step(optimizer)
-        return detach_state(out)
+        return loss
 
     def prepared_forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """``prepare()``'s training forward: the units as in ``train_step``, their signals injected
