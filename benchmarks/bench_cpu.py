@@ -1,0 +1,185 @@
+"""Training speed on the CPU: a plain eager PyTorch loop (BP) against the trainer, eager and compiled,
+for BP and each rule, on the models people train on a CPU.
+
+For each model (the quickstart CNN on mnist5k, CIFAR ResNet-20, ResNet-18 with the CIFAR stem, the
+mnist5k ViT) and each rule, the script builds the trainer's own session from the model's recipe
+(``--set rule.name=...``), once with ``train.compile = false`` and once with ``true``, plus the
+textbook PyTorch loop of the same model (BP, eager: the reference). The loops' steps alternate
+(``benchmarks._harness.time_interleaved``), so the machine's load hits them alike; a compiled loop's
+first steps and first evaluation batch are timed on their own and, less the steady times, give its
+compile time (training and evaluation graphs). The table: images/s
+of each, the ratios to the plain loop, the compile time, and the run length (steps) at which the
+compiled loop has paid its compile time back.
+
+    python -m benchmarks.bench_cpu --npz cifar10-mini-train.npz --out benchmarks/results/cpu.json
+    python -m benchmarks.bench_cpu --models cnn resnet20 --rules bp dfa drtp tpsgd --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from benchmarks._harness import cifar_data, environment, make_console, sync, table, time_interleaved, write_results
+from trainer.data import NormStats, load_images
+from trainer.models import build_model
+from trainer.recipes import load_recipe
+from trainer.session import build_session
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+MODELS = {  # model -> (recipe, its batch, whether it reads CIFAR images)
+    "cnn": ("quickstart.toml", 128, False),
+    "resnet20": ("cifar10_resnet20_bp.toml", 128, True),
+    "resnet18": ("cifar10_resnet18_bp.toml", 128, True),
+    "vit": ("mnist5k_vit_bp.toml", 256, False),
+}
+RULES = ["bp", "dfa", "bdfa", "drtp", "tpsgd", "rec_lra", "trace_bp"]
+RULE_SETTINGS = {"drtp": ["rule.granularity=\"block\""], "tpsgd": ["rule.granularity=\"block\""]}
+
+
+def cycle(make_epoch: Callable[[int], Any]):
+    epoch = 0
+    while True:
+        yield from make_epoch(epoch)
+        epoch += 1
+
+
+def plain_loop(recipe: Any, batch: int) -> Callable[[], None]:
+    """The reference: the textbook eager PyTorch BP loop on the recipe's images and model."""
+    images = load_images(recipe.data)[0]
+    stats = NormStats.of(images.x)
+    x_all = images.x.float() / 255
+    if x_all.dim() == 3:
+        x_all = x_all[:, None]
+    mean = torch.tensor(stats.mean).view(1, -1, 1, 1)
+    std = torch.tensor(stats.std).view(1, -1, 1, 1)
+    x_all, y_all = (x_all - mean) / std, images.y
+    model = build_model(recipe.model, tuple(x_all.shape[1:]), int(y_all.max()) + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    criterion = nn.CrossEntropyLoss()
+
+    def epoch_batches(epoch: int):
+        order = torch.randperm(len(y_all))
+        for i in range(len(order) // batch):
+            index = order[i * batch : (i + 1) * batch]
+            yield x_all[index], y_all[index]
+
+    batches = cycle(epoch_batches)
+    model.train()
+
+    def step() -> None:
+        x, y = next(batches)
+        criterion(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def trainer_loop(recipe: Any) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The trainer's session: a training step (its loader with on-device augmentation, rule,
+    optimizer and schedule), and one evaluation batch (a compiled model compiles again for it)."""
+    session = build_session(recipe)
+    session.rule.train()
+    batches = cycle(session.data.train.batches)
+    x_eval = next(iter(session.data.train.batches(0)))[0]
+
+    def step() -> None:
+        session.stepper.train_step(*next(batches), session.optimizer)
+        session.scheduler.step()
+
+    def evaluate() -> None:
+        session.rule.eval()
+        with torch.no_grad():
+            session.rule(x_eval)
+        session.rule.train()
+
+    return step, evaluate
+
+
+def seconds(call: Callable[[], None], count: int = 1) -> float:
+    """The wall time of ``count`` calls (a compiled loop compiles in its first ones)."""
+    sync("cpu")
+    start = time.perf_counter()
+    for _ in range(count):
+        call()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--npz", type=Path, help="CIFAR images (x uint8 N x 32 x 32 x 3, y labels) for the ResNets")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--rules", nargs="+", default=RULES)
+    parser.add_argument("--bp-only", nargs="*", default=["resnet18", "vit"],
+                        help="models measured for bp alone (the rules' table is for the others)")
+    parser.add_argument("--steps", type=int, default=6, help="timed interleaved steps of each loop")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds after the compile")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="2 timed steps, batch 16: a smoke run")
+    parser.add_argument("--out", type=Path, help="write the results here (.json, or .csv)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    steps = 2 if args.quick else args.steps
+    console = make_console(130)
+    data = cifar_data(args.npz, None, Path(tempfile.gettempdir()) / "bpfree-bench" / "synthetic-cifar10.npz")
+    rows: list[dict[str, Any]] = []
+    for model in args.models:
+        recipe_file, batch, cifar = MODELS[model]
+        batch = 16 if args.quick else batch
+        rules = ["bp"] if model in args.bp_only else args.rules
+        base = [*(data.overrides if cifar else []), f"train.batch_size={batch}", 'train.device="cpu"', "train.amp=false"]
+        plain = plain_loop(load_recipe(RECIPES / recipe_file, base), batch)
+        for rule in rules:
+            overrides = [*base, f"rule.name={json.dumps(rule)}", *RULE_SETTINGS.get(rule, [])]
+            try:
+                eager, eager_eval = trainer_loop(load_recipe(RECIPES / recipe_file, [*overrides, "train.compile=false"]))
+                compiled, compiled_eval = trainer_loop(load_recipe(RECIPES / recipe_file,
+                                                                   [*overrides, "train.compile=true"]))
+            except Exception as err:  # noqa: BLE001 -- a rule this model cannot take is a row, not a crash
+                rows.append({"model": model, "rule": rule, "batch": batch, "error": f"{type(err).__name__}: {err}"})
+                console.print(f"[yellow]{model} {rule}: {err}[/]")
+                continue
+            first = seconds(compiled, 2)
+            first_eval = seconds(compiled_eval) - min(seconds(eager_eval) for _ in range(2))
+            loops = {"plain": plain, "eager": eager, "compiled": compiled}
+            times = time_interleaved(loops, "cpu", warmup=args.warmup, repeats=steps)
+            rate = {name: 1000 * batch / t.median_ms for name, t in times.items()}
+            step_s = {name: t.median_ms / 1000 for name, t in times.items()}
+            compile_s = max(first - 2 * step_s["compiled"], 0.0) + max(first_eval, 0.0)  # train and eval graphs
+            saved = step_s["eager"] - step_s["compiled"]
+            row = {"model": model, "rule": rule, "batch": batch,
+                   **{f"images_per_s_{name}": r for name, r in rate.items()},
+                   **{f"spread_{name}": t.spread for name, t in times.items()},
+                   "eager_over_plain": rate["eager"] / rate["plain"], "compiled_over_plain": rate["compiled"] / rate["plain"],
+                   "compiled_over_eager": rate["compiled"] / rate["eager"], "compile_s": compile_s,
+                   "break_even_steps": compile_s / saved if saved > 0 else math.inf}
+            rows.append(row)
+            console.print(f"{model} {rule}: plain {rate['plain']:.0f}, eager {rate['eager']:.0f}, compiled "
+                          f"{rate['compiled']:.0f} img/s, compile {compile_s:.0f} s")
+    result = table(f"training images/s on the CPU ({args.threads} threads), median of {steps} interleaved steps",
+                   ["model", "rule", "batch", "plain BP", "trainer eager", "trainer compiled", "eager / plain",
+                    "compiled / plain", "compile s", "break-even steps"], left={"model", "rule"})
+    for r in rows:
+        if "error" in r:
+            result.add_row(r["model"], r["rule"], str(r["batch"]), *["—"] * 6, r["error"][:40])
+            continue
+        result.add_row(r["model"], r["rule"], str(r["batch"]), f"{r['images_per_s_plain']:.0f}",
+                       f"{r['images_per_s_eager']:.0f}", f"{r['images_per_s_compiled']:.0f}",
+                       f"{r['eager_over_plain']:.2f}x", f"{r['compiled_over_plain']:.2f}x", f"{r['compile_s']:.0f}",
+                       "never" if math.isinf(r["break_even_steps"]) else f"{r['break_even_steps']:.0f}")
+    console.print(result)
+    meta = {**environment("cpu"), "data": data.description, "threads": args.threads, "steps": steps}
+    write_results(args.out, meta, {"loops": rows}, {}, console)
+
+
+if __name__ == "__main__":
+    main()
