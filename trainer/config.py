@@ -149,6 +149,7 @@ class TrainConfig:
     pipeline_stages: int = 1  # S: units split into S contiguous stages, one per process (trainer.pipeline)
     micro_batches: int = 1  # M: micro-batches a batch is split into as it flows through the stages
     stage_boundaries: list[str] = field(default_factory=list)  # the S-1 units that begin stages 2..S; empty: balanced by time
+    rebalance: bool = True  # local rules, balanced cut: time the stages' first steps and move the cut once if one lags
     pipeline_schedule: Literal["gpipe", "1f1b"] = "1f1b"  # bp and trace_bp pipelines (torch.distributed.pipelining)
     stage_timeout: float = 300.0  # seconds a stage waits for a message before it ends the job
 

@@ -57,6 +57,11 @@ class Layout:
         """What the run's header says about the layout."""
         return []
 
+    def after_step(self, epoch_ends: bool) -> str | None:
+        """After every training step (a batch boundary; ``epoch_ends`` on an epoch's last): a line
+        to note, or None. A pipeline moves its cut here, once (``trainer.pipeline``)."""
+        return None
+
     def synchronize(self) -> None:
         """At an epoch's end, before evaluation: every process then holds the whole trained model."""
 

@@ -63,6 +63,9 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
                 raise
             raise TrainingDiverged(f"the update of step {step + 1} (epoch {epoch + 1}) overflowed float32 "
                                    f"({err})") from None
+        moved = s.layout.after_step(i + 1 == steps)
+        if moved:
+            reporter.note(moved)
         s.scheduler.step()
         step += 1
         n = len(out.logits)  # 0 on the pipeline stages below the last: they see no logits

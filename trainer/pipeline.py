@@ -24,6 +24,11 @@ updates only its stage's units: activations, graphs and optimizer state are per 
 are not. At the end of every epoch each stage broadcasts what it trained to the others, so every
 process then holds the trained model, evaluates it and can write it. Every receive waits at most
 ``train.stage_timeout`` seconds: a stage that stops ends the job on every rank (``StageFailed``).
+
+A balanced cut of a local rule comes from a probe on random inputs; the real steps of the first
+batches can disagree (caches, the real data, messages), so each stage times its steps of batches
+2…``REBALANCE_AFTER`` and, if the slowest stage lags the mean by more than ``REBALANCE_ABOVE_MEAN``,
+the cut moves once, at a batch boundary, before the first checkpoint (``train.rebalance``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import collections
 import datetime
 import inspect
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +61,8 @@ if TYPE_CHECKING:
 
 ACTIVATION, ERROR, ERROR_UNITS = 0, 1, 2  # message tags: states up, e from the top, LRA's error units down
 MAX_PENDING_SENDS = 8  # unfinished sends a stage may hold before it waits: back-pressure on a fast stage
+REBALANCE_AFTER = 6  # batches of the first epoch after which the cut may move (the first, warm-up, untimed)
+REBALANCE_ABOVE_MEAN = 0.10  # how far the slowest stage may lag the mean before the cut moves
 
 
 # --- the split -------------------------------------------------------------------------------------
@@ -110,6 +118,32 @@ def balanced_stages(seconds: Sequence[float], stages: int) -> list[range]:
         bounds.append(range(cut[k][i], i))
         i = cut[k][i]
     return bounds[::-1]
+
+
+def above_mean(seconds: Sequence[float]) -> float:
+    """How far the slowest stage lags the mean (0.25: 25 % above it)."""
+    mean = sum(seconds) / len(seconds)
+    return max(seconds) / mean - 1 if mean > 0 else 0.0
+
+
+def rebalanced_stages(costs: Sequence[float], ranges: list[range], stage_seconds: Sequence[float],
+                      threshold: float = REBALANCE_ABOVE_MEAN) -> tuple[list[range], list[float]] | None:
+    """The cut that measured stage times call for, and its predicted stage times; None keeps the
+    cut (the slowest stage within ``threshold`` of the mean, or no cut predicts a faster slowest
+    stage). A stage's measured time is shared among its units as the probe's per-unit ``costs``
+    share it: the probe knows the units' relative weight, the steps the stages' true totals."""
+    if above_mean(stage_seconds) <= threshold:
+        return None
+    scaled: list[float] = []
+    for r, measured in zip(ranges, stage_seconds):
+        estimates = [max(costs[i], 0.0) for i in r]
+        total = sum(estimates)
+        scaled += [measured * (e / total if total > 0 else 1 / len(r)) for e in estimates]
+    moved = balanced_stages(scaled, len(ranges))
+    predicted = [sum(scaled[i] for i in r) for r in moved]
+    if moved == ranges or max(predicted) >= max(stage_seconds) * (1 - 1e-9):
+        return None
+    return moved, predicted
 
 
 Backward = Callable[[int, State], None]  # a unit's local backward from its output (index, output)
@@ -186,11 +220,13 @@ def _sync(device: torch.device) -> None:
 def split_stages(names: Sequence[str], units: Sequence[nn.Module], model: nn.Module, env: DistEnv,
                  boundaries: Sequence[str], probe: torch.Tensor, autocast: Callable[[], Any],
                  owned: list[list[torch.Tensor]], optimizer: torch.optim.Optimizer,
-                 steps_per_micro_batch: float, backward: Backward = ones_backward) -> tuple[list[range], str]:
+                 steps_per_micro_batch: float, backward: Backward = ones_backward,
+                 costs: list[float] | None = None) -> tuple[list[range], str]:
     """The stages, and a note saying how they were chosen: at ``boundaries``, or balanced by the
     per-unit cost of a micro-batch that global rank 0 measures on ``probe`` (one micro-batch): the
     unit's forward and ``backward``, plus ``steps_per_micro_batch`` of its optimizer steps (1 for
-    forward-only rules, 1/M for the others), sent to every rank."""
+    forward-only rules, 1/M for the others), sent to every rank. ``costs``, if given, receives those
+    per-unit seconds (a pipeline rebalances with them)."""
     stages = env.stages
     if len(names) < stages:
         raise ConfigError(f"[train] pipeline_stages = {stages}, but the model has {len(names)} units "
@@ -208,11 +244,18 @@ def split_stages(names: Sequence[str], units: Sequence[nn.Module], model: nn.Mod
         ranges = balanced_stages(seconds[0], stages)
         shares = [sum(seconds[0][i] for i in r) / sum(seconds[0]) for r in ranges]
         how = "balanced by measured time (" + " / ".join(f"{share:.0%}" for share in shares) + ")"
+        if costs is not None:
+            costs[:] = seconds[0]
     labels = [unit_label(name, unit) for name, unit in zip(names, units)]
+    return ranges, split_note(env, labels, ranges, how)
+
+
+def split_note(env: DistEnv, labels: Sequence[str], ranges: list[range], how: str) -> str:
+    """The run's line on its stages: how many, how cut, and each stage's first and last unit."""
     listed = "; ".join(f"stage {s} ({len(r)} unit{'s' * (len(r) > 1)}): "
                        + (labels[r.start] if len(r) == 1 else f"{labels[r.start]} … {labels[r.stop - 1]}")
                        for s, r in enumerate(ranges))
-    return ranges, f"pipeline of {stages} stages × {env.replicas} replica(s), {how}: {listed}"
+    return f"pipeline of {env.stages} stages × {env.replicas} replica(s), {how}: {listed}"
 
 
 def unit_label(name: str, unit: nn.Module) -> str:
@@ -288,6 +331,27 @@ def broadcast_stage_state(per_stage: list[list[torch.Tensor]], env: DistEnv) -> 
                 offset += t.numel()
 
 
+def move_optimizer_state(optimizer: torch.optim.Optimizer, old: list[list[torch.Tensor]],
+                         new: list[list[torch.Tensor]], env: DistEnv) -> None:
+    """The optimizer state of the parameters that change stage goes from their old stage's rank to
+    their new one's (one object broadcast per stage), which then steps them exactly as the old did;
+    the old one drops it, so its stage part holds its own parameters only."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    index = {id(p): i for i, p in enumerate(params)}
+    stage_of = {id(t): stage for stage, tensors in enumerate(new) for t in tensors}
+    state = optimizer.state_dict()
+    kept = dict(state["state"])
+    for stage, tensors in enumerate(old):
+        moving = [index[id(t)] for t in tensors if id(t) in index and stage_of[id(t)] != stage]
+        sent: list[Any] = [None]
+        if env.stage == stage:
+            sent = [{i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in kept.pop(i).items()}
+                     for i in moving if i in kept}]
+        dist.broadcast_object_list(sent, src=env.rank_of(stage), group=env.pipeline_group)
+        kept.update({i: entry for i, entry in sent[0].items() if stage_of[id(params[i])] == env.stage})
+    optimizer.load_state_dict({"state": kept, "param_groups": state["param_groups"]})  # onto the parameters' devices
+
+
 # --- messages ----------------------------------------------------------------------------------------
 
 
@@ -314,6 +378,8 @@ class Courier:
     def __init__(self, env: DistEnv, timeout_s: float):
         self.env, self.timeout = env, datetime.timedelta(seconds=timeout_s)
         self.pending: collections.deque[tuple[Any, torch.Tensor]] = collections.deque()
+        self.timed_device: torch.device | None = None  # set while the stage times its steps: waits are counted
+        self.waited = 0.0  # seconds spent waiting while timed
 
     def send(self, tensors: list[torch.Tensor], stage: int, tag: int) -> None:
         for t in tensors:
@@ -334,8 +400,15 @@ class Courier:
             self._wait(self.pending.popleft()[0], None, "to send")
 
     def _wait(self, work: Any, stage: int | None, doing: str) -> None:
+        device = self.timed_device
+        if device is not None:  # the device's queued work is the stage's own; what follows is waiting
+            _sync(device)
+            start = time.perf_counter()
         try:
             work.wait(timeout=self.timeout)
+            if device is not None:
+                _sync(device)
+                self.waited += time.perf_counter() - start
         except RuntimeError as err:
             peer = "a stage" if stage is None else f"stage {stage} (rank {self.env.rank_of(stage)})"
             gone = "timed out" if "imed out" in str(err) else "lost the connection"
@@ -414,9 +487,28 @@ class LocalPipeline:
         rule.prepare_pipeline([s for s, r in enumerate(ranges) for _ in r], micro_batches)
         self.rule, self.courier = rule, Courier(env, timeout_s)
         self.transport = StageTransport(rule, env, ranges, micro_batches, self.courier)
+        self.env, self.micro_batches, self.timeout_s = env, micro_batches, timeout_s  # to build it cut elsewhere
+        self.timed: list[float] | None = None  # while timed: each step's busy seconds (its wall time less its waits)
+
+    def recut(self, ranges: list[range]) -> LocalPipeline:
+        """This stage of the same rule under another cut (RuleError where the rule refuses that cut)."""
+        return LocalPipeline(self.rule, self.env, ranges, self.micro_batches, self.timeout_s)
+
+    def start_timing(self) -> None:
+        self.timed, self.courier.timed_device = [], self.rule.ctx.device
+
+    def stop_timing(self) -> list[float]:
+        timed, self.timed, self.courier.timed_device = self.timed or [], None, None
+        return timed
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        return self.rule.run_units(x, y, optimizer, self.transport, self.transport.units)
+        if self.timed is None:
+            return self.rule.run_units(x, y, optimizer, self.transport, self.transport.units)
+        start, waited = time.perf_counter(), self.courier.waited
+        out = self.rule.run_units(x, y, optimizer, self.transport, self.transport.units)
+        _sync(self.rule.ctx.device)
+        self.timed.append(time.perf_counter() - start - (self.courier.waited - waited))
+        return out
 
 
 # --- the whole -------------------------------------------------------------------------------------
@@ -425,12 +517,19 @@ class LocalPipeline:
 class Pipeline(Layout):
     """This process's stage of a pipeline, and what every stage trains (for the epoch-end sync).
     Each rank's optimizer state covers its own stage only: it is kept in a stage part beside
-    ``checkpoint.pt`` (``trainer.checkpoint``), which records the number of stages."""
+    ``checkpoint.pt`` (``trainer.checkpoint``), which records the number of stages and the cut."""
 
     stage: LocalPipeline | BackpropPipeline
     per_stage: list[list[torch.Tensor]]
     note: str  # the split
     env: DistEnv
+    ranges: list[range]  # the cut: each stage's units
+    names: list[str]  # the units, in order
+    labels: list[str]  # their names for people (unit_label)
+    owned: list[list[torch.Tensor]]  # per unit, what its updates change (owned_state)
+    optimizer: torch.optim.Optimizer
+    costs: list[float] | None  # the probe's per-unit seconds while the cut may still move; None: it stays
+    steps: int = 0  # training steps so far, while the cut may still move
 
     @staticmethod
     def collective_timeout(cfg: TrainConfig) -> float | None:
@@ -456,8 +555,9 @@ class Pipeline(Layout):
         forward_only = isinstance(rule, UnitRule) and rule.forward_only
         backward = forward_only_backward(rule, torch.randint(0, rule.ctx.num_classes, (len(probe),),
                                                              device=probe.device)) if forward_only else ones_backward
+        costs: list[float] = []
         ranges, note = split_stages(names, units, model, env, cfg.stage_boundaries, probe, rule.autocast, owned,
-                                    optimizer, 1.0 if forward_only else 1.0 / cfg.micro_batches, backward)
+                                    optimizer, 1.0 if forward_only else 1.0 / cfg.micro_batches, backward, costs)
         per_stage = stage_state(owned, ranges, names)
         if rule.pipelining == "local":
             stage: LocalPipeline | BackpropPipeline = LocalPipeline(rule, env, ranges, cfg.micro_batches,
@@ -473,11 +573,59 @@ class Pipeline(Layout):
                                          template, rule.autocast)
             except ValueError as err:  # a state the engine cannot send (checked on every stage alike)
                 raise RuleError(str(err)) from None
-        return cls(stage, per_stage, note, env)
+        rebalances = rule.pipelining == "local" and cfg.rebalance and bool(costs)  # not a cut set by hand
+        return cls(stage, per_stage, note, env, ranges, names, [unit_label(n, u) for n, u in zip(names, units)],
+                   owned, optimizer, costs if rebalances else None)
 
     @property
     def notes(self) -> list[str]:
         return [self.note]
+
+    def after_step(self, epoch_ends: bool) -> str | None:
+        """While the cut may move: time this stage's steps from the second batch on, and after
+        ``REBALANCE_AFTER`` batches (or at the first epoch's end, if sooner) move it or keep it, once."""
+        if self.costs is None or not isinstance(self.stage, LocalPipeline):
+            return None
+        self.steps += 1
+        if self.steps == 1:
+            self.stage.start_timing()
+        if self.steps < REBALANCE_AFTER and not epoch_ends:
+            return None
+        return self._rebalance(self.stage, self.costs)
+
+    def _rebalance(self, local: LocalPipeline, costs: list[float]) -> str:
+        """Gather the stages' timed steps and move the cut if ``rebalanced_stages`` says so: every
+        rank takes the same decision from the same gathered times, every stage's tensors are
+        broadcast (a stage gaining a unit gets it as trained) and the optimizer state of the moved
+        parameters follows them, so training goes on exactly as one process would."""
+        self.costs = None
+        local.courier.flush()  # every message of this batch has arrived: no step is in flight
+        timed = local.stop_timing()
+        gathered: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(gathered, (self.env.stage, statistics.median(timed) if timed else None))
+        if any(t is None for _, t in gathered):
+            return f"kept the cut: the first epoch has {self.steps} batch(es), too few to time the stages' steps"
+        seconds = [statistics.mean(t for s, t in gathered if s == stage) for stage in range(self.env.stages)]
+        head = (f"after {self.steps} batches: stage times {' / '.join(f'{t:.3g}' for t in seconds)} s "
+                f"(slowest {above_mean(seconds) * 100:.0f} % above the mean")
+        found = rebalanced_stages(costs, self.ranges, seconds)
+        if found is None:
+            why = (f", within {REBALANCE_ABOVE_MEAN * 100:.0f} %)" if above_mean(seconds) <= REBALANCE_ABOVE_MEAN
+                   else "); no other cut predicts a faster slowest stage")
+            return f"kept the cut {head}{why}"
+        ranges, predicted = found
+        cut = ", ".join(self.labels[r.start] for r in ranges[1:])
+        try:
+            per_stage = stage_state(self.owned, ranges, self.names)
+            stage = local.recut(ranges)
+        except (ConfigError, RuleError) as err:  # alike on every rank: the cut stays everywhere
+            return f"kept the cut {head}): the balanced cut at {cut} is refused: {err}"
+        broadcast_stage_state(self.per_stage, self.env)
+        move_optimizer_state(self.optimizer, self.per_stage, per_stage, self.env)
+        was = ", ".join(self.labels[r.start] for r in self.ranges[1:])
+        self.stage, self.per_stage, self.ranges = stage, per_stage, ranges
+        return (f"rebalanced {head}) → cut moved from {was} to {cut} "
+                f"(predicted {' / '.join(f'{t:.3g}' for t in predicted)} s)")
 
     def synchronize(self) -> None:
         """This stage's sends finished, then every rank gets every stage's trained tensors
@@ -487,7 +635,8 @@ class Pipeline(Layout):
         broadcast_stage_state(self.per_stage, self.env)
 
     def checkpoint_fields(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return {"optimizer": None, "pipeline": {"stages": self.env.stages}}
+        return {"optimizer": None, "pipeline": {"stages": self.env.stages,
+                                                "boundaries": [self.names[r.start] for r in self.ranges[1:]]}}
 
     def save_part(self, out_dir: Path, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         """This rank's optimizer state, then a wait for every rank's: the checkpoint that names
@@ -500,4 +649,15 @@ class Pipeline(Layout):
         remove_stage_parts(out_dir, self.env.rank, keep=epoch)
 
     def optimizer_state(self, payload: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+        """This rank's part; a local rule's stages go back to the checkpoint's cut first (a rebalanced
+        one, or a probe's that timed otherwise), whose stage each part's optimizer state is of. A
+        resumed run keeps that cut."""
+        self.costs = None
+        saved = payload["pipeline"].get("boundaries")  # checkpoints before rebalancing have none
+        if saved is not None and isinstance(self.stage, LocalPipeline):
+            ranges = named_stages(self.names, saved)
+            if ranges != self.ranges:
+                self.stage, self.ranges = self.stage.recut(ranges), ranges
+                self.per_stage = stage_state(self.owned, ranges, self.names)
+            self.note = split_note(self.env, self.labels, ranges, "at the checkpoint's cut")
         return load_stage_part(out_dir, payload["epoch"], self.env.rank)["optimizer"]
