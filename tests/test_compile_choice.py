@@ -32,3 +32,22 @@ def test_auto_on_the_cpu_compiles_a_long_enough_run_of_a_measured_gain():
 def test_auto_on_the_cpu_stays_eager_without_a_measured_gain(model, rule, expect):
     on, why = choose_compile(None, "cpu", model, rule, 10**9, TABLE)
     assert not on and expect in why
+
+
+def test_a_run_says_what_auto_chose_and_show_agrees(tmp_path, tiny_npz, capsys):
+    from conftest import write_recipe
+    from trainer.cli import main
+
+    path = write_recipe(tmp_path / "r.toml", tiny_npz, train={"epochs": 1, "compile": None})
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
+    assert "note: compile auto: off (on the CPU, mlp under bp was not measured to gain" in capsys.readouterr().out
+    assert main(["show", str(path)]) == 0
+    assert "compile = false" in capsys.readouterr().out
+
+
+def test_the_measured_table_compiles_long_resnet_runs_and_leaves_the_quickstart_eager():
+    """What auto chooses on the CPU from the shipped measurements (BENCHMARKS.md)."""
+    quickstart = 10 * 4500  # 10 epochs of mnist5k's training split
+    assert not choose_compile(None, "cpu", "cnn", "bp", quickstart)[0]
+    assert choose_compile(None, "cpu", "resnet18", "bp", 10 * 4194)[0]  # 10 epochs of the CIFAR sample
+    assert not choose_compile(None, "cpu", "resnet20", "dfa", 10**9)[0]  # per-unit compiles run slower

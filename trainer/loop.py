@@ -274,7 +274,7 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
                  f"out: {escape(str(out_dir))}")
     if payload is not None:
         reporter.say(f"resumed from epoch {epoch}, step {step}")
-    for text in [*s.data.notes, *s.rule.notes, *s.layout.notes, *notes]:
+    for text in [*s.data.notes, *s.notes, *s.rule.notes, *s.layout.notes, *notes]:
         reporter.note(text)
     try:
         with reporter.running(len(s.data.train)):

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from trainer.config import ConfigError, OptimConfig, Recipe
 from trainer.data import DataBundle, build_data, default_augmentation, source_facts
+from trainer.compile_choice import choose_compile
 from trainer.devices import device_name, on_cuda_by_default, resolve_device
 from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
 from trainer.layout import Layout, Stepper
@@ -90,6 +92,7 @@ class Session:
     env: DistEnv
     layout: Layout  # one process, or this process's stage of a pipeline (train.pipeline_stages > 1)
     data_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # data_fingerprints of the recipe
+    notes: list[str] = field(default_factory=list)  # what the session decided for the user (compile auto)
 
     @property
     def stepper(self) -> Stepper:
@@ -102,14 +105,38 @@ class Session:
         return self.recipe.optim.lr * lr_factor(self.recipe.optim, self.scheduler.last_epoch, self.total_steps)
 
 
-def rule_context(recipe: Recipe, device: torch.device, num_classes: int, input_shape: tuple[int, ...]) -> RuleContext:
-    """What a rule is told beyond its options; unset compile/amp mean "on where CUDA is"."""
+def rule_context(recipe: Recipe, device: torch.device, num_classes: int, input_shape: tuple[int, ...],
+                 images: int = 0) -> RuleContext:
+    """What a rule is told beyond its options. Unset amp means "on where CUDA is"; unset compile is
+    ``trainer.compile_choice`` for a run of ``images`` training images (0: unknown, eager on the CPU)."""
     cfg = recipe.train
     return RuleContext(
         num_classes=num_classes, input_shape=input_shape, device=device,
-        compile=on_cuda_by_default(cfg.compile, device.type), amp=on_cuda_by_default(cfg.amp, device.type),
+        compile=compile_decision(recipe, device.type, images)[0], amp=on_cuda_by_default(cfg.amp, device.type),
         label_smoothing=cfg.label_smoothing, seed=cfg.seed,
     )
+
+
+def planned_images(recipe: Recipe) -> int:
+    """The training images of the whole run where the source's size is known without loading it
+    (mnist5k, npz; for ``trainer show``), else 0."""
+    cfg = recipe.data
+    if cfg.name == "mnist5k":
+        count = 5000
+    elif cfg.name == "npz":
+        try:
+            count = len(np.load(cfg.path, mmap_mode="r", allow_pickle=False)["y"])
+        except Exception:  # noqa: BLE001 -- not readable here: the run itself will say why
+            return 0
+    else:
+        return 0
+    held_out = 0.0 if cfg.test_path else cfg.val_fraction
+    return recipe.train.epochs * int(count * (1 - held_out))
+
+
+def compile_decision(recipe: Recipe, device_type: str, images: int) -> tuple[bool, str]:
+    """Whether this run compiles its forward passes, and why (``trainer.compile_choice``)."""
+    return choose_compile(recipe.train.compile, device_type, recipe.model.name, recipe.rule.name, images)
 
 
 def effective_recipe(recipe: Recipe) -> dict[str, Any]:
@@ -119,7 +146,7 @@ def effective_recipe(recipe: Recipe) -> dict[str, Any]:
     train, data = tree["train"], tree["data"]
     train["device"] = device_name(train["device"])
     device_type = torch.device(train["device"]).type
-    train["compile"] = on_cuda_by_default(recipe.train.compile, device_type)
+    train["compile"] = compile_decision(recipe, device_type, planned_images(recipe))[0]
     train["amp"] = on_cuda_by_default(recipe.train.amp, device_type)
     channels, classes = source_facts(recipe.data)
     if channels is not None and recipe.data.name != "imagefolder":
@@ -154,9 +181,10 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
         model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
     except ConfigError as err:
         raise blamed(err, recipe, sets) from None
+    images = cfg.epochs * len(data.train) * batch_size  # what this process trains on in the whole run
     try:
         rule = build_rule(recipe.rule.name, recipe.rule.options, model,
-                          rule_context(recipe, device, data.num_classes, data.input_shape))
+                          rule_context(recipe, device, data.num_classes, data.input_shape, images))
     except RuleError as err:
         raise blamed(ConfigError(f"[rule] (rule {recipe.rule.name!r}): {err}"), recipe, sets, "rule.name") from None
     rule.check_divergence = False  # the loop decides, alike on every rank (after an all-reduce)
@@ -174,7 +202,7 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
     total = cfg.epochs * len(data.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
     return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, layout,
-                   data_fingerprints(recipe))
+                   data_fingerprints(recipe), [compile_decision(recipe, device.type, images)[1]])
 
 
 def data_fingerprints(recipe: Recipe) -> dict[str, dict[str, Any]]:
