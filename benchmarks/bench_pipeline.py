@@ -217,6 +217,9 @@ def measure(args: argparse.Namespace) -> None:
             x, y = next(batches)
             out = stepper.train_step(x, y, session.optimizer)
             session.scheduler.step()
+            note = session.layout.after_step(False)  # a pipeline rebalances once, as in a training run
+            if note and env.is_main:
+                last["rebalance"] = note
             images += len(y)
             last["loss"], last["logits"] = out.loss, len(out.logits)
         return images
@@ -243,7 +246,7 @@ def measure(args: argparse.Namespace) -> None:
         "images_per_s": images / seconds, "activation_bytes": peak.bytes,
         "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(), "loss": float(last["loss"]) if last["logits"] else None,
-        "split": " ".join(session.layout.notes) or "one process",
+        "split": " ".join(session.layout.notes) or "one process", "rebalance": last.get("rebalance"),
         "recipe": recipe.source,
     }
     with open(args.report, "a") as f:  # one short line per rank, appended
@@ -364,7 +367,7 @@ def measure_model(model: str, args: argparse.Namespace, data_overrides: list[str
             if not isinstance(pipe, str):
                 main = next(r for r in pipe if r["is_main"])
                 row.update(images_per_s=main["images_per_s"], seconds=main["seconds"], images=main["images"],
-                           loss=main["loss"], split=main["split"], recipe=main["recipe"])
+                           loss=main["loss"], split=main["split"], recipe=main["recipe"], rebalance=main.get("rebalance"))
                 for r in pipe:
                     row[f"activation_mib_stage{r['stage']}"] = mib(r["activation_bytes"])
                     row[f"rss_mib_stage{r['stage']}"] = mib(r["rss_bytes"])
@@ -381,6 +384,8 @@ def measure_model(model: str, args: argparse.Namespace, data_overrides: list[str
             else:
                 console.print(f"{model} {label} M={micro}: {row['images_per_s']:.1f} img/s (S={STAGES}), "
                               f"{row['images_per_s_1p']:.1f} img/s (1 process), efficiency {row['efficiency']:.2f}")
+                if row.get("rebalance"):
+                    console.print(f"  {escape(row['rebalance'])}")
             rows.append(row)
     reference = next(((key, r) for key, r in baselines.items() if key[1] == 0 and not isinstance(r, str)), None)
     if reference is not None:  # the whole-batch baseline of the first non-forward-only rule
