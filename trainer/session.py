@@ -106,13 +106,14 @@ class Session:
 
 
 def rule_context(recipe: Recipe, device: torch.device, num_classes: int, input_shape: tuple[int, ...],
-                 images: int = 0) -> RuleContext:
+                 compile: bool | None = None) -> RuleContext:
     """What a rule is told beyond its options. Unset amp means "on where CUDA is"; unset compile is
-    ``trainer.compile_choice`` for a run of ``images`` training images (0: unknown, eager on the CPU)."""
+    ``compile`` as ``compile_decision`` chose it (None: its choice for a run of unknown length)."""
     cfg = recipe.train
     return RuleContext(
         num_classes=num_classes, input_shape=input_shape, device=device,
-        compile=compile_decision(recipe, device.type, images)[0], amp=on_cuda_by_default(cfg.amp, device.type),
+        compile=compile_decision(recipe, device.type, 0)[0] if compile is None else compile,
+        amp=on_cuda_by_default(cfg.amp, device.type),
         label_smoothing=cfg.label_smoothing, seed=cfg.seed,
     )
 
@@ -182,9 +183,10 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
     except ConfigError as err:
         raise blamed(err, recipe, sets) from None
     images = cfg.epochs * len(data.train) * batch_size  # what this process trains on in the whole run
+    compiled, compile_note = compile_decision(recipe, device.type, images)
     try:
         rule = build_rule(recipe.rule.name, recipe.rule.options, model,
-                          rule_context(recipe, device, data.num_classes, data.input_shape, images))
+                          rule_context(recipe, device, data.num_classes, data.input_shape, compiled))
     except RuleError as err:
         raise blamed(ConfigError(f"[rule] (rule {recipe.rule.name!r}): {err}"), recipe, sets, "rule.name") from None
     rule.check_divergence = False  # the loop decides, alike on every rank (after an all-reduce)
@@ -202,7 +204,7 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
     total = cfg.epochs * len(data.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
     return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, layout,
-                   data_fingerprints(recipe), [compile_decision(recipe, device.type, images)[1]])
+                   data_fingerprints(recipe), [compile_note])
 
 
 def data_fingerprints(recipe: Recipe) -> dict[str, dict[str, Any]]:
