@@ -322,17 +322,25 @@ def cifar_rule(rule: str, options: Mapping[str, Any], device: torch.device, *, c
     CIFAR stem; 10 classes, 32x32 images), built through the recipe schema as ``trainer run`` builds
     it: validated options, the session's optimizer groups. ``optim``: the recipe's ``[optim]`` keys
     (default SGD + Nesterov)."""
-    from trainer.models import build_model
     from trainer.recipes import recipe_from_dict
-    from trainer.rules import build_rule
-    from trainer.session import build_optimizer, rule_context
 
     recipe = recipe_from_dict({"model": dict(model), "rule": {"name": rule, **options},
                                "optim": dict(optim or {}), "train": {"compile": compile, "amp": amp}},
                               source=f"benchmark rule {rule!r}")
+    return recipe_rule(recipe, CIFAR_SHAPE, CIFAR_CLASSES, device)
+
+
+def recipe_rule(recipe: Any, input_shape: tuple[int, ...], num_classes: int,
+                device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
+    """(rule, optimizer) of a validated recipe's ``[model]``, ``[rule]`` and ``[optim]``, on a fresh
+    model seeded by ``train.seed``, as ``trainer run`` builds them (the data is not loaded)."""
+    from trainer.models import build_model
+    from trainer.rules import build_rule
+    from trainer.session import build_optimizer, rule_context
+
     torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe.model, CIFAR_SHAPE, CIFAR_CLASSES).to(device)
-    ctx = rule_context(recipe, device, CIFAR_CLASSES, CIFAR_SHAPE)
+    model = build_model(recipe.model, tuple(input_shape), num_classes).to(device)
+    ctx = rule_context(recipe, device, num_classes, tuple(input_shape))
     built = build_rule(recipe.rule.name, recipe.rule.options, model, ctx)
     built.train()
     return built, build_optimizer(recipe.optim, model, built)

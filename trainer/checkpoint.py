@@ -107,8 +107,7 @@ def checkpoint_payload(s: Session, epoch: int, step: int, rng: list[dict[str, An
         "model": s.model.state_dict(), "rule": s.rule.state_dict(),
         **s.layout.checkpoint_fields(s.optimizer),  # "optimizer" and "pipeline"
         "scheduler": s.scheduler.state_dict(), "rng": rng,
-        "data": {"mean": list(s.data.stats.mean), "std": list(s.data.stats.std),
-                 "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape), "files": s.data_files},
+        "data": {**s.data.stats.state(), "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape), "files": s.data_files},
     }
 
 

@@ -61,6 +61,10 @@ class DataConfig:
     image_size: int = 224  # imagefolder: training crop and evaluation size
     num_workers: int = 4  # imagefolder: DataLoader workers
     num_classes: int = 0  # 0: the data set's own (10 for mnist/cifar10, ...; npz: inferred from the labels)
+    train_subset: int = 0  # keep this many training images, class-balanced (seeded by split_seed); 0: all
+    whiten: Literal["none", "gcn", "zca", "gcn_zca"] = "none"  # instead of per-channel normalisation (trainer.data.NormStats)
+    zca_epsilon: float = 0.1  # ZCA: added to the covariance's eigenvalues, as a multiple of their mean
+    input_noise: float = 0.0  # std of Gaussian noise added to every training batch after normalisation
 
 
 MAX_CLASSES = 1 << 20
@@ -311,6 +315,11 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
         (not r.data.test_path or r.data.name == "npz", "data", "test_path", "only name = 'npz' takes a test_path"),
         (r.data.crop_padding >= -1, "data", "crop_padding", "must be -1 (default) or >= 0"),
         (r.data.image_size >= 8, "data", "image_size", "must be at least 8"),
+        (r.data.train_subset >= 0, "data", "train_subset", "must be 0 (every training image) or a count of images"),
+        (r.data.zca_epsilon > 0, "data", "zca_epsilon", "must be positive (a multiple of the mean eigenvalue)"),
+        (r.data.input_noise >= 0, "data", "input_noise", "must be non-negative (a standard deviation)"),
+        (r.data.name != "imagefolder" or (r.data.whiten == "none" and not r.data.train_subset), "data", "whiten",
+         "and train_subset apply to the small sources held in memory, not to name = 'imagefolder'"),
         (r.data.num_workers >= 0, "data", "num_workers", "must be non-negative"),
         (0 <= r.data.num_classes <= MAX_CLASSES, "data", "num_classes",
          f"must be 0 (the data set's own) or the number of classes, at most {MAX_CLASSES}"),

@@ -13,7 +13,7 @@ import gzip
 import importlib.util
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
 
@@ -44,15 +44,93 @@ class Images:
 
 @dataclass
 class NormStats:
-    """Per-channel mean and std of the training pixels (in [0, 1]); saved in checkpoints."""
+    """How the training images' pixels are turned into the network's input; saved in checkpoints.
+
+    ``whiten = "none"``: per channel, ``x = (p - mean_c) / std_c`` with p in [0, 1], mean and std of
+    the training pixels. Otherwise the channel statistics are not used and, per image flattened to
+    D = C·H·W values,
+    - ``gcn`` (global contrast normalisation): ``x = (p - mean(p)) / max(std(p), 1e-2)``, each image
+      on its own (nothing is fitted);
+    - ``zca``: ``x = (p - μ) W`` with μ the training images' mean and ``W = U diag(1/sqrt(λ + ε)) Uᵀ``
+      from the eigendecomposition ``Σ = U diag(λ) Uᵀ`` of their covariance, ``ε = zca_epsilon · mean(λ)``:
+      decorrelated pixels that keep the image's layout (the whitening of Krizhevsky 2009 and
+      Goodfellow et al. 2013's maxout networks, used by the LRA papers);
+    - ``gcn_zca``: GCN, then ZCA fitted on the GCN'd training images.
+    μ and W (D and D² numbers) are fitted once on the training split and stored here.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    whiten: str = "none"
+    zca_mean: torch.Tensor | None = None  # (D,)
+    zca_matrix: torch.Tensor | None = None  # (D, D), symmetric
+    _channel: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (mean, std), made once
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "NormStats":
+    def of(cls, x: torch.Tensor, whiten: str = "none", zca_epsilon: float = 0.1) -> "NormStats":
         pixels = x.transpose(0, 1).reshape(x.shape[1], -1).double() / 255
-        return cls(tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist()))
+        stats = cls(tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist()), whiten)
+        if "zca" not in whiten:
+            return stats
+        flat = (_gcn(x) if whiten == "gcn_zca" else x.double() / 255).reshape(len(x), -1).double()
+        mean = flat.mean(0)
+        centred = flat - mean
+        eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / max(len(x) - 1, 1))
+        eigenvalues = eigenvalues.clamp_min(0)
+        scale = (eigenvalues + zca_epsilon * eigenvalues.mean()).rsqrt()
+        stats.zca_mean, stats.zca_matrix = mean.float(), ((vectors * scale) @ vectors.T).float()
+        return stats
+
+    def state(self) -> dict:
+        """The checkpoint's record (tensors included, on the CPU)."""
+        return {"mean": list(self.mean), "std": list(self.std), "whiten": self.whiten,
+                "zca_mean": None if self.zca_mean is None else self.zca_mean.cpu(),
+                "zca_matrix": None if self.zca_matrix is None else self.zca_matrix.cpu()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "NormStats":
+        """The inverse of ``state``; checkpoints written before whitening existed hold mean and std alone."""
+        return cls(tuple(state["mean"]), tuple(state["std"]), state.get("whiten", "none"), state.get("zca_mean"),
+                   state.get("zca_matrix"))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, C, H, W) -> the float32 network input."""
+        if self.whiten == "none":
+            if x.device not in self._channel:
+                self._channel[x.device] = (torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1),
+                                           torch.tensor(self.std, device=x.device).view(1, -1, 1, 1))
+            mean, std = self._channel[x.device]
+            return (x.float() / 255 - mean) / std
+        out = _gcn(x).float() if self.whiten in ("gcn", "gcn_zca") else x.float() / 255
+        if self.zca_matrix is not None:
+            mean, matrix = self.zca_mean.to(x.device), self.zca_matrix.to(x.device)
+            out = ((out.reshape(len(x), -1) - mean) @ matrix).view(x.shape)
+        return out
+
+
+def _gcn(x: torch.Tensor) -> torch.Tensor:
+    """Global contrast normalisation of uint8 images, each to zero mean and unit std over its pixels."""
+    flat = x.reshape(len(x), -1).double() / 255
+    centred = flat - flat.mean(1, keepdim=True)
+    return (centred / centred.std(1, keepdim=True).clamp_min(1e-2)).view(x.shape)
+
+
+def balanced_subset(images: Images, count: int, seed: int) -> Images:
+    """``count`` images with the classes as equal as the data allows (a seeded draw within each class;
+    the remainder goes to the first classes in the order of their labels)."""
+    if count >= len(images.y):
+        return images
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.unique(images.y)
+    pools = [torch.nonzero(images.y == c).flatten() for c in classes.tolist()]
+    pools = [pool[torch.randperm(len(pool), generator=gen)] for pool in pools]
+    quota, taken, chosen = count // len(pools), 0, []
+    for pool in pools:
+        chosen.append(pool[:quota])
+        taken += min(quota, len(pool))
+    rest = torch.cat([pool[quota:] for pool in pools])  # classes in label order, each shuffled
+    chosen.append(rest[: count - taken])
+    return images.subset(torch.cat(chosen).sort().values)
 
 
 class Loader(Protocol):
@@ -85,16 +163,18 @@ class DeviceLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        input_noise: float = 0.0,
     ):
-        self.x = images.x.to(device)
+        self.stats = stats
+        # whitened images are computed once and held as float32 (a D x D product per batch would cost
+        # more than it saves); per-channel normalisation stays per batch, so uint8 is what is held
+        self.x = images.x.to(device) if stats.whiten == "none" else stats.apply(images.x.to(device))
         self.y = images.y.to(device)
         self.num_samples = len(self.y)
         # at least 1, so that a split smaller than the world is refused by _check_one_batch, not divided by
         self.batch_size = max(1, min(batch_size, self.num_samples // world_size)) if train else batch_size
         self.train, self.crop_padding, self.flip, self.seed = train, crop_padding, flip, seed
-        self.rank, self.world_size = rank, world_size
-        self.mean = torch.tensor(stats.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(stats.std, device=device).view(1, -1, 1, 1)
+        self.rank, self.world_size, self.input_noise = rank, world_size, input_noise
 
     def __len__(self) -> int:
         """Batches this rank takes an epoch. Training drops the last partial global batch, so
@@ -125,10 +205,12 @@ class DeviceLoader:
                 x = random_crop(x, self.crop_padding, shifts[index])
             if self.flip:
                 x = torch.where(flips[index].view(-1, 1, 1, 1), x.flip(3), x)
+            if self.input_noise:
+                x = x + self.input_noise * torch.randn(x.shape, generator=gen).to(device)
             yield x, self.y[index]
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255 - self.mean) / self.std
+        return x if x.is_floating_point() else self.stats.apply(x)
 
 
 def random_crop(x: torch.Tensor, padding: int, shifts: torch.Tensor) -> torch.Tensor:
@@ -422,7 +504,12 @@ def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batc
         return _imagefolder(cfg, device, batch_size, eval_batch_size, seed, rank, world_size)
     train, test, test_name = load_images(cfg)
     num_classes, note = class_count(cfg, [train.y, test.y])
-    stats = NormStats.of(train.x)
+    if cfg.train_subset:
+        if cfg.train_subset > len(train.y):
+            raise ConfigError(f"[data] train_subset = {cfg.train_subset}, but the training split holds {len(train.y)} "
+                              f"images: use at most {len(train.y)}, or 0 for all")
+        train = balanced_subset(train, cfg.train_subset, cfg.split_seed)
+    stats = NormStats.of(train.x, cfg.whiten, cfg.zca_epsilon)
     padding, flip = default_augmentation(cfg, train.x.shape[1])
     side = min(train.x.shape[2:])
     if cfg.crop_padding > side:  # a crop of mostly padding; a huge one would not fit in memory
@@ -430,7 +517,7 @@ def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batc
                           f"it to at most {side}")
     bundle = DataBundle(
         train=DeviceLoader(train, batch_size, device, stats, train=True, crop_padding=padding, flip=flip, seed=seed,
-                           rank=rank, world_size=world_size),
+                           rank=rank, world_size=world_size, input_noise=cfg.input_noise),
         test=DeviceLoader(test, eval_batch_size, device, stats, train=False, rank=rank, world_size=world_size),
         num_classes=num_classes, input_shape=tuple(train.x.shape[1:]), stats=stats, test_name=test_name,
         notes=(note,) if note else (),

@@ -77,5 +77,5 @@ def trained_model(payload: dict[str, Any], source: str, device_flag: str | None 
                           f"recipe saved in it ({reason}); the checkpoint was edited or mixed from two runs: evaluate "
                           "a checkpoint as training wrote it")
     model.eval()
-    stats = NormStats(tuple(payload["data"]["mean"]), tuple(payload["data"]["std"]))
+    stats = NormStats.from_state(payload["data"])
     return TrainedModel(recipe, device, model, stats, shape, num_classes, payload["epoch"], payload["step"])

@@ -1,0 +1,141 @@
+"""benchmarks/claims.py: each verdict on made-up numbers, and each claim's --quick path end to end.
+
+The quick paths train on synthetic CIFAR-shaped images written to tmp_path (tests never read the
+real images); their verdicts mean nothing, so they check the table, the files and that a verdict is
+one of the three."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.claims import (CLAIMS, FAILS, HOLDS, UNDECIDED, Spread, combine, compare, rec_lra_verdict,
+                               small_data_verdict, tpsgd_verdict, trace_noise_verdict, weight_transport_verdict)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compare_and_combine():
+    assert compare(Spread(60, 1, 3), Spread(57, 2, 3)) == 1
+    assert compare(Spread(60, 1, 3), Spread(59, 2, 3)) == 0
+    assert compare(Spread(55, 1, 3), Spread(59, 2, 3)) == -1
+    assert compare(Spread(60, 0.1, 3), Spread(59, 0.1, 3), floor=2) == 0
+    assert combine([HOLDS, HOLDS]) == HOLDS and combine([HOLDS, UNDECIDED]) == UNDECIDED
+    assert combine([UNDECIDED, FAILS, HOLDS]) == FAILS and combine([]) == UNDECIDED
+    assert Spread.of([1, 2, 3]).sd == pytest.approx(1.0) and Spread.of([4]).sd == 0
+    with pytest.raises(ValueError, match="every seed"):
+        Spread.of([])
+
+
+def _small(hybrid_gain: float, bdfa_gain: float, sd: float = 1.0) -> dict:
+    acc = {}
+    for model in ("resnet20", "cnn"):
+        for subset in (250, 500, 4194):
+            base = 40 + subset / 1000
+            acc[(model, subset, "bp")] = [base - sd, base, base + sd]
+            small = subset < 1000  # the rules' advantage only where data is small
+            acc[(model, subset, "hybrid")] = [base + hybrid_gain * small + d for d in (-sd, 0, sd)]
+            acc[(model, subset, "bdfa")] = [base + bdfa_gain * small + d for d in (-sd, 0, sd)]
+            acc[(model, subset, "dfa")] = [base - 10] * 3
+    return acc
+
+
+def test_small_data_verdict():
+    assert small_data_verdict(_small(3, 2.5)).verdict == HOLDS  # both beat BP by more than sd 1 at 250 and 500
+    assert small_data_verdict(_small(3, 0.5)).verdict == UNDECIDED  # BDFA within the spread
+    assert small_data_verdict(_small(3, -2)).verdict == FAILS
+    assert small_data_verdict(_small(3, 2.5, sd=4)).verdict == UNDECIDED  # the same gains, noisier seeds
+    reasons = small_data_verdict(_small(3, -2)).reasons
+    assert len(reasons) == 8 and any("bdfa" in r and "below" in r for r in reasons)
+
+
+def _curve(final: float, reached: int, epochs: int = 8, seconds: float = 10.0) -> list:
+    """(epoch, accuracy, seconds): accuracy rising linearly to ``final`` at epoch ``reached``, then flat."""
+    return [(e, final * min(1.0, e / reached), seconds * e) for e in range(1, epochs + 1)]
+
+
+def test_rec_lra_verdict():
+    bp = [_curve(60 + d, 6) for d in (-0.5, 0, 0.5)]  # reaches 54 % (90 % of 60) at epoch 6
+    fast = [_curve(59.5 + d, 3) for d in (-0.5, 0, 0.5)]  # level within 1 point, at 54 % by epoch 3
+    assert rec_lra_verdict(bp, fast).verdict == HOLDS
+    slow = [_curve(59.5 + d, 8) for d in (-0.5, 0, 0.5)]  # level at the end, but later
+    assert rec_lra_verdict(bp, slow).verdict == FAILS
+    behind = [_curve(50 + d, 3) for d in (-0.5, 0, 0.5)]  # 10 points behind and flat
+    assert rec_lra_verdict(bp, behind).verdict == FAILS
+    closing = [_curve(55 + d, 8) for d in (-0.5, 0, 0.5)]  # behind, the gap 19 points at epoch 6 and 5 at 8
+    verdict = rec_lra_verdict(bp, closing)
+    assert verdict.verdict == UNDECIDED and "closing" in verdict.reasons[-1]
+    timed = [_curve(59.5 + d, 6, seconds=5.0) for d in (-0.5, 0, 0.5)]  # the same epochs, half the seconds
+    assert rec_lra_verdict(bp, timed).verdict == HOLDS
+
+
+def test_tpsgd_verdict():
+    good = {"bp": [97, 98, 99], "tpsgd": [94, 95, 96], "memory_ratio": 0.3, "time_ratio": 0.8}
+    assert tpsgd_verdict({"mlp": good, "cnn": good}).verdict == HOLDS
+    far = {**good, "tpsgd": [80, 81, 82]}
+    assert tpsgd_verdict({"mlp": good, "cnn": far}).verdict == FAILS
+    near = {**good, "tpsgd": [91, 92.5, 94]}  # 5.5 points behind, within one sd of the 5-point line
+    assert tpsgd_verdict({"mlp": near}).verdict == UNDECIDED
+    assert tpsgd_verdict({"mlp": {**good, "time_ratio": 1.2}}).verdict == FAILS
+
+
+def test_trace_noise_verdict():
+    ratio = {(p, f"conv{i}", r): 20.0 / r * (1 + i / 10) for p in ("init", "end") for i in range(5)
+             for r in (1, 4, 16, 64)}
+    memory = {1: 10.0, 4: 20.0, 16: 40.0, 64: 90.0, "exact": 100.0}
+    assert trace_noise_verdict(ratio, memory).verdict == HOLDS  # median at r = 16 is 1.5
+    noisy = {k: v * 10 for k, v in ratio.items()}
+    assert trace_noise_verdict(noisy, memory).verdict == FAILS
+    assert trace_noise_verdict(ratio, {**memory, 64: 120.0}).verdict == FAILS  # r = 64 above exact
+    assert trace_noise_verdict(ratio, {**memory, 4: 5.0}).verdict == FAILS  # not rising with r
+    assert trace_noise_verdict(noisy, memory, probes=64).verdict == HOLDS
+
+
+def test_weight_transport_verdict():
+    bp = [60, 61, 62]
+    assert weight_transport_verdict(bp, [59, 60, 61], [58.5, 59.5, 60.5], 30.0).verdict == HOLDS
+    assert weight_transport_verdict(bp, [59, 60, 61], [40, 41, 42], 30.0).verdict == FAILS
+    undecided = weight_transport_verdict(bp, [59, 60, 61], [40, 41, 42], 80.0)
+    assert undecided.verdict == UNDECIDED and "not aligned" in undecided.reasons[-1]
+    assert weight_transport_verdict(bp, [50, 51, 52], [59, 60, 61], 30.0).verdict == FAILS
+    assert weight_transport_verdict(bp, [59, 60, 61], [59, 60, 61], None).verdict == UNDECIDED
+
+
+def test_list_names_the_five_claims():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.claims", "--list"], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    for name in ("small-data", "rec-lra", "tpsgd", "trace-noise", "weight-transport"):
+        assert name in done.stdout
+    assert set(CLAIMS) == {"small-data", "rec-lra", "tpsgd", "trace-noise", "weight-transport"}
+
+
+COLUMNS = {
+    "small-data": ["model", "train images", "epochs", "bp (vs bp)", "dfa (vs bp)", "hybrid (vs bp)", "bdfa (vs bp)"],
+    "rec-lra": ["model", "rule", "at 1/4 of training", "at 1/2", "at 3/4", "final held-out %", "train s"],
+    "tpsgd": ["setting", "bp %", "tpsgd %", "gap (points)", "saved MiB bp / tp", "memory x", "step ms bp / tp",
+              "time x"],
+    "trace-noise": ["r", "error/noise, init", "error/noise, 1 epoch", "error/noise, 2 epochs", "saved MiB (b 128)",
+                    "held-out %"],
+    "weight-transport": ["rule", "recipe", "held-out %", "per seed", "vs bp", "B-W angle °"],
+}
+
+
+@pytest.mark.parametrize("claim", sorted(COLUMNS))
+def test_quick_path_writes_the_table_and_a_verdict(tmp_path, claim):
+    command = [sys.executable, "-m", "benchmarks.claims", claim, "--quick", "--seeds", "0", "1", "--jobs", "2",
+               "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / f"{claim}.json").read_text())
+    assert summary["columns"] == COLUMNS[claim] and summary["rows"]
+    assert all(len(row) == len(COLUMNS[claim]) for row in summary["rows"])
+    assert summary["verdict"] in (HOLDS, FAILS, UNDECIDED) and summary["reasons"] and summary["quick"]
+    assert f"verdict: {summary['verdict']}" in done.stdout
+    with open(tmp_path / "out" / f"{claim}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and not any(row.get("error") for row in rows)
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "out" / f"{claim}.png").stat().st_size > 0
