@@ -18,7 +18,8 @@ B aligned with W) is ``not at this budget``.
 Each training is its own ``trainer run`` process (``benchmarks.compare_rules.run_one``) in
 ``--runs``/LABEL-HASH/seedN, HASH naming the recipe and overrides, so ``--reuse`` reads every run
 that already finished with exactly that recipe: claims share runs (rec-lra's and
-weight-transport's BP), and an interrupted claim trains only what is missing. The claim's table goes
+weight-transport's BP), and an interrupted claim trains only what is missing (an interrupted run's
+folder is refused, naming it: remove it to train it again). The claim's table goes
 to ``--out`` as CLAIM.csv (one row per run or measurement), CLAIM.json (the table, the verdict and its
 reasons) and CLAIM.png (matplotlib, when installed).
 
@@ -199,7 +200,7 @@ def trace_noise_verdict(ratio: Mapping[tuple[str, str, int], float], memory: Map
     convs is within the order at every point of training and memory rises strictly with r and stays
     below exact BP's; otherwise it fails."""
     reasons, ok = [], True
-    for point in sorted({p for p, _, _ in ratio}):
+    for point in dict.fromkeys(p for p, _, _ in ratio):  # in the order measured
         values = [v for (p, _, r), v in ratio.items() if p == point and r == probes]
         median = statistics.median(values)
         within = sum(v <= order for v in values)
@@ -757,10 +758,26 @@ CLAIMS = {claim.name: claim for claim in [
 ]}
 
 
+def markdown_summary(out: Path) -> str:
+    """One row per claim that has a CLAIM.json in ``out``: statement, budget, the numbers, the verdict."""
+    lines = ["| claim | the paper says | setting and budget | numbers | verdict |", "|---|---|---|---|---|"]
+    for name in CLAIMS:
+        path = out / f"{name}.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        numbers = "<br>".join(s["reasons"]).replace("|", "/")
+        lines.append(f"| `{name}` | {s['statement']} ({s['source'].split(',')[0]}) | {s['budget']}; seeds "
+                     f"{', '.join(map(str, s['seeds']))} | {numbers} | **{s['verdict']}** |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("claim", nargs="?", choices=sorted(CLAIMS))
     parser.add_argument("--list", action="store_true", help="name the claims, their sources and criteria")
+    parser.add_argument("--markdown", action="store_true", help="print the claims table of the CLAIM.json files "
+                        "in --out as Markdown (for BENCHMARKS.md)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (seconds): checks the code path, "
                         "the verdicts mean nothing")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default 0 1 2)")
@@ -775,13 +792,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/claims"),
                         help="where CLAIM.csv, CLAIM.json and CLAIM.png go")
     parser.add_argument("--runs", type=Path, default=Path("bench_out/claims/runs"), help="the training runs' folders")
-    parser.add_argument("--reuse", action="store_true", help="read runs that finished in --runs with the same "
-                        "recipe instead of training them again")
+    parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="read runs that finished in --runs with exactly the same recipe instead of training "
+                        "them again (default; claims share runs); --no-reuse refuses a folder that holds a run")
     args = parser.parse_args(argv)
     console = make_console(150)
-    if args.list or args.claim is None:
+    if (args.list or args.claim is None) and not args.markdown:
         for claim in CLAIMS.values():
             console.print(f"[bold]{claim.name}[/]: {claim.statement} ({claim.source})\n  criterion: {claim.criterion}")
+        return
+    if args.markdown:
+        print(markdown_summary(args.out))
         return
     args.runs.mkdir(parents=True, exist_ok=True)
     chosen = cifar_data(args.npz, args.cifar_root, args.runs / "synthetic-cifar10.npz", 600 if args.quick else 5000)
