@@ -326,7 +326,8 @@ def report(ctx: Context, claim: "Claim", columns: Sequence[str], rows: Sequence[
     summary = {"claim": claim.name, "statement": claim.statement, "source": claim.source,
                "criterion": claim.criterion, "budget": budget, "seeds": ctx.seeds, "data": ctx.data_note,
                "quick": ctx.quick, "columns": list(columns), "rows": [list(r) for r in rows],
-               "verdict": verdict.verdict, "reasons": verdict.reasons, "command": " ".join(sys.argv)}
+               "verdict": verdict.verdict, "reasons": verdict.reasons,
+               "command": " ".join(["python -m benchmarks.claims", *sys.argv[1:]])}
     write_json(stem.with_suffix(".json"), summary)
     if draw is not None:
         try:
