@@ -377,8 +377,9 @@ def small_data(ctx: Context, args: argparse.Namespace) -> dict:
             epochs = max(1, math.ceil(images / size))
             for rule, recipe in SMALL_DATA_RULES.items():
                 setting = Setting(f"{model} {size} {rule}", recipe, (
-                    *SMALL_DATA_MODELS[model], *SMALL_DATA_EXTRA.get((model, rule), []), *ctx.data, f"data.train_subset={subset}", f"train.epochs={epochs}",
-                    f"train.batch_size={16 if ctx.quick else 50}"))
+                    *SMALL_DATA_MODELS[model], *SMALL_DATA_EXTRA.get((model, rule), []), *ctx.data,
+                    f"data.train_subset={subset}", f"train.epochs={epochs}", f"train.eval_every={epochs}",
+                    f"train.batch_size={16 if ctx.quick else 50}"))  # only the final accuracy counts
                 settings.append(setting)
                 where[setting.label] = (model, size, rule, epochs)
     results = train(ctx, settings)
