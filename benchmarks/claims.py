@@ -348,10 +348,6 @@ def report(ctx: Context, claim: "Claim", columns: Sequence[str], rows: Sequence[
     return summary
 
 
-def _points(mean_sd: Spread) -> str:
-    return f"{mean_sd.mean:.2f} ± {mean_sd.sd:.2f}"
-
-
 def _tiny(ctx: Context, images: int = 64) -> list[str]:
     """--quick: a few images, small batches, one epoch."""
     return [f"data.train_subset={images}", "train.batch_size=16", "train.eval_batch_size=256"] if ctx.quick else []
@@ -393,7 +389,7 @@ def small_data(ctx: Context, args: argparse.Namespace) -> dict:
             cells = [f"{model}", f"{size:,}", str(where[f"{model} {size} bp"][3])]
             for rule in SMALL_DATA_RULES:
                 got = Spread.of(acc[(model, size, rule)])
-                cells.append(_points(got) + ("" if rule == "bp" else f" ({got.mean - bp.mean:+.1f})"))
+                cells.append(str(got) + ("" if rule == "bp" else f" ({got.mean - bp.mean:+.1f})"))
             rows.append(cells)
     for (label, seed), r in results.items():
         model, size, rule, epochs = where[label]
@@ -421,20 +417,16 @@ REC_LRA_MODELS = {"resnet20": ("cifar10_resnet20_bp", "cifar10_resnet20_rec_lra"
                   "resnet18": ("cifar10_resnet18_bp", "cifar10_resnet18_rec_lra", ["train.batch_size=64"])}
 
 
-def _curve(run: dict) -> list[tuple[int, float, float]]:
-    """(epoch, held-out %, cumulative training seconds) from a run folder's metrics."""
+def epoch_curve(folder: Path) -> list[tuple[int, float, float]]:
+    """(epoch, held-out %, cumulative training seconds) from a finished run folder's metrics."""
     seconds, curve = 0.0, []
-    for record in run["records"]:
+    for record in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()):
+        if record.get("split") == "train":
+            continue
         seconds += record["train_seconds"]
         if record.get("accuracy") is not None:
             curve.append((record["epoch"], 100 * record["accuracy"], seconds))
     return curve
-
-
-def epoch_records(folder: Path) -> list[dict]:
-    """The per-epoch evaluation records of a finished run."""
-    lines = (folder / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("split") != "train"]
 
 
 def rec_lra(ctx: Context, args: argparse.Namespace) -> dict:
@@ -449,7 +441,7 @@ def rec_lra(ctx: Context, args: argparse.Namespace) -> dict:
     results = train(ctx, list(settings.values()))
     curves: dict[tuple[str, str], list] = {}
     for (model, rule), setting in settings.items():
-        curves[(model, rule)] = [_curve({"records": epoch_records(setting.folder(ctx.runs) / f"seed{seed}")})
+        curves[(model, rule)] = [epoch_curve(setting.folder(ctx.runs) / f"seed{seed}")
                                  for seed in ctx.seeds if "error" not in results[(setting.label, seed)]]
     verdicts = {model: rec_lra_verdict(curves[(model, "bp")], curves[(model, "rec_lra")]) for model in models}
     verdict = Verdict(verdicts[models[0]].verdict,
@@ -459,7 +451,7 @@ def rec_lra(ctx: Context, args: argparse.Namespace) -> dict:
         final = Spread.of([c[-1][1] for c in curves[(model, rule)]])
         mean = _mean_curve(curves[(model, rule)])
         marks = [mean[min(len(mean) - 1, round(q * len(mean)) - 1)] for q in (0.25, 0.5, 0.75)]
-        rows.append([model, rule, *(f"{a:.1f} (ep {e}, {s:.0f} s)" for e, a, s in marks), _points(final),
+        rows.append([model, rule, *(f"{a:.1f} (ep {e}, {s:.0f} s)" for e, a, s in marks), str(final),
                      f"{mean[-1][2]:.0f}"])
         for seed, c in zip(ctx.seeds, curves[(model, rule)]):
             records += [{"model": model, "rule": rule, "seed": seed, "epoch": e, "accuracy_pct": a,
@@ -529,7 +521,7 @@ def tpsgd(ctx: Context, args: argparse.Namespace) -> dict:
         table_in[name] = {**acc, "memory_ratio": costs["tpsgd"][0] / costs["bp"][0],
                           "time_ratio": costs["tpsgd"][1] / costs["bp"][1]}
         bp_s, tp_s = Spread.of(acc["bp"]), Spread.of(acc["tpsgd"])
-        rows.append([name, _points(bp_s), _points(tp_s), f"{bp_s.mean - tp_s.mean:.2f}",
+        rows.append([name, str(bp_s), str(tp_s), f"{bp_s.mean - tp_s.mean:.2f}",
                      f"{costs['bp'][0] / 2**20:.2f} / {costs['tpsgd'][0] / 2**20:.2f}",
                      f"{table_in[name]['memory_ratio']:.2f}",
                      f"{costs['bp'][1]:.1f} / {costs['tpsgd'][1]:.1f}", f"{table_in[name]['time_ratio']:.2f}"])
@@ -603,7 +595,7 @@ def trace_noise(ctx: Context, args: argparse.Namespace) -> dict:
     from benchmarks.bench_trace_conv import saved_bytes
     from kernels import convert_to_trace_conv
     from trainer.checkpoint import load_checkpoint
-    from trainer.data import NormStats, balanced_subset, load_images
+    from trainer.data import build_data
     from trainer.evaluation import trained_model
     from trainer.models import build_model
     from trainer.recipes import load_recipe
@@ -624,15 +616,14 @@ def trace_noise(ctx: Context, args: argparse.Namespace) -> dict:
 
     # the gradients at three points of BP's training: its initialisation, after one epoch, at the end
     recipe = load_recipe(RECIPES / "cifar10_resnet20_bp.toml", [*ctx.data, *_tiny(ctx)])
-    images, _, _ = load_images(recipe.data)
-    if recipe.data.train_subset:
-        images = balanced_subset(images, recipe.data.train_subset, recipe.data.split_seed)
     batch = 16 if ctx.quick else 128
+    data = build_data(recipe.data, torch.device("cpu"), batch, batch, seed=0)  # the runs' training images
+    images = data.train  # uint8 images and labels, as the runs' loader holds them
     count = batch * (3 if ctx.quick else 8)
-    order = torch.randperm(len(images.y), generator=torch.Generator().manual_seed(0))[:count]
+    order = torch.randperm(images.num_samples, generator=torch.Generator().manual_seed(0))[:count]
     torch.manual_seed(first_seed)
-    fresh = build_model(recipe.model, tuple(images.x.shape[1:]), 10)
-    points = {"init": (fresh, NormStats.of(images.x))}
+    fresh = build_model(recipe.model, data.input_shape, data.num_classes)
+    points = {"init": (fresh, data.stats)}
     for point, setting in (("1 epoch", early), (f"{epochs} epochs", settings["exact"])):
         trained = trained_model(load_checkpoint(setting.folder(ctx.runs) / f"seed{first_seed}"), setting.label)
         points[point] = (trained.model, trained.stats)
@@ -659,7 +650,7 @@ def trace_noise(ctx: Context, args: argparse.Namespace) -> dict:
         medians = [statistics.median(v for (p, _, rr), v in ratio.items() if p == point and rr == r)
                    for point in points] if r != "exact" else []
         rows.append([str(r), *([f"{m:.2f}" for m in medians] if medians else ["—"] * len(points)),
-                     f"{memory[r] / 2**20:.1f}", _points(acc)])
+                     f"{memory[r] / 2**20:.1f}", str(acc)])
     for (point, name, r), value in ratio.items():
         records.append({"kind": "error_over_noise", "point": point, "conv": name, "probes": r, "value": value})
     for r in [*probes, "exact"]:
@@ -707,7 +698,7 @@ def weight_transport(ctx: Context, args: argparse.Namespace) -> dict:
     angle = statistics.fmean(angles) if angles else None
     verdict = weight_transport_verdict(acc["bp"], acc["usf"], acc["kp"], angle)
     bp = Spread.of(acc["bp"])
-    rows = [[rule, settings[rule].recipe, _points(Spread.of(acc[rule])),
+    rows = [[rule, settings[rule].recipe, str(Spread.of(acc[rule])),
              " ".join(f"{a:.1f}" for a in acc[rule]), f"{Spread.of(acc[rule]).mean - bp.mean:+.2f}",
              f"{angle:.1f}" if rule == "kp" and angle is not None else "—"] for rule in settings]
     records = [{"rule": rule, "seed": seed, "accuracy_pct": a, "fb_angle": angle if rule == "kp" else ""}

@@ -107,7 +107,8 @@ def checkpoint_payload(s: Session, epoch: int, step: int, rng: list[dict[str, An
         "model": s.model.state_dict(), "rule": s.rule.state_dict(),
         **s.layout.checkpoint_fields(s.optimizer),  # "optimizer" and "pipeline"
         "scheduler": s.scheduler.state_dict(), "rng": rng,
-        "data": {**s.data.stats.state(), "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape), "files": s.data_files},
+        "data": {**s.data.stats.state(), "num_classes": s.data.num_classes, "input_shape": list(s.data.input_shape),
+                 "files": s.data_files},
     }
 
 

@@ -72,7 +72,7 @@ class NormStats:
         stats = cls(tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-3).tolist()), whiten)
         if "zca" not in whiten:
             return stats
-        flat = (_gcn(x) if whiten == "gcn_zca" else x.double() / 255).reshape(len(x), -1).double()
+        flat = (_gcn(x) if whiten == "gcn_zca" else x.double() / 255).reshape(len(x), -1)
         mean = flat.mean(0)
         centred = flat - mean
         eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / max(len(x) - 1, 1))
