@@ -3,7 +3,8 @@ for BP and each rule, on the models people train on a CPU.
 
 For each model (the quickstart CNN on mnist5k, CIFAR ResNet-20, ResNet-18 with the CIFAR stem, the
 mnist5k ViT) and each rule, the script builds the trainer's own session from the model's recipe
-(``--set rule.name=...``), once with ``train.compile = false`` and once with ``true``, plus the
+(``--set rule.name=...``), with ``train.compile = false``, with ``false`` and ``train.channels_last
+= true`` (NHWC weights and activations), and with ``compile = true``, plus the
 textbook PyTorch loop of the same model (BP, eager: the reference). The loops' steps alternate
 (``benchmarks._harness.time_interleaved``), so the machine's load hits them alike; a compiled loop's
 first steps and first evaluation batch are timed on their own and, less the steady times, give its
@@ -142,6 +143,8 @@ def main() -> None:
             overrides = [*base, f"rule.name={json.dumps(rule)}", *RULE_SETTINGS.get(rule, [])]
             try:
                 eager, eager_eval = trainer_loop(load_recipe(RECIPES / recipe_file, [*overrides, "train.compile=false"]))
+                nhwc, _ = trainer_loop(load_recipe(RECIPES / recipe_file,
+                                                   [*overrides, "train.compile=false", "train.channels_last=true"]))
                 compiled, compiled_eval = trainer_loop(load_recipe(RECIPES / recipe_file,
                                                                    [*overrides, "train.compile=true"]))
             except Exception as err:  # noqa: BLE001 -- a rule this model cannot take is a row, not a crash
@@ -150,7 +153,7 @@ def main() -> None:
                 continue
             first = seconds(compiled, 2)
             first_eval = seconds(compiled_eval) - min(seconds(eager_eval) for _ in range(2))
-            loops = {"plain": plain, "eager": eager, "compiled": compiled}
+            loops = {"plain": plain, "eager": eager, "nhwc": nhwc, "compiled": compiled}
             times = time_interleaved(loops, "cpu", warmup=args.warmup, repeats=steps)
             rate = {name: 1000 * batch / t.median_ms for name, t in times.items()}
             step_s = {name: t.median_ms / 1000 for name, t in times.items()}
@@ -159,22 +162,26 @@ def main() -> None:
             row = {"model": model, "rule": rule, "batch": batch,
                    **{f"images_per_s_{name}": r for name, r in rate.items()},
                    **{f"spread_{name}": t.spread for name, t in times.items()},
-                   "eager_over_plain": rate["eager"] / rate["plain"], "compiled_over_plain": rate["compiled"] / rate["plain"],
+                   "eager_over_plain": rate["eager"] / rate["plain"], "nhwc_over_plain": rate["nhwc"] / rate["plain"],
+                   "compiled_over_plain": rate["compiled"] / rate["plain"],
                    "compiled_over_eager": rate["compiled"] / rate["eager"], "compile_s": compile_s,
                    "break_even_steps": compile_s / saved if saved > 0 else math.inf}
             rows.append(row)
-            console.print(f"{model} {rule}: plain {rate['plain']:.0f}, eager {rate['eager']:.0f}, compiled "
+            console.print(f"{model} {rule}: plain {rate['plain']:.0f}, eager {rate['eager']:.0f}, channels_last "
+                          f"{rate['nhwc']:.0f}, compiled "
                           f"{rate['compiled']:.0f} img/s, compile {compile_s:.0f} s")
     result = table(f"training images/s on the CPU ({args.threads} threads), median of {steps} interleaved steps",
-                   ["model", "rule", "batch", "plain BP", "trainer eager", "trainer compiled", "eager / plain",
-                    "compiled / plain", "compile s", "break-even steps"], left={"model", "rule"})
+                   ["model", "rule", "batch", "plain BP", "trainer eager", "trainer channels_last",
+                    "trainer compiled", "eager / plain", "channels_last / plain", "compiled / plain", "compile s",
+                    "break-even steps"], left={"model", "rule"})
     for r in rows:
         if "error" in r:
-            result.add_row(r["model"], r["rule"], str(r["batch"]), *["—"] * 6, r["error"][:40])
+            result.add_row(r["model"], r["rule"], str(r["batch"]), *["—"] * 8, r["error"][:40])
             continue
         result.add_row(r["model"], r["rule"], str(r["batch"]), f"{r['images_per_s_plain']:.0f}",
-                       f"{r['images_per_s_eager']:.0f}", f"{r['images_per_s_compiled']:.0f}",
-                       f"{r['eager_over_plain']:.2f}x", f"{r['compiled_over_plain']:.2f}x", f"{r['compile_s']:.0f}",
+                       f"{r['images_per_s_eager']:.0f}", f"{r['images_per_s_nhwc']:.0f}",
+                       f"{r['images_per_s_compiled']:.0f}", f"{r['eager_over_plain']:.2f}x",
+                       f"{r['nhwc_over_plain']:.2f}x", f"{r['compiled_over_plain']:.2f}x", f"{r['compile_s']:.0f}",
                        "never" if math.isinf(r["break_even_steps"]) else f"{r['break_even_steps']:.0f}")
     console.print(result)
     meta = {**environment("cpu"), "data": data.description, "threads": args.threads, "steps": steps}

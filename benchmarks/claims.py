@@ -694,14 +694,15 @@ def weight_transport(ctx: Context, args: argparse.Namespace) -> dict:
     settings = {rule: Setting(f"resnet20 {rule}", recipe, common) for rule, recipe in WEIGHT_TRANSPORT.items()}
     results = train(ctx, list(settings.values()))
     acc = {rule: accuracies(results, s.label) for rule, s in settings.items()}
-    angles = [a for seed in ctx.seeds if (a := final_angle(settings["kp"].folder(ctx.runs) / f"seed{seed}")) is not None]
-    angle = statistics.fmean(angles) if angles else None
+    angles = {seed: a for seed in ctx.seeds
+              if (a := final_angle(settings["kp"].folder(ctx.runs) / f"seed{seed}")) is not None}
+    angle = statistics.fmean(angles.values()) if angles else None
     verdict = weight_transport_verdict(acc["bp"], acc["usf"], acc["kp"], angle)
     bp = Spread.of(acc["bp"])
     rows = [[rule, settings[rule].recipe, str(Spread.of(acc[rule])),
              " ".join(f"{a:.1f}" for a in acc[rule]), f"{Spread.of(acc[rule]).mean - bp.mean:+.2f}",
              f"{angle:.1f}" if rule == "kp" and angle is not None else "—"] for rule in settings]
-    records = [{"rule": rule, "seed": seed, "accuracy_pct": a, "fb_angle": angle if rule == "kp" else ""}
+    records = [{"rule": rule, "seed": seed, "accuracy_pct": a, "fb_angle": angles.get(seed, "") if rule == "kp" else ""}
                for rule in settings for seed, a in zip(ctx.seeds, acc[rule])]
 
     def draw(ax: Any) -> None:
@@ -750,7 +751,7 @@ CLAIMS = {claim.name: claim for claim in [
           "after one epoch and at the end of training; saved activations rise strictly with r and stay below "
           "exact BP's", trace_noise),
     Claim("weight-transport", "sign symmetry (uSF) is about as good as BP; Kolen-Pollack is close to BP once B has "
-          "aligned with W", "Liao, Leibo & Poggio 2016; Akrout et al. 2019",
+          "aligned with W", "Liao et al. 2016; Akrout et al. 2019",
           "uSF and KP each no more than max(2 points, the larger sd) below BP; KP judged only once its final B-W "
           "angle is at most 45 degrees", weight_transport),
 ]}

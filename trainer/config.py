@@ -148,6 +148,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: bool | None = None  # torch.compile the forward passes; unset: on when CUDA is present
     amp: bool | None = None  # bf16 autocast; unset: on for CUDA
+    channels_last: bool = False  # conv weights (hence activations) stored NHWC; CPU ResNet-20: 1.2x (BENCHMARKS.md)
     log_every: int = 20  # steps between progress-line metrics
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     pipeline_stages: int = 1  # S: units split into S contiguous stages, one per process (trainer.pipeline)
@@ -301,6 +302,9 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
          "stage_boundaries", f"must name pipeline_stages - 1 = {r.train.pipeline_stages - 1} units (where stages "
          "2, 3, ... begin), or be empty (balanced by measured time)"),
         (r.train.stage_timeout > 0, "train", "stage_timeout", "must be positive (seconds)"),
+        (not (r.train.channels_last and r.train.pipeline_stages > 1), "train", "channels_last",
+         "is not supported with pipeline stages yet (a stage's messages assume the default layout): "
+         "set train.channels_last = false or train.pipeline_stages = 1"),
         (r.train.pipeline_stages > 1 or (r.train.micro_batches == 1 and not r.train.stage_boundaries), "train",
          "micro_batches", "and stage_boundaries split a batch and the model over pipeline stages: set "
          "train.pipeline_stages > 1 (under torchrun) or leave them unset"),

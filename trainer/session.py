@@ -180,6 +180,8 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
         raise blamed(err, recipe, sets) from None
     try:
         model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
+        if cfg.channels_last:  # 4-D weights NHWC: convolutions then write NHWC activations (mkldnn's fast path)
+            model = model.to(memory_format=torch.channels_last)
     except ConfigError as err:
         raise blamed(err, recipe, sets) from None
     images = cfg.epochs * len(data.train) * batch_size  # what this process trains on in the whole run

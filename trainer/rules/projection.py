@@ -76,7 +76,7 @@ class FixedProjection(nn.Module):
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``scale/√C · (error @ B) [⊙ grad_mask]``: N x C errors to N x D signals."""
         if self.storage == "dense":
-            out = (error.float() @ self.matrix) * self.scale
+            out = (error.float() * self.scale) @ self.matrix  # scale the N x C side: one pass over N x D
             if grad_mask is not None:
                 out = out * grad_mask
             return out.to(out_dtype or error.dtype)
