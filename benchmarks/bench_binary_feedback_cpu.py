@@ -1,7 +1,8 @@
 """The CPU path of the binary-feedback projection against the dense float32 projection it replaces.
 
 What CPU users of BDFA get: ``binary_feedback_project`` with ``PackedSigns`` (1 bit an entry) or
-``SeededSigns`` (no memory) against ``(e @ B) * scale`` with B a C x D float32 matrix, at the
+``SeededSigns`` (no memory) against ``(scale · e) @ B`` with B a C x D float32 matrix (the trainer's
+dense path; ``(e @ B) · scale``, its earlier form, is timed beside it), at the
 trainer's sizes (N = 128; C = 10 with the unit sizes of the small CNN and ResNet-18, C = 100 and
 1000 at D = 4096). The three are timed interleaved (``benchmarks/_harness.time_interleaved``); each
 is first checked against the dense product of the same signs. The ratio column is time over dense's
@@ -36,8 +37,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     result = table(f"binary-feedback projection on the CPU, {args.threads} thread(s), median of {args.repeats} "
-                   "interleaved calls", ["C", "N", "D", "dense ms", "packed ms", "seeded ms", "packed/dense",
-                                         "seeded/dense"])
+                   "interleaved calls", ["C", "N", "D", "dense ms", "scaled after ms", "packed ms", "seeded ms",
+                                         "scaled after/dense", "packed/dense", "seeded/dense"])
     rows = []
     for c, n, d in SIZES:
         seeded = SeededSigns(7, c, d, stream=3)
@@ -48,13 +49,14 @@ def main() -> None:
             error = relative_error(binary_feedback_project(e, feedback, SCALE), want)  # also the compile call
             if error > 1e-5:
                 raise SystemExit(f"C={c} D={d}: {type(feedback).__name__} differs from the dense product ({error:.1e})")
-        times = time_interleaved({"dense": lambda: (e @ dense) * SCALE,
+        times = time_interleaved({"dense": lambda: (e * SCALE) @ dense,
+                                  "scaled_after": lambda: (e @ dense) * SCALE,
                                   "packed": lambda: binary_feedback_project(e, packed, SCALE),
                                   "seeded": lambda: binary_feedback_project(e, seeded, SCALE)},
                                  device, warmup=2, repeats=args.repeats)
         ms = {name: timing.median_ms for name, timing in times.items()}
-        result.add_row(str(c), str(n), str(d), f"{ms['dense']:.3f}", f"{ms['packed']:.3f}", f"{ms['seeded']:.3f}",
-                       f"{ms['packed'] / ms['dense']:.2f}", f"{ms['seeded'] / ms['dense']:.2f}")
+        result.add_row(str(c), str(n), str(d), *(f"{ms[k]:.3f}" for k in ("dense", "scaled_after", "packed", "seeded")),
+                       *(f"{ms[k] / ms['dense']:.2f}" for k in ("scaled_after", "packed", "seeded")))
         rows.append({"C": c, "N": n, "D": d, **{f"{k}_ms": v for k, v in ms.items()},
                      "packed_over_dense": ms["packed"] / ms["dense"], "seeded_over_dense": ms["seeded"] / ms["dense"]})
     console = make_console(120)

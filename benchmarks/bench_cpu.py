@@ -168,8 +168,7 @@ def main() -> None:
                    "break_even_steps": compile_s / saved if saved > 0 else math.inf}
             rows.append(row)
             console.print(f"{model} {rule}: plain {rate['plain']:.0f}, eager {rate['eager']:.0f}, channels_last "
-                          f"{rate['nhwc']:.0f}, compiled "
-                          f"{rate['compiled']:.0f} img/s, compile {compile_s:.0f} s")
+                          f"{rate['nhwc']:.0f}, compiled {rate['compiled']:.0f} img/s, compile {compile_s:.0f} s")
     result = table(f"training images/s on the CPU ({args.threads} threads), median of {steps} interleaved steps",
                    ["model", "rule", "batch", "plain BP", "trainer eager", "trainer channels_last",
                     "trainer compiled", "eager / plain", "channels_last / plain", "compiled / plain", "compile s",

@@ -12,8 +12,8 @@ from trainer.config import ConfigError
 from trainer.recipes import load_recipe
 from trainer.session import build_session
 
-# trace_bp gives the same update too (checked by hand, 2026-12-02) but is left out: its CPU path takes
-# ~55 s a step on this 12x12 ResNet-20 (BENCHMARKS.md, "Compiled training on the CPU").
+# trace_bp gives the same update too (checked by hand, 2026-12-02) but is left out: its CPU path took
+# ~55 s a step on this 12x12 ResNet-20 at batch 16 then, too slow for the suite.
 RULES = {  # rule -> its [rule] options on a CIFAR ResNet-20
     "bp": {}, "dfa": {"granularity": "layer"}, "bdfa": {"granularity": "layer"},
     "dfa+bp": {"name": "dfa", "granularity": "block", "bp_units": ["stem", "layer1"]},

@@ -148,7 +148,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: bool | None = None  # torch.compile the forward passes; unset: on when CUDA is present
     amp: bool | None = None  # bf16 autocast; unset: on for CUDA
-    channels_last: bool = False  # conv weights (hence activations) stored NHWC; CPU ResNet-20: 1.2x (BENCHMARKS.md)
+    channels_last: bool = False  # conv weights (hence activations) stored NHWC; CPU ResNet-20 BP: 1.5x (BENCHMARKS.md)
     log_every: int = 20  # steps between progress-line metrics
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     pipeline_stages: int = 1  # S: units split into S contiguous stages, one per process (trainer.pipeline)

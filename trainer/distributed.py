@@ -99,12 +99,7 @@ def broadcast_state(modules: list[nn.Module]) -> None:
     """Give every rank rank 0's parameters and buffers."""
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.is_contiguous():
-                dist.broadcast(tensor.data, src=0)
-            else:  # e.g. a channels_last weight: collectives take dense row-major tensors
-                dense = tensor.data.contiguous()
-                dist.broadcast(dense, src=0)
-                tensor.data.copy_(dense)
+            dist.broadcast(tensor.data, src=0)  # channels_last tensors too (dense, checked with gloo)
 
 
 def average_gradients_before_step(optimizer: torch.optim.Optimizer, world_size: int, group: Any = None) -> None:
