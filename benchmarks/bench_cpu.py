@@ -4,13 +4,15 @@ for BP and each rule, on the models people train on a CPU.
 For each model (the quickstart CNN on mnist5k, CIFAR ResNet-20, ResNet-18 with the CIFAR stem, the
 mnist5k ViT) and each rule, the script builds the trainer's own session from the model's recipe
 (``--set rule.name=...``), with ``train.compile = false``, with ``false`` and ``train.channels_last
-= true`` (NHWC weights and activations), and with ``compile = true``, plus the
+= true`` (NHWC weights and activations), and with ``compile = true`` in either layout, plus the
 textbook PyTorch loop of the same model (BP, eager: the reference). The loops' steps alternate
 (``benchmarks._harness.time_interleaved``), so the machine's load hits them alike; a compiled loop's
 first steps and first evaluation batch are timed on their own and, less the steady times, give its
 compile time (training and evaluation graphs). The table: images/s
 of each, the ratios to the plain loop, the compile time, and the run length (steps) at which the
-compiled loop has paid its compile time back.
+compiled loop has paid its compile time back. ``trainer.speed_choice.CPU_MEASURED`` is this table:
+what ``train.compile`` and ``train.channels_last`` left unset choose on the CPU. Time it with a fresh
+inductor cache (``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)``), or the compile times read as none.
 
     python -m benchmarks.bench_cpu --npz cifar10-mini-train.npz --out benchmarks/results/cpu.json
     python -m benchmarks.bench_cpu --models cnn resnet20 --rules bp dfa drtp tpsgd --quick
@@ -130,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = 2 if args.quick else args.steps
-    console = make_console(130)
+    console = make_console(180)
     data = cifar_data(args.npz, None, Path(tempfile.gettempdir()) / "bpfree-bench" / "synthetic-cifar10.npz")
     rows: list[dict[str, Any]] = []
     for model in args.models:
@@ -146,41 +148,53 @@ def main() -> None:
                 nhwc, _ = trainer_loop(load_recipe(RECIPES / recipe_file,
                                                    [*overrides, "train.compile=false", "train.channels_last=true"]))
                 compiled, compiled_eval = trainer_loop(load_recipe(RECIPES / recipe_file,
-                                                                   [*overrides, "train.compile=true"]))
+                                                                   [*overrides, "train.compile=true",
+                                                                    "train.channels_last=false"]))
+                nhwc_compiled, nhwc_compiled_eval = trainer_loop(load_recipe(
+                    RECIPES / recipe_file, [*overrides, "train.compile=true", "train.channels_last=true"]))
             except Exception as err:  # noqa: BLE001 -- a rule this model cannot take is a row, not a crash
                 rows.append({"model": model, "rule": rule, "batch": batch, "error": f"{type(err).__name__}: {err}"})
                 console.print(f"[yellow]{model} {rule}: {err}[/]")
                 continue
-            first = seconds(compiled, 2)
-            first_eval = seconds(compiled_eval) - min(seconds(eager_eval) for _ in range(2))
-            loops = {"plain": plain, "eager": eager, "nhwc": nhwc, "compiled": compiled}
+            eager_eval_s = min(seconds(eager_eval) for _ in range(2))
+            first = {name: (seconds(loop, 2), seconds(evaluate) - eager_eval_s)
+                     for name, loop, evaluate in [("compiled", compiled, compiled_eval),
+                                                  ("nhwc_compiled", nhwc_compiled, nhwc_compiled_eval)]}
+            loops = {"plain": plain, "eager": eager, "nhwc": nhwc, "compiled": compiled,
+                     "nhwc_compiled": nhwc_compiled}
             times = time_interleaved(loops, "cpu", warmup=args.warmup, repeats=steps)
             rate = {name: 1000 * batch / t.median_ms for name, t in times.items()}
             step_s = {name: t.median_ms / 1000 for name, t in times.items()}
-            compile_s = max(first - 2 * step_s["compiled"], 0.0) + max(first_eval, 0.0)  # train and eval graphs
+            compile_s, nhwc_compile_s = (max(train - 2 * step_s[name], 0.0) + max(evaluate, 0.0)  # both graphs
+                                         for name, (train, evaluate) in first.items())
             saved = step_s["eager"] - step_s["compiled"]
             row = {"model": model, "rule": rule, "batch": batch,
                    **{f"images_per_s_{name}": r for name, r in rate.items()},
                    **{f"spread_{name}": t.spread for name, t in times.items()},
                    "eager_over_plain": rate["eager"] / rate["plain"], "nhwc_over_plain": rate["nhwc"] / rate["plain"],
                    "compiled_over_plain": rate["compiled"] / rate["plain"],
+                   "nhwc_compiled_over_plain": rate["nhwc_compiled"] / rate["plain"],
                    "compiled_over_eager": rate["compiled"] / rate["eager"], "compile_s": compile_s,
+                   "nhwc_compile_s": nhwc_compile_s,
                    "break_even_steps": compile_s / saved if saved > 0 else math.inf}
             rows.append(row)
             console.print(f"{model} {rule}: plain {rate['plain']:.0f}, eager {rate['eager']:.0f}, channels_last "
-                          f"{rate['nhwc']:.0f}, compiled {rate['compiled']:.0f} img/s, compile {compile_s:.0f} s")
+                          f"{rate['nhwc']:.0f}, compiled {rate['compiled']:.0f}, both {rate['nhwc_compiled']:.0f} img/s, "
+                          f"compile {compile_s:.0f} / {nhwc_compile_s:.0f} s")
     result = table(f"training images/s on the CPU ({args.threads} threads), median of {steps} interleaved steps",
                    ["model", "rule", "batch", "plain BP", "trainer eager", "trainer channels_last",
-                    "trainer compiled", "eager / plain", "channels_last / plain", "compiled / plain", "compile s",
-                    "break-even steps"], left={"model", "rule"})
+                    "trainer compiled", "compiled channels_last", "eager / plain", "channels_last / plain",
+                    "compiled / plain", "both / plain", "compile s", "break-even steps"], left={"model", "rule"})
     for r in rows:
         if "error" in r:
-            result.add_row(r["model"], r["rule"], str(r["batch"]), *["—"] * 8, r["error"][:40])
+            result.add_row(r["model"], r["rule"], str(r["batch"]), *["—"] * 10, r["error"][:40])
             continue
         result.add_row(r["model"], r["rule"], str(r["batch"]), f"{r['images_per_s_plain']:.0f}",
                        f"{r['images_per_s_eager']:.0f}", f"{r['images_per_s_nhwc']:.0f}",
-                       f"{r['images_per_s_compiled']:.0f}", f"{r['eager_over_plain']:.2f}x",
-                       f"{r['nhwc_over_plain']:.2f}x", f"{r['compiled_over_plain']:.2f}x", f"{r['compile_s']:.0f}",
+                       f"{r['images_per_s_compiled']:.0f}", f"{r['images_per_s_nhwc_compiled']:.0f}",
+                       f"{r['eager_over_plain']:.2f}x", f"{r['nhwc_over_plain']:.2f}x",
+                       f"{r['compiled_over_plain']:.2f}x", f"{r['nhwc_compiled_over_plain']:.2f}x",
+                       f"{r['compile_s']:.0f} / {r['nhwc_compile_s']:.0f}",
                        "never" if math.isinf(r["break_even_steps"]) else f"{r['break_even_steps']:.0f}")
     console.print(result)
     meta = {**environment("cpu"), "data": data.description, "threads": args.threads, "steps": steps}

@@ -43,6 +43,9 @@ from trainer.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
+ADAMW = ['optim.name="adamw"', "optim.lr=0.001"]  # the weight-transport recipes' optimizer, on the bp recipe
+BIOTORCH_RESNET20 = 'model.name="python:benchmarks.biotorch_models:resnet20"'
+
 # (label, recipe, extra overrides): the rules' own recipes, so each runs with its tuned settings.
 SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
     "mnist5k": [
@@ -86,6 +89,17 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("sdfa", "cifar10_resnet20_dfa", ["rule.name=sdfa"]),
         ("shallow", "cifar10_resnet20_dfa", ["rule.name=shallow", "rule.granularity=block"]),
     ],
+    # the weight-transport rules here and in biotorch 0.0.16, on the same split, augmentation, AdamW 1e-3
+    # and schedule: biotorch's own ResNet-20 (benchmarks/biotorch_models.py; PYTHONPATH must hold
+    # biotorch) trained by plain autograd, beside ours as shipped and with biotorch's option-A shortcuts
+    "biotorch-side-by-side": [
+        *[(f"{rule} · biotorch", "cifar10_resnet20_bp", [*ADAMW, BIOTORCH_RESNET20, f"model.kwargs={{mode={rule!r}}}"])
+          for rule in ("fa", "usf")],
+        ("fa", "cifar10_resnet20_fa", []),
+        ("usf", "cifar10_resnet20_usf", []),
+        ("fa · pad shortcuts", "cifar10_resnet20_fa", ['model.cifar_shortcut="pad"']),
+        ("usf · pad shortcuts", "cifar10_resnet20_usf", ['model.cifar_shortcut="pad"']),
+    ],
     # a vision transformer on mnist5k: BP against DFA between its blocks
     "vit": [
         ("bp", "mnist5k_vit_bp", []),
@@ -100,7 +114,7 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("mobilenet_v3 tpsgd", "cifar10_mobilenet_v3_tpsgd", []),
     ],
 }
-CIFAR_SUITES = ("cifar", "biotorch", "zoo")  # trained on CIFAR images: --npz, --cifar-root or synthetic
+CIFAR_SUITES = ("cifar", "biotorch", "biotorch-side-by-side", "zoo")  # trained on CIFAR images: --npz, --cifar-root or synthetic
 
 
 def finished_run(out: Path, recipe: Path, overrides: list[str]) -> dict | None:

@@ -64,13 +64,14 @@ def tiny_npz(tmp_path: Path) -> Path:
 
 
 def write_recipe(path: Path, npz: Path, **sections: dict) -> Path:
-    """A fast recipe on ``npz`` (MLP, CPU, no compile); ``sections`` override or add keys."""
+    """A fast recipe on ``npz`` (MLP, CPU, no compile, the default layout); ``sections`` override or add keys."""
     tree = {
         "data": {"name": "npz", "path": str(npz), "val_fraction": 0.25, "crop_padding": 0},
         "model": {"name": "mlp", "hidden": [32]},
         "rule": {"name": "bp"},
         "optim": {"name": "sgd", "lr": 0.05, "schedule": "cosine"},
-        "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "compile": False, "log_every": 5},
+        "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "compile": False, "channels_last": False,
+                  "log_every": 5},
     }
     for name, values in sections.items():
         tree.setdefault(name, {}).update(values)

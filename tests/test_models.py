@@ -20,6 +20,7 @@ CASES = [
     ("cnn", {"width": 8}, (3, 32, 32)),
     ("rnn", {"rnn_cell": "lstm", "rnn_hidden": 16, "rnn_layers": 3}, (1, 28, 28)),
     ("resnet20", {}, (3, 32, 32)),
+    ("resnet20", {"cifar_shortcut": "pad"}, (3, 32, 32)),
     ("resnet32", {}, (3, 32, 32)),
     ("resnet56", {}, (3, 32, 32)),
     ("resnet18", {"cifar_stem": True}, (3, 32, 32)),
@@ -47,6 +48,21 @@ def test_units_compose_to_the_model(name, extra, shape):
             if seen_params is not None and granularity != "children":
                 assert len(named) <= seen_params, "coarser granularity has no more units"
             seen_params = len(named)
+
+
+def test_cifar_resnet_pad_shortcut_is_option_a():
+    """The subsampled identity with the new channels zero on both sides (He et al.'s option A, as
+    biotorch and akamaster's CIFAR ResNets write it), and no 1x1 convolutions left."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="resnet20", cifar_shortcut="pad"), (3, 33, 31), 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 19 and all(c.kernel_size == (3, 3) for c in convs)
+    shortcut = model.layer2[0].downsample
+    x = torch.randn(2, 16, 17, 15)
+    want = nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 32 // 4, 32 // 4))
+    assert torch.equal(shortcut(x), want)
+    assert len([m for m in build_model(ModelConfig(name="resnet20"), (3, 32, 32), 10).modules()
+                if isinstance(m, nn.Conv2d)]) == 21  # "conv": two 1x1 projections
 
 
 def test_resnet_layer_units_carry_the_block_input():

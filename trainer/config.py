@@ -88,6 +88,7 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # torchvision: and python: models: builder arguments
     batchnorm_momentum: float | None = None  # every BatchNorm's running-statistics momentum; unset: the model's own
     cifar_stem: bool = False  # torchvision resnets: 3x3 stride-1 first conv and no max-pool
+    cifar_shortcut: Literal["conv", "pad"] = "conv"  # resnet20/32/56: shape-changing shortcut 1x1 conv + BN, or subsample and zero-pad
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
     activation: Literal["relu", "tanh"] = "relu"  # mlp and cnn hidden activation
     width: int = 32  # cnn: channels of the first conv (the second has twice as many)
@@ -146,9 +147,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
-    compile: bool | None = None  # torch.compile the forward passes; unset: on when CUDA is present
+    compile: bool | None = None  # torch.compile the forward passes; unset: where measured to pay (trainer.speed_choice)
     amp: bool | None = None  # bf16 autocast; unset: on for CUDA
-    channels_last: bool = False  # conv weights (hence activations) stored NHWC; CPU ResNet-20 BP: 1.5x (BENCHMARKS.md)
+    channels_last: bool | None = None  # conv weights (hence activations) NHWC; unset: where measured to pay
     log_every: int = 20  # steps between progress-line metrics
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     pipeline_stages: int = 1  # S: units split into S contiguous stages, one per process (trainer.pipeline)
@@ -302,7 +303,7 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
          "stage_boundaries", f"must name pipeline_stages - 1 = {r.train.pipeline_stages - 1} units (where stages "
          "2, 3, ... begin), or be empty (balanced by measured time)"),
         (r.train.stage_timeout > 0, "train", "stage_timeout", "must be positive (seconds)"),
-        (not (r.train.channels_last and r.train.pipeline_stages > 1), "train", "channels_last",
+        (not (r.train.channels_last is True and r.train.pipeline_stages > 1), "train", "channels_last",
          "is not supported with pipeline stages yet (a stage's messages assume the default layout): "
          "set train.channels_last = false or train.pipeline_stages = 1"),
         (r.train.pipeline_stages > 1 or (r.train.micro_batches == 1 and not r.train.stage_boundaries), "train",
@@ -444,7 +445,7 @@ def read_recipe(path: str | Path, rule_options: RuleOptions, overrides: list[str
 
 
 RESUMABLE_KEYS = frozenset({"train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size",
-                            "train.compile", "train.device", "data.num_workers",
+                            "train.compile", "train.channels_last", "train.device", "data.num_workers",
                             "train.stage_timeout"})
 """Recipe keys that ``--resume`` may change and applies truly (epochs re-stretch the schedule);
 any other change (seed, batch size, lr, model, rule, data, ...) is refused."""

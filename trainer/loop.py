@@ -270,7 +270,7 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
         notes += reporter.log.notes
     cfg = recipe.train
     reporter.say(f"[bold]{recipe.rule.name}[/] on {recipe.data.name} · {recipe.model.name} · {s.device} × "
-                 f"{s.env.world_size} · compile={s.rule.ctx.compile}{' · channels_last' if cfg.channels_last else ''} · "
+                 f"{s.env.world_size} · compile={s.rule.ctx.compile}{' · channels_last' if s.channels_last else ''} · "
                  f"{len(s.data.train)} steps/epoch · "
                  f"out: {escape(str(out_dir))}")
     if payload is not None:

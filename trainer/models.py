@@ -60,14 +60,29 @@ def _cnn(input_shape: tuple[int, ...], num_classes: int, width: int, activation:
     )
 
 
+class PadShortcut(nn.Module):
+    """He et al.'s option A: the identity, subsampled by ``stride`` and zero-padded from ``c_in`` to
+    ``c_out`` channels (no parameters, so the exact gradient goes through it under any rule)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.pad, self.stride = c_out - c_in, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return nn.functional.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
 class CifarResNet(nn.Module):
     """ResNet-20/32/56 of He et al. (2016) for 32x32 images: 3 stages of 16/32/64 channels.
 
-    Shortcuts that change shape use a 1x1 conv + BN (option B), so the blocks are torchvision's
-    BasicBlock and the attribute names match torchvision's ResNet (conv1 ... layer3, avgpool, fc).
+    Shortcuts that change shape use a 1x1 conv + BN (``shortcut = "conv"``, option B) or the
+    subsampled, zero-padded identity (``"pad"``, option A: He et al.'s CIFAR networks, and biotorch's);
+    either way the blocks are torchvision's BasicBlock and the attribute names match torchvision's
+    ResNet (conv1 ... layer3, avgpool, fc).
     """
 
-    def __init__(self, depth: int, num_classes: int, in_channels: int = 3):
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, shortcut: str = "conv"):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -83,7 +98,9 @@ class CifarResNet(nn.Module):
             for b in range(blocks_per_stage):
                 s = stride if b == 0 else 1
                 down = None
-                if s != 1 or c_in != c_out:
+                if (s != 1 or c_in != c_out) and shortcut == "pad":
+                    down = PadShortcut(c_in, c_out, s)
+                elif s != 1 or c_in != c_out:
                     down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=s, bias=False), nn.BatchNorm2d(c_out))
                 blocks.append(BasicBlock(c_in, c_out, stride=s, downsample=down))
                 c_in = c_out
@@ -358,5 +375,5 @@ def _build(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int
     if cfg.name == "rnn":
         return _rnn(input_shape, num_classes, cfg.rnn_cell, cfg.rnn_hidden, cfg.rnn_layers)
     if cfg.name in ("resnet20", "resnet32", "resnet56"):
-        return CifarResNet(int(cfg.name[6:]), num_classes, input_shape[0])
+        return CifarResNet(int(cfg.name[6:]), num_classes, input_shape[0], cfg.cifar_shortcut)
     return _torchvision_resnet(cfg.name, num_classes, input_shape[0], cfg.cifar_stem)

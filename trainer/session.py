@@ -24,13 +24,13 @@ from torch import nn
 
 from trainer.config import ConfigError, OptimConfig, Recipe
 from trainer.data import DataBundle, build_data, default_augmentation, source_facts
-from trainer.compile_choice import choose_compile
 from trainer.devices import device_name, on_cuda_by_default, resolve_device
 from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
 from trainer.layout import Layout, Stepper
 from trainer.models import build_model
 from trainer.pipeline import Pipeline
 from trainer.rules import ParamOptions, Rule, RuleContext, RuleError, build_rule, rule_class
+from trainer.speed_choice import choose_channels_last, choose_compile
 
 
 def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
@@ -92,7 +92,8 @@ class Session:
     env: DistEnv
     layout: Layout  # one process, or this process's stage of a pipeline (train.pipeline_stages > 1)
     data_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # data_fingerprints of the recipe
-    notes: list[str] = field(default_factory=list)  # what the session decided for the user (compile auto)
+    notes: list[str] = field(default_factory=list)  # what the session decided for the user (compile, layout)
+    channels_last: bool = False  # the model's 4-D weights are NHWC (train.channels_last, as chosen)
 
     @property
     def stepper(self) -> Stepper:
@@ -135,19 +136,29 @@ def planned_images(recipe: Recipe) -> int:
     return recipe.train.epochs * int(count * (1 - held_out))
 
 
+def layout_decision(recipe: Recipe, device_type: str) -> tuple[bool, str]:
+    """Whether this run stores its model channels_last, and why (``trainer.speed_choice``)."""
+    cfg = recipe.train
+    return choose_channels_last(cfg.channels_last, device_type, recipe.model.name, recipe.rule.name,
+                                cfg.pipeline_stages)
+
+
 def compile_decision(recipe: Recipe, device_type: str, images: int) -> tuple[bool, str]:
-    """Whether this run compiles its forward passes, and why (``trainer.compile_choice``)."""
-    return choose_compile(recipe.train.compile, device_type, recipe.model.name, recipe.rule.name, images)
+    """Whether this run compiles its forward passes, and why (``trainer.speed_choice``), in the layout
+    ``layout_decision`` chose."""
+    return choose_compile(recipe.train.compile, device_type, recipe.model.name, recipe.rule.name, images,
+                          layout_decision(recipe, device_type)[0])
 
 
 def effective_recipe(recipe: Recipe) -> dict[str, Any]:
     """The recipe as a run on this machine will use it: unset and automatic values resolved
-    (device, compile, amp; augmentation and class count from the data source)."""
+    (device, compile, channels_last, amp; augmentation and class count from the data source)."""
     tree = recipe.to_dict()
     train, data = tree["train"], tree["data"]
     train["device"] = device_name(train["device"])
     device_type = torch.device(train["device"]).type
     train["compile"] = compile_decision(recipe, device_type, planned_images(recipe))[0]
+    train["channels_last"] = layout_decision(recipe, device_type)[0]
     train["amp"] = on_cuda_by_default(recipe.train.amp, device_type)
     channels, classes = source_facts(recipe.data)
     if channels is not None and recipe.data.name != "imagefolder":
@@ -180,7 +191,8 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
         raise blamed(err, recipe, sets) from None
     try:
         model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
-        if cfg.channels_last:  # 4-D weights NHWC: convolutions then write NHWC activations (mkldnn's fast path)
+        channels_last, layout_note = layout_decision(recipe, device.type)
+        if channels_last:  # 4-D weights NHWC: convolutions then write NHWC activations (mkldnn's fast path)
             model = model.to(memory_format=torch.channels_last)
     except ConfigError as err:
         raise blamed(err, recipe, sets) from None
@@ -206,7 +218,7 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
     total = cfg.epochs * len(data.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
     return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, layout,
-                   data_fingerprints(recipe), [compile_note])
+                   data_fingerprints(recipe), [layout_note, compile_note], channels_last)
 
 
 def data_fingerprints(recipe: Recipe) -> dict[str, dict[str, Any]]:
