@@ -1,18 +1,18 @@
 """Training speed on the CPU: a plain eager PyTorch loop (BP) against the trainer, eager and compiled,
-for BP and each rule, on the models people train on a CPU.
+in either memory layout, for BP and each rule, on the models people train on a CPU.
 
 For each model (the quickstart CNN on mnist5k, CIFAR ResNet-20, ResNet-18 with the CIFAR stem, the
 mnist5k ViT) and each rule, the script builds the trainer's own session from the model's recipe
-(``--set rule.name=...``), with ``train.compile = false``, with ``false`` and ``train.channels_last
-= true`` (NHWC weights and activations), and with ``compile = true`` in either layout, plus the
-textbook PyTorch loop of the same model (BP, eager: the reference). The loops' steps alternate
+(``--set rule.name=...``) four times: ``train.compile`` false and true, each with
+``train.channels_last`` false and true (NHWC weights and activations); beside them, the textbook
+PyTorch loop of the same model (BP, eager: the reference). The loops' steps alternate
 (``benchmarks._harness.time_interleaved``), so the machine's load hits them alike; a compiled loop's
 first steps and first evaluation batch are timed on their own and, less the steady times, give its
-compile time (training and evaluation graphs). The table: images/s
-of each, the ratios to the plain loop, the compile time, and the run length (steps) at which the
-compiled loop has paid its compile time back. ``trainer.speed_choice.CPU_MEASURED`` is this table:
-what ``train.compile`` and ``train.channels_last`` left unset choose on the CPU. Time it with a fresh
-inductor cache (``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)``), or the compile times read as none.
+compile time (training and evaluation graphs). The table: images/s of each, the ratios to the plain
+loop, the compile times, and which loop ``auto`` would choose from the row for 10 epochs of the
+recipe's data, with its speed, compile time counted. ``trainer.speed_choice.CPU_MEASURED`` is this
+table: what ``train.compile`` and ``train.channels_last`` left unset choose on the CPU. Time it with a
+fresh inductor cache (``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)``), or the compile times read as none.
 
     python -m benchmarks.bench_cpu --npz cifar10-mini-train.npz --out benchmarks/results/cpu.json
     python -m benchmarks.bench_cpu --models cnn resnet20 --rules bp dfa drtp tpsgd --quick
@@ -35,7 +35,8 @@ from benchmarks._harness import cifar_data, environment, make_console, sync, tab
 from trainer.data import NormStats, load_images
 from trainer.models import build_model
 from trainer.recipes import load_recipe
-from trainer.session import build_session
+from trainer.session import build_session, planned_images
+from trainer.speed_choice import Measured, choose_channels_last, choose_compile
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 MODELS = {  # model -> (recipe, its batch, whether it reads CIFAR images)
@@ -45,6 +46,8 @@ MODELS = {  # model -> (recipe, its batch, whether it reads CIFAR images)
     "vit": ("mnist5k_vit_bp.toml", 256, False),
 }
 RULES = ["bp", "dfa", "bdfa", "drtp", "tpsgd", "rec_lra", "trace_bp"]
+LOOP_NAMES = {"eager": "eager", "nhwc": "channels_last", "compiled": "compiled", "nhwc_compiled": "both"}
+AUTO_EPOCHS = 10  # the run length the "auto" column is priced at (compile time included)
 RULE_SETTINGS = {"drtp": ["rule.granularity=\"block\""], "tpsgd": ["rule.granularity=\"block\""]}
 
 
@@ -117,6 +120,18 @@ def seconds(call: Callable[[], None], count: int = 1) -> float:
     return time.perf_counter() - start
 
 
+def auto_choice(model: str, rule: str, rate: dict[str, float], compile_s: float, images: int) -> dict[str, Any]:
+    """What unset ``train.channels_last`` and ``train.compile`` would choose from this row alone for a
+    run of ``images`` training images, and that run's images/s with the compile time counted."""
+    table = {(model, rule): Measured(rate["eager"], rate["nhwc"], rate["compiled"], rate["nhwc_compiled"], compile_s)}
+    layout = choose_channels_last(None, "cpu", model, rule, table=table)[0]
+    compiled = choose_compile(None, "cpu", model, rule, images, layout, table)[0]
+    loop = {(False, False): "eager", (True, False): "nhwc", (False, True): "compiled", (True, True): "nhwc_compiled"}
+    name = loop[(layout, compiled)]
+    seconds = images / rate[name] + (compile_s if compiled else 0.0)
+    return {"auto_loop": name, "auto_images_per_s": images / seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--npz", type=Path, help="CIFAR images (x uint8 N x 32 x 32 x 3, y labels) for the ResNets")
@@ -177,6 +192,10 @@ def main() -> None:
                    "compiled_over_eager": rate["compiled"] / rate["eager"], "compile_s": compile_s,
                    "nhwc_compile_s": nhwc_compile_s,
                    "break_even_steps": compile_s / saved if saved > 0 else math.inf}
+            recipe = load_recipe(RECIPES / recipe_file, overrides)
+            images = AUTO_EPOCHS * planned_images(recipe) // recipe.train.epochs  # 10 epochs of its training split
+            row.update(auto_choice(model, rule, rate, max(compile_s, nhwc_compile_s), images))
+            row["auto_over_plain"] = row["auto_images_per_s"] / rate["plain"]
             rows.append(row)
             console.print(f"{model} {rule}: plain {rate['plain']:.0f}, eager {rate['eager']:.0f}, channels_last "
                           f"{rate['nhwc']:.0f}, compiled {rate['compiled']:.0f}, both {rate['nhwc_compiled']:.0f} img/s, "
@@ -184,7 +203,8 @@ def main() -> None:
     result = table(f"training images/s on the CPU ({args.threads} threads), median of {steps} interleaved steps",
                    ["model", "rule", "batch", "plain BP", "trainer eager", "trainer channels_last",
                     "trainer compiled", "compiled channels_last", "eager / plain", "channels_last / plain",
-                    "compiled / plain", "both / plain", "compile s", "break-even steps"], left={"model", "rule"})
+                    "compiled / plain", "both / plain", "compile s", f"auto ({AUTO_EPOCHS} epochs) / plain"],
+                   left={"model", "rule"})
     for r in rows:
         if "error" in r:
             result.add_row(r["model"], r["rule"], str(r["batch"]), *["—"] * 10, r["error"][:40])
@@ -195,7 +215,7 @@ def main() -> None:
                        f"{r['eager_over_plain']:.2f}x", f"{r['nhwc_over_plain']:.2f}x",
                        f"{r['compiled_over_plain']:.2f}x", f"{r['nhwc_compiled_over_plain']:.2f}x",
                        f"{r['compile_s']:.0f} / {r['nhwc_compile_s']:.0f}",
-                       "never" if math.isinf(r["break_even_steps"]) else f"{r['break_even_steps']:.0f}")
+                       f"{LOOP_NAMES[r['auto_loop']]} {r['auto_over_plain']:.2f}x")
     console.print(result)
     meta = {**environment("cpu"), "data": data.description, "threads": args.threads, "steps": steps}
     write_results(args.out, meta, {"loops": rows}, {}, console)

@@ -91,7 +91,8 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
     ],
     # the weight-transport rules here and in biotorch 0.0.16, on the same split, augmentation, AdamW 1e-3
     # and schedule: biotorch's own ResNet-20 (benchmarks/biotorch_models.py; PYTHONPATH must hold
-    # biotorch) trained by plain autograd, beside ours as shipped and with biotorch's option-A shortcuts
+    # biotorch) trained by plain autograd, beside ours as shipped, with biotorch's option-A shortcuts, and
+    # with its Xavier-uniform weights too
     "biotorch-side-by-side": [
         *[(f"{rule} · biotorch", "cifar10_resnet20_bp", [*ADAMW, BIOTORCH_RESNET20, f"model.kwargs={{mode={rule!r}}}"])
           for rule in ("fa", "usf")],
@@ -99,6 +100,8 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("usf", "cifar10_resnet20_usf", []),
         ("fa · pad shortcuts", "cifar10_resnet20_fa", ['model.cifar_shortcut="pad"']),
         ("usf · pad shortcuts", "cifar10_resnet20_usf", ['model.cifar_shortcut="pad"']),
+        ("usf · pad shortcuts · xavier W", "cifar10_resnet20_usf", ['model.cifar_shortcut="pad"',
+                                                                    'model.weight_init="xavier"']),
     ],
     # a vision transformer on mnist5k: BP against DFA between its blocks
     "vit": [

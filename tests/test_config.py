@@ -31,7 +31,7 @@ def test_valid_recipe_is_typed(tmp_path, tiny_npz):
         ("train", {"epoch": 3}, "[train]: unknown key 'epoch'; allowed keys: epochs"),
         ("train", {"epochs": "ten"}, "[train] epochs: expected an integer, got 'ten'"),
         ("train", {"epochs": 0}, "[train] epochs: must be at least 1"),
-        ("optim", {"name": "lbfgs"}, "[optim] name: expected one of 'sgd', 'adamw', got 'lbfgs'"),
+        ("optim", {"name": "lbfgs"}, "[optim] name: expected one of 'sgd', 'adam', 'adamw', got 'lbfgs'"),
         ("optim", {"lr": -1.0}, "[optim] lr: must be positive"),
         ("data", {"val_fraction": 1.5}, "[data] val_fraction: must be in (0, 1)"),
         ("rule", {"name": "magic"}, "[rule] name: unknown rule 'magic'; rules: "),

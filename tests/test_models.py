@@ -65,6 +65,18 @@ def test_cifar_resnet_pad_shortcut_is_option_a():
                 if isinstance(m, nn.Conv2d)]) == 21  # "conv": two 1x1 projections
 
 
+def test_xavier_weight_init_reinitialises_every_conv_and_linear():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn", width=8, weight_init="xavier"), (3, 32, 32), 10)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 4
+    for m in layers:
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(m.weight)
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.8 * bound  # U(-a, a), a = sqrt(6/(fi+fo))
+        assert m.bias is None or torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
 def test_resnet_layer_units_carry_the_block_input():
     model = build_model(ModelConfig(name="resnet18", cifar_stem=True), (3, 32, 32), 10).eval()
     named = dict(model_units(model, "layer")[0])

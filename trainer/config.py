@@ -89,6 +89,7 @@ class ModelConfig:
     batchnorm_momentum: float | None = None  # every BatchNorm's running-statistics momentum; unset: the model's own
     cifar_stem: bool = False  # torchvision resnets: 3x3 stride-1 first conv and no max-pool
     cifar_shortcut: Literal["conv", "pad"] = "conv"  # resnet20/32/56: shape-changing shortcut 1x1 conv + BN, or subsample and zero-pad
+    weight_init: Literal["model", "xavier"] = "model"  # xavier: every conv and linear weight Xavier-uniform, biases 0 (biotorch's)
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
     activation: Literal["relu", "tanh"] = "relu"  # mlp and cnn hidden activation
     width: int = 32  # cnn: channels of the first conv (the second has twice as many)
@@ -127,12 +128,12 @@ class RuleConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adam", "adamw"] = "sgd"  # adam: L2 decay through Adam's moments (biotorch's); adamw: decoupled
     lr: float = 0.05
     momentum: float = 0.9  # sgd; Nesterov momentum when nesterov = true
     nesterov: bool = True
     weight_decay: float = 5e-4  # applied to weights of dimension >= 2 only (not to norms and biases)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
     warmup_fraction: float = 0.0  # linear warm-up over this share of all steps (constant and cosine)
 

@@ -311,7 +311,8 @@ def _check_logits(out: object, name: str, num_classes: int, training: bool) -> N
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """The network named by ``[model]`` for inputs of ``input_shape`` (C, H, W), checked by dry
-    forwards to take this size and return (N, num_classes) logits, with every BatchNorm's momentum
+    forwards to take this size and return (N, num_classes) logits; ``weight_init = "xavier"``
+    re-initialises every conv and linear layer; every BatchNorm's momentum is
     set when ``batchnorm_momentum`` is (torchvision's MobileNets use 0.01, tuned for long ImageNet
     runs: in a short run their running statistics lag the weights and evaluation collapses)."""
     try:
@@ -330,6 +331,12 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
         except _ForwardFailed as failed:
             raise _size_error(cfg, input_shape, num_classes, model, failed, training) from None
         _check_logits(out, cfg.name, num_classes, training)
+    if cfg.weight_init == "xavier":
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
     if cfg.batchnorm_momentum is not None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):

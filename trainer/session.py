@@ -51,7 +51,8 @@ def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, rule: Rule | None = None) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW over the model's parameters and the rule's own.
+    """SGD (Nesterov), Adam (weight decay as L2: added to the gradient) or AdamW (decoupled) over the
+    model's parameters and the rule's own.
 
     Weight decay applies to tensors of dimension >= 2 only (not to norms and biases). Every group
     learns at ``optim.lr`` times its ``lr_scale``: 1, unless ``rule.param_options()`` says
@@ -74,7 +75,8 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, rule: Rule | None = None
     if cfg.name == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    adam = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return adam(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 @dataclass
