@@ -20,6 +20,7 @@ convolutions, PyTorch's default linear; B from ``feedback_init``).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 
 from torch import nn
@@ -35,8 +36,6 @@ def resnet20(num_classes: int, input_shape: tuple[int, ...], mode: str = "fa", i
     if input_shape[0] != 3:
         raise ValueError(f"biotorch's ResNet-20 takes 3-channel images, got input_shape {input_shape}")
     try:
-        import importlib
-
         models = importlib.import_module(f"biotorch.models.{mode}")
     except ImportError as err:
         raise ImportError(f"{err}: install biotorch on its own (pip install --no-deps --target DIR biotorch==0.0.16) "

@@ -98,10 +98,9 @@ class CifarResNet(nn.Module):
             for b in range(blocks_per_stage):
                 s = stride if b == 0 else 1
                 down = None
-                if (s != 1 or c_in != c_out) and shortcut == "pad":
-                    down = PadShortcut(c_in, c_out, s)
-                elif s != 1 or c_in != c_out:
-                    down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=s, bias=False), nn.BatchNorm2d(c_out))
+                if s != 1 or c_in != c_out:
+                    down = (PadShortcut(c_in, c_out, s) if shortcut == "pad" else
+                            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=s, bias=False), nn.BatchNorm2d(c_out)))
                 blocks.append(BasicBlock(c_in, c_out, stride=s, downsample=down))
                 c_in = c_out
             stages.append(nn.Sequential(*blocks))
