@@ -98,6 +98,12 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
           for rule in ("fa", "usf")],
         ("fa", "cifar10_resnet20_fa", []),
         ("usf", "cifar10_resnet20_usf", []),
+        *[(f"{rule} · biotorch", "cifar10_resnet20_bp", [*ADAMW, BIOTORCH_RESNET20, f"model.kwargs={{mode={mode!r}}}"])
+          for rule, mode in (("bp", "backpropagation"), ("brsf", "brsf"), ("frsf", "frsf"))],
+        ("bp", "cifar10_resnet20_bp", ADAMW),
+        ("brsf", "cifar10_resnet20_brsf", []),
+        ("frsf", "cifar10_resnet20_frsf", []),
+        ("usf · s = std(W)", "cifar10_resnet20_usf", ['rule.feedback_init="match"']),
         ("fa · pad shortcuts", "cifar10_resnet20_fa", ['model.cifar_shortcut="pad"']),
         ("usf · pad shortcuts", "cifar10_resnet20_usf", ['model.cifar_shortcut="pad"']),
         ("usf · pad shortcuts · xavier W", "cifar10_resnet20_usf", ['model.cifar_shortcut="pad"',

@@ -71,3 +71,12 @@ def test_seed_and_epochs_overrides_are_refused_for_their_flags(tmp_path, monkeyp
     with pytest.raises(SystemExit) as exit_info:
         compare_rules.main()
     assert exit_info.value.code == 2 and f"use {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite", sorted(compare_rules.SUITES))
+def test_every_suite_entry_is_a_valid_recipe_with_a_unique_label(suite):
+    entries = compare_rules.SUITES[suite]
+    assert len({label for label, _, _ in entries}) == len(entries)
+    for label, recipe, overrides in entries:
+        loaded = load_recipe(compare_rules.RECIPES / f"{recipe}.toml", [*overrides, "train.epochs=1"])
+        assert loaded.to_dict()["train"]["epochs"] == 1, label
