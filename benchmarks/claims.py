@@ -358,8 +358,10 @@ def _tiny(ctx: Context, images: int = 64) -> list[str]:
 SMALL_DATA_RULES = {"bp": "cifar10_resnet20_bp", "dfa": "cifar10_resnet20_dfa", "hybrid": "cifar10_resnet20_hybrid",
                     "bdfa": "cifar10_resnet20_bdfa"}
 SMALL_DATA_MODELS = {"resnet20": [], "cnn": ["model.name=cnn"]}
-# the hybrid's BP part: ResNet-20's stem, layer1 and layer2 (its recipe); the CNN's first conv block
-SMALL_DATA_EXTRA = {("cnn", "hybrid"): ['rule.bp_units=["0.0"]']}
+# the hybrid's BP part: ResNet-20's stem, layer1 and layer2 (its recipe); the CNN's first conv block.
+# BP's SGD at ResNet-20's lr 0.1 diverges on the CNN, whose dense layers have no BatchNorm (the loss
+# stays at ln 10); at 0.01 it trains (3 epochs of all images, seed 0: 52.8 %, AdamW 1e-3 46.4 %).
+SMALL_DATA_EXTRA = {("cnn", "hybrid"): ['rule.bp_units=["0.0"]'], ("cnn", "bp"): ["optim.lr=0.01"]}
 
 
 def small_data(ctx: Context, args: argparse.Namespace) -> dict:
