@@ -104,6 +104,8 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("brsf", "cifar10_resnet20_brsf", []),
         ("frsf", "cifar10_resnet20_frsf", []),
         ("usf · s = std(W)", "cifar10_resnet20_usf", ['rule.feedback_init="match"']),
+        *[(f"{rule} · R xavier-uniform", f"cifar10_resnet20_{rule}", ['rule.feedback_init="xavier_uniform"'])
+          for rule in ("brsf", "frsf")],
         ("fa · pad shortcuts", "cifar10_resnet20_fa", ['model.cifar_shortcut="pad"']),
         ("usf · pad shortcuts", "cifar10_resnet20_usf", ['model.cifar_shortcut="pad"']),
         ("usf · pad shortcuts · xavier W", "cifar10_resnet20_usf", ['model.cifar_shortcut="pad"',

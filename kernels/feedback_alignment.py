@@ -34,7 +34,8 @@ sign-concordant variant, say) is one more entry.
 
 Initialisation (``init``), which fixes R's distribution and s (fan_in = C_in/groups * kernel numel):
 ``"default"`` is PyTorch's own init of Linear/Conv2d weights, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-(s = 1/sqrt(3 fan_in)); ``"xavier"`` is N(0, 2/(fan_in + fan_out)); ``"match"`` is N(0, std(W)^2)
+(s = 1/sqrt(3 fan_in)); ``"xavier"`` is N(0, 2/(fan_in + fan_out)) and ``"xavier_uniform"`` the uniform
+distribution of that variance (biotorch's, ``nn.init.xavier_uniform_``); ``"match"`` is N(0, std(W)^2)
 with W's std measured when the layer is made (for models with their own init, e.g. kaiming).
 
 Storage (``storage``) and memory per layer, beyond the plain layer's:
@@ -92,7 +93,8 @@ __all__ = [
     "strip_feedback",
 ]
 
-INITS = ("default", "xavier", "match")
+INITS = ("default", "xavier", "xavier_uniform", "match")
+UNIFORM_INITS = ("default", "xavier_uniform")  # R drawn uniform; the others draw it normal
 """Distributions R (and the scale s) are drawn from."""
 STORAGES = ("dense", "seeded")
 """How a mode's random part M is kept where it may be either (:meth:`FeedbackMode.refuses_seeded`)."""
@@ -217,7 +219,7 @@ def _init_std(weight: Tensor, init: str) -> float:
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
     if init == "default":
         return 1.0 / math.sqrt(3.0 * fan_in)
-    if init == "xavier":
+    if init in ("xavier", "xavier_uniform"):
         return math.sqrt(2.0 / (fan_in + fan_out))
     std = weight.detach().float().std(correction=0).item()
     if not std > 0:
@@ -337,7 +339,7 @@ class _FeedbackLayer:
         self._mode = _check_config(type(self).__name__, mode, init, storage, seed)
         self.mode, self.init, self.feedback_seed, self.exact = mode, init, seed, False
         self._versions: tuple[int, int, int, int] | None = None  # learned B: (id, _version) of W and B at a forward
-        self._dist = self._mode.dist or ("uniform" if init == "default" else "normal")
+        self._dist = self._mode.dist or ("uniform" if init in UNIFORM_INITS else "normal")
         weight = self.weight.detach()
         scale = torch.tensor(_init_std(weight, init), dtype=weight.dtype, device=weight.device)
         self.storage = self._mode.kept(storage)

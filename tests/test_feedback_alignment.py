@@ -259,7 +259,7 @@ def test_fa_and_frsf_feedback_stay_fixed_while_w_trains(storage):
                 assert torch.equal(b, before[name][0].abs() * torch.sign(w)), name
 
 
-@pytest.mark.parametrize("init", ["default", "xavier", "match"])
+@pytest.mark.parametrize("init", ["default", "xavier", "xavier_uniform", "match"])
 def test_usf_is_the_init_std_times_the_sign_of_the_current_w(init):
     model = mlp()
     nn.init.kaiming_normal_(model[2].weight)  # a custom init that 'match' measures
@@ -271,7 +271,7 @@ def test_usf_is_the_init_std_times_the_sign_of_the_current_w(init):
         w = layer.weight.detach()
         fan_in, fan_out = w.shape[1], w.shape[0]
         s = {"default": 1 / math.sqrt(3 * fan_in), "xavier": math.sqrt(2 / (fan_in + fan_out)),
-             "match": stds[name]}[init]
+             "xavier_uniform": math.sqrt(2 / (fan_in + fan_out)), "match": stds[name]}[init]
         assert_rel_close(layer.current_feedback_weight(), s * torch.sign(w), 1e-6, name)
 
 
@@ -340,7 +340,7 @@ def test_seeded_feedback_is_regenerated_bit_identically_and_never_stored(mode):
     assert not any(buf.shape == seeded.weight.shape for buf in seeded.buffers())
 
 
-@pytest.mark.parametrize("init", ["default", "xavier", "match"])
+@pytest.mark.parametrize("init", ["default", "xavier", "xavier_uniform", "match"])
 def test_feedback_is_drawn_from_the_init_distribution(init):
     model = nn.Sequential(nn.Linear(400, 300), nn.Conv2d(32, 48, 5, groups=2))
     for m in model:
@@ -351,11 +351,13 @@ def test_feedback_is_drawn_from_the_init_distribution(init):
         b = layer.current_feedback_weight()
         fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
         want = {"default": 1 / math.sqrt(3 * fan_in), "xavier": math.sqrt(2 / (fan_in + fan_out)),
-                "match": std_w}[init]
+                "xavier_uniform": math.sqrt(2 / (fan_in + fan_out)), "match": std_w}[init]
         assert abs(b.std().item() / want - 1) < 0.02, name
         assert abs(b.mean().item()) < 0.02 * want, name
-        if init == "default":
-            assert b.abs().max().item() <= 1 / math.sqrt(fan_in), name
+        if init in ("default", "xavier_uniform"):  # uniform: bounded by sqrt(3) sd
+            assert b.abs().max().item() <= math.sqrt(3) * want * (1 + 1e-6), name
+        else:  # normal: a 400x300 draw has values beyond sqrt(3) sd
+            assert b.abs().max().item() > math.sqrt(3) * want, name
 
 
 def test_layers_get_their_own_seeds_from_the_base_seed():

@@ -13,8 +13,9 @@ bias gradients stay the exact local ones, everything else backpropagates as usua
 
 ``feedback_init`` is the distribution of B (fa, kp) or R (brsf, frsf) and sets usf's s: ``match``
 (N(0, std(W)²) with W's std at conversion: "like W's init" for any model), ``default`` (PyTorch's
-layer init U(±1/√fan_in)) or ``xavier``. Layers named in ``keep_exact`` (or below a named module)
-stay exact. fa and frsf may keep B (or |R|) ``seeded``: regenerated at each backward, no memory.
+layer init U(±1/√fan_in)), ``xavier`` (normal) or ``xavier_uniform`` (biotorch's). Layers named in
+``keep_exact`` (or below a named module) stay exact. fa and frsf may keep B (or |R|) ``seeded``:
+regenerated at each backward, no memory.
 The converted layers keep the model's parameter names, so a checkpoint evaluates in the plain
 model; the feedback state is saved with the model (kp's B is a parameter the optimizer updates).
 
@@ -36,7 +37,7 @@ from trainer.rules.alignment import angle_degrees, bp_alignment, needs_labels
 from trainer.rules.base import ParamOptions, RuleContext, RuleError, StepResult
 from trainer.rules.bp import Backprop
 
-FeedbackInit = Literal["match", "default", "xavier"]
+FeedbackInit = Literal["match", "default", "xavier", "xavier_uniform"]
 
 
 @dataclass
