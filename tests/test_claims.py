@@ -103,6 +103,11 @@ def test_weight_transport_verdict():
     assert undecided.verdict == UNDECIDED and "not aligned" in undecided.reasons[-1]
     assert weight_transport_verdict(bp, [50, 51, 52], [59, 60, 61], 30.0).verdict == FAILS
     assert weight_transport_verdict(bp, [59, 60, 61], [59, 60, 61], None).verdict == UNDECIDED
+    # KP held against BP trained at KP's decay, not the recipe's BP
+    same_decay = weight_transport_verdict(bp, [59, 60, 61], [58.5, 59.5, 60.5], 30.0, kp_bp=[70, 71, 72])
+    assert same_decay.verdict == FAILS and "bp at kp's decay" in same_decay.reasons[-1]
+    assert weight_transport_verdict([70, 71, 72], [69, 70, 71], [55, 56, 57], 30.0, kp_bp=bp).verdict == FAILS
+    assert weight_transport_verdict([70, 71, 72], [69, 70, 71], [59, 60, 61], 30.0, kp_bp=bp).verdict == HOLDS
 
 
 def test_list_names_the_five_claims():
@@ -124,10 +129,11 @@ COLUMNS = {
 }
 
 
-@pytest.mark.parametrize("claim", sorted(COLUMNS))
-def test_quick_path_writes_the_table_and_a_verdict(tmp_path, claim):
+@pytest.mark.parametrize(("claim", "extra"), [(claim, []) for claim in sorted(COLUMNS)]
+                         + [("weight-transport", ["--kp-decay", "5e-3"])])
+def test_quick_path_writes_the_table_and_a_verdict(tmp_path, claim, extra):
     command = [sys.executable, "-m", "benchmarks.claims", claim, "--quick", "--seeds", "0", "--jobs", "2",
-               "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
+               "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), *extra]
     # the kernels' own tests run them under Triton's interpreter (conftest sets TRITON_INTERPRET); the claims
     # train with the PyTorch paths, as a user's CPU run does
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -138,6 +144,10 @@ def test_quick_path_writes_the_table_and_a_verdict(tmp_path, claim):
     assert all(len(row) == len(COLUMNS[claim]) for row in summary["rows"])
     assert summary["verdict"] in (HOLDS, FAILS, UNDECIDED) and summary["reasons"] and summary["quick"]
     assert f"verdict: {summary['verdict']}" in done.stdout
+    if extra:  # --kp-decay: KP at that decay, and BP at it beside the recipe's BP
+        recipes = {row[0]: row[1] for row in summary["rows"]}
+        assert list(recipes) == ["bp", "usf", "kp", "bp, kp's decay"]
+        assert recipes["kp"].endswith("optim.weight_decay=0.005") and recipes["bp"] == "cifar10_resnet20_bp"
     with open(tmp_path / "out" / f"{claim}.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and not any(row.get("error") for row in rows)
