@@ -5,7 +5,7 @@
     python -m benchmarks.claims rec-lra --npz cifar10-mini-train.npz --epochs 30 --seeds 0 1 2 --jobs 2
     python -m benchmarks.claims tpsgd --npz cifar10-mini-train.npz --seeds 0 1 2 --jobs 2
     python -m benchmarks.claims trace-noise --npz cifar10-mini-train.npz --epochs 10 --seeds 0 1 2 --jobs 2
-    python -m benchmarks.claims weight-transport --npz cifar10-mini-train.npz --epochs 15 --kp-decay 5e-3 --jobs 2
+    python -m benchmarks.claims weight-transport --npz cifar10-mini-train.npz --epochs 30 --kp-decay 5e-3 --jobs 2
 
 Every claim is a ``Claim``: the paper's statement, its source, and its criterion, written down here
 before anything runs. The verdict (``holds``, ``does not hold``, or ``not at this budget``) is a
