@@ -698,29 +698,28 @@ def weight_transport(ctx: Context, args: argparse.Namespace) -> dict:
     common = (*ctx.data, f"train.epochs={epochs}", *_tiny(ctx))
     settings = {rule: Setting(f"resnet20 {rule}", recipe, common) for rule, recipe in WEIGHT_TRANSPORT.items()}
     if args.kp_decay is not None:  # B aligns by the coupled decay: few steps need a larger one, and BP beside it
-        decay = (f"optim.weight_decay={args.kp_decay:g}",)
-        settings["kp"] = Setting(f"resnet20 kp wd {args.kp_decay:g}", WEIGHT_TRANSPORT["kp"], common + decay)
-        settings["bp, kp's decay"] = Setting(f"resnet20 bp wd {args.kp_decay:g}", WEIGHT_TRANSPORT["bp"],
-                                             common + decay)
+        decay = f"{args.kp_decay:g}"
+        for rule, name in (("kp", "kp"), ("bp", "bp, kp's decay")):
+            settings[name] = Setting(f"resnet20 {rule} wd {decay}", WEIGHT_TRANSPORT[rule],
+                                     (*common, f"optim.weight_decay={decay}"))
     results = train(ctx, list(settings.values()))
     acc = {rule: accuracies(results, s.label) for rule, s in settings.items()}
     angles = {seed: a for seed in ctx.seeds
               if (a := final_angle(settings["kp"].folder(ctx.runs) / f"seed{seed}")) is not None}
     angle = statistics.fmean(angles.values()) if angles else None
     verdict = weight_transport_verdict(acc["bp"], acc["usf"], acc["kp"], angle, kp_bp=acc.get("bp, kp's decay"))
-    bp = Spread.of(acc["bp"])
+    spreads = {rule: Spread.of(a) for rule, a in acc.items()}
     rows = [[rule, " ".join((settings[rule].recipe, *settings[rule].overrides[len(common):])),
-             str(Spread.of(acc[rule])), " ".join(f"{a:.1f}" for a in acc[rule]),
-             f"{Spread.of(acc[rule]).mean - bp.mean:+.2f}",
+             str(spreads[rule]), " ".join(f"{a:.1f}" for a in acc[rule]),
+             f"{spreads[rule].mean - spreads['bp'].mean:+.2f}",
              f"{angle:.1f}" if rule == "kp" and angle is not None else "—"] for rule in settings]
     records = [{"rule": rule, "seed": seed, "accuracy_pct": a, "fb_angle": angles.get(seed, "") if rule == "kp" else ""}
                for rule in settings for seed, a in zip(ctx.seeds, acc[rule])]
 
     def draw(ax: Any) -> None:
-        spreads = [Spread.of(acc[rule]) for rule in settings]
-        ax.bar(range(len(spreads)), [s.mean for s in spreads], yerr=[s.sd for s in spreads], capsize=4,
-               label="held-out accuracy, mean ± sd")
-        ax.set_xticks(range(len(spreads)), list(settings))
+        ax.bar(range(len(spreads)), [s.mean for s in spreads.values()], yerr=[s.sd for s in spreads.values()],
+               capsize=4, label="held-out accuracy, mean ± sd")
+        ax.set_xticks(range(len(spreads)), list(spreads))
         ax.set(ylabel="held-out accuracy (%)")
 
     kp_setting = ("kp: SGD with coupled weight decay" if args.kp_decay is None else
