@@ -2,7 +2,7 @@
 
     python -m benchmarks.claims --list
     python -m benchmarks.claims small-data --npz cifar10-mini-train.npz --seeds 0 1 2 --jobs 2
-    python -m benchmarks.claims rec-lra --npz cifar10-mini-train.npz --epochs 30 --seeds 0 1 2 --jobs 2
+    python -m benchmarks.claims rec-lra --npz cifar10-mini-train.npz --epochs 30 --models resnet20 resnet18:15 --jobs 2
     python -m benchmarks.claims tpsgd --npz cifar10-mini-train.npz --seeds 0 1 2 --jobs 2
     python -m benchmarks.claims trace-noise --npz cifar10-mini-train.npz --epochs 10 --seeds 0 1 2 --jobs 2
     python -m benchmarks.claims weight-transport --npz cifar10-mini-train.npz --epochs 30 --kp-decay 5e-3 --jobs 2
@@ -434,11 +434,25 @@ def epoch_curve(folder: Path) -> list[tuple[int, float, float]]:
     return curve
 
 
+def model_budgets(values: Sequence[str], known: Iterable[str], epochs: int) -> dict[str, int]:
+    """``--models NAME[:EPOCHS] …`` as {NAME: epochs}: a model without ``:EPOCHS`` gets ``epochs`` (a
+    larger model can be given a shorter budget the machine allows). ValueError names a bad value."""
+    known, budgets = list(known), {}
+    for value in values:
+        name, colon, count = value.partition(":")
+        if name not in known:
+            raise ValueError(f"--models {value}: unknown model {name!r}; choose from {', '.join(known)}")
+        if colon and not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"--models {value}: EPOCHS must be a whole number above 0, as in {name}:15")
+        budgets[name] = int(count) if colon else epochs
+    return budgets
+
+
 def rec_lra(ctx: Context, args: argparse.Namespace) -> dict:
-    epochs = ctx.epochs or (2 if ctx.quick else 30)
-    models = args.models or ["resnet20"]
+    budgets = model_budgets(args.models or ["resnet20"], REC_LRA_MODELS, ctx.epochs or (2 if ctx.quick else 30))
+    models = list(budgets)
     settings = {}
-    for model in models:
+    for model, epochs in budgets.items():
         bp, rec, extra = REC_LRA_MODELS[model]
         for rule, recipe in (("bp", bp), ("rec_lra", rec)):
             overrides = (*ctx.data, f"train.epochs={epochs}", *extra, *_tiny(ctx))
@@ -449,7 +463,7 @@ def rec_lra(ctx: Context, args: argparse.Namespace) -> dict:
         curves[(model, rule)] = [epoch_curve(setting.folder(ctx.runs) / f"seed{seed}")
                                  for seed in ctx.seeds if "error" not in results[(setting.label, seed)]]
     verdicts = {model: rec_lra_verdict(curves[(model, "bp")], curves[(model, "rec_lra")]) for model in models}
-    verdict = Verdict(verdicts[models[0]].verdict,
+    verdict = Verdict(combine(v.verdict for v in verdicts.values()),
                       [f"{m}: {reason}" for m in models for reason in verdicts[m].reasons])
     rows, records = [], []
     for (model, rule), setting in settings.items():
@@ -468,7 +482,7 @@ def rec_lra(ctx: Context, args: argparse.Namespace) -> dict:
             ax.plot([e for e, _, _ in mean], [a for _, a, _ in mean], marker=".", label=f"{model} {rule}")
         ax.set(xlabel="epoch", ylabel="held-out accuracy (%, mean over seeds)")
 
-    budget = f"{epochs} epochs, each rule's recipe (verdict on {models[0]})"
+    budget = ", ".join(f"{model} {e} epoch{'s' * (e != 1)}" for model, e in budgets.items()) + ", each rule's recipe"
     return report(ctx, CLAIMS["rec-lra"], ["model", "rule", "at 1/4 of training", "at 1/2", "at 3/4",
                   "final held-out %", "train s"], rows, records, verdict, budget, draw)
 
@@ -750,7 +764,7 @@ CLAIMS = {claim.name: claim for claim in [
     Claim("rec-lra", "recursive LRA generalizes as well as backprop while converging sooner, on residual networks",
           "Ororbia et al. 2020, Large-scale gradient-free deep learning with recursive local representation alignment",
           "final held-out accuracy at most max(1 point, the larger sd) below BP's, and 90 % of BP's final accuracy "
-          "reached in fewer epochs or fewer training seconds (mean curves over seeds)", rec_lra),
+          "reached in fewer epochs or fewer training seconds (mean curves over seeds), on every model", rec_lra),
     Claim("tpsgd", "tpSGD is within 5 % of BP on shallow fully-connected, convolutional and recurrent networks, "
           "with less memory and time", "Lomnitz et al. 2022, Learning with local gradients at the edge",
           "for an MLP, a CNN and an LSTM on mnist5k and the CNN on CIFAR images: BP mean - tpSGD mean <= 5 points, "
@@ -783,6 +797,9 @@ def markdown_summary(out: Path) -> str:
     return "\n".join(lines)
 
 
+MODEL_CHOICES = {"small-data": SMALL_DATA_MODELS, "rec-lra": REC_LRA_MODELS}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("claim", nargs="?", choices=sorted(CLAIMS))
@@ -798,7 +815,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cifar-root", type=Path, help="torchvision's CIFAR-10 folder (default data/cifar10)")
     parser.add_argument("--subsets", type=int, nargs="+", help="small-data: training-set sizes (0: all)")
     parser.add_argument("--images", type=int, help="small-data: training images each run sees (default 10,000)")
-    parser.add_argument("--models", nargs="+", help="small-data: resnet20 cnn; rec-lra: resnet20 resnet18")
+    parser.add_argument("--models", nargs="+", help="small-data: resnet20 cnn; rec-lra: resnet20 resnet18, each "
+                        "NAME or NAME:EPOCHS (its own budget, else --epochs)")
     parser.add_argument("--probes", type=int, nargs="+", help="trace-noise: values of r (default 1 4 16 64)")
     parser.add_argument("--accuracy-seeds", type=int, help="trace-noise: train trace_bp with the first N seeds only "
                         "(the gradient noise does not depend on them; default: every seed)")
@@ -811,6 +829,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="read runs that finished in --runs with exactly the same recipe instead of training "
                         "them again (default; claims share runs); --no-reuse refuses a folder that holds a run")
     args = parser.parse_args(argv)
+    if args.models and args.claim in MODEL_CHOICES:
+        try:
+            model_budgets(args.models, MODEL_CHOICES[args.claim], 1)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.claim == "small-data" and any(":" in m for m in args.models):
+            parser.error("small-data: --models takes names only (the epochs follow from --images and --subsets)")
+    elif args.models and args.claim:
+        parser.error(f"--models applies to {' and '.join(MODEL_CHOICES)}, not {args.claim}")
     console = make_console(150)
     if (args.list or args.claim is None) and not args.markdown:
         for claim in CLAIMS.values():

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.claims import (CLAIMS, FAILS, HOLDS, UNDECIDED, Spread, combine, compare, rec_lra_verdict,
-                               small_data_verdict, tpsgd_verdict, trace_noise_verdict, weight_transport_verdict)
+from benchmarks.claims import (CLAIMS, FAILS, HOLDS, UNDECIDED, Spread, combine, compare, main, model_budgets,
+                               rec_lra_verdict, small_data_verdict, tpsgd_verdict, trace_noise_verdict, weight_transport_verdict)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +71,28 @@ def test_rec_lra_verdict():
     assert verdict.verdict == UNDECIDED and "closing" in verdict.reasons[-1]
     timed = [_curve(59.5 + d, 6, seconds=5.0) for d in (-0.5, 0, 0.5)]  # the same epochs, half the seconds
     assert rec_lra_verdict(bp, timed).verdict == HOLDS
+
+
+def test_model_budgets_give_each_model_its_epochs():
+    known = ["resnet20", "resnet18"]
+    assert model_budgets(["resnet20", "resnet18:15"], known, 30) == {"resnet20": 30, "resnet18": 15}
+    assert model_budgets(["resnet18"], known, 7) == {"resnet18": 7}
+    with pytest.raises(ValueError, match="unknown model 'vit'; choose from resnet20, resnet18"):
+        model_budgets(["vit"], known, 30)
+    for bad in ("resnet18:0", "resnet18:", "resnet18:ten"):
+        with pytest.raises(ValueError, match="EPOCHS must be a whole number above 0"):
+            model_budgets([bad], known, 30)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["rec-lra", "--models", "resnet50"], "unknown model 'resnet50'"),
+    (["small-data", "--models", "cnn:3"], "names only"),
+    (["tpsgd", "--models", "cnn"], "--models applies to small-data and rec-lra, not tpsgd"),
+])
+def test_bad_models_exit_2_naming_the_value(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_tpsgd_verdict():
@@ -130,7 +152,8 @@ COLUMNS = {
 
 
 @pytest.mark.parametrize(("claim", "extra"), [(claim, []) for claim in sorted(COLUMNS)]
-                         + [("weight-transport", ["--kp-decay", "5e-3"])])
+                         + [("weight-transport", ["--kp-decay", "5e-3"]),
+                            ("rec-lra", ["--models", "resnet20", "resnet18:1"])])
 def test_quick_path_writes_the_table_and_a_verdict(tmp_path, claim, extra):
     command = [sys.executable, "-m", "benchmarks.claims", claim, "--quick", "--seeds", "0", "--jobs", "2",
                "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), *extra]
@@ -144,7 +167,11 @@ def test_quick_path_writes_the_table_and_a_verdict(tmp_path, claim, extra):
     assert all(len(row) == len(COLUMNS[claim]) for row in summary["rows"])
     assert summary["verdict"] in (HOLDS, FAILS, UNDECIDED) and summary["reasons"] and summary["quick"]
     assert f"verdict: {summary['verdict']}" in done.stdout
-    if extra:  # --kp-decay: KP at that decay, and BP at it beside the recipe's BP
+    if claim == "rec-lra" and extra:  # each model at its own budget, both in the table and the verdict
+        assert summary["budget"].startswith("resnet20 2 epochs, resnet18 1 epoch,")
+        assert [row[0] for row in summary["rows"]] == ["resnet20", "resnet20", "resnet18", "resnet18"]
+        assert any(reason.startswith("resnet18: final") for reason in summary["reasons"])
+    elif extra:  # --kp-decay: KP at that decay, and BP at it beside the recipe's BP
         recipes = {row[0]: row[1] for row in summary["rows"]}
         assert list(recipes) == ["bp", "usf", "kp", "bp, kp's decay"]
         assert recipes["kp"].endswith("optim.weight_decay=0.005") and recipes["bp"] == "cifar10_resnet20_bp"
