@@ -450,7 +450,6 @@ def model_budgets(values: Sequence[str], known: Iterable[str], epochs: int) -> d
 
 def rec_lra(ctx: Context, args: argparse.Namespace) -> dict:
     budgets = model_budgets(args.models or ["resnet20"], REC_LRA_MODELS, ctx.epochs or (2 if ctx.quick else 30))
-    models = list(budgets)
     settings = {}
     for model, epochs in budgets.items():
         bp, rec, extra = REC_LRA_MODELS[model]
@@ -462,9 +461,9 @@ def rec_lra(ctx: Context, args: argparse.Namespace) -> dict:
     for (model, rule), setting in settings.items():
         curves[(model, rule)] = [epoch_curve(setting.folder(ctx.runs) / f"seed{seed}")
                                  for seed in ctx.seeds if "error" not in results[(setting.label, seed)]]
-    verdicts = {model: rec_lra_verdict(curves[(model, "bp")], curves[(model, "rec_lra")]) for model in models}
+    verdicts = {model: rec_lra_verdict(curves[(model, "bp")], curves[(model, "rec_lra")]) for model in budgets}
     verdict = Verdict(combine(v.verdict for v in verdicts.values()),
-                      [f"{m}: {reason}" for m in models for reason in verdicts[m].reasons])
+                      [f"{m}: {reason}" for m, v in verdicts.items() for reason in v.reasons])
     rows, records = [], []
     for (model, rule), setting in settings.items():
         final = Spread.of([c[-1][1] for c in curves[(model, rule)]])
