@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import trainer.run_folder
+from trainer.checkpoint import DIGEST_KEY, save_checkpoint
 from trainer.cli import main
 from trainer.config import ConfigError, dump_toml, tomllib
 from trainer.run_folder import LOCK_NAME, RunFolder, lock_owner
@@ -111,7 +112,7 @@ def test_resume_refuses_a_changed_test_path(tmp_path, tiny_npz, capsys):
 def test_resume_of_a_checkpoint_without_fingerprints_goes_on(tmp_path, tiny_npz, capsys):
     recipe, out = run_once(tmp_path, tiny_npz, capsys)
     payload = torch.load(out / "checkpoint.pt", weights_only=True)
-    del payload["data"]["files"]  # as written before checkpoints held them
+    del payload["data"]["files"], payload[DIGEST_KEY]  # as written before checkpoints held them (or a digest)
     torch.save(payload, out / "checkpoint.pt")
     code, _, err = cli(capsys, "run", str(recipe), "--out", str(out), "--resume", "--set", "train.epochs=3")
     assert code == 0, err
@@ -260,7 +261,8 @@ def test_eval_refuses_a_checkpoint_whose_saved_recipe_is_another_model(tmp_path,
     mlp, cnn = two_models(tmp_path, tiny_npz, capsys)
     payload = torch.load(mlp / "checkpoint.pt", weights_only=True)
     payload["recipe"] = torch.load(cnn / "checkpoint.pt", weights_only=True)["recipe"]
-    torch.save(payload, mlp / "checkpoint.pt")
+    del payload[DIGEST_KEY]
+    save_checkpoint(mlp / "checkpoint.pt", payload)  # mixed by a program, with a digest of what it wrote
     fails_cleanly(capsys, "eval", str(mlp), expect=f"{mlp}: the checkpoint's model does not fit 'cnn' built from the "
                                                    "recipe saved in it (Error(s) in loading state_dict")
 
@@ -317,7 +319,8 @@ def test_eval_of_a_cuda_checkpoint_here_takes_device_cpu(tmp_path, tiny_npz, cap
     _, out = run_once(tmp_path, tiny_npz, capsys, train={"epochs": 1})
     payload = torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")
     payload["recipe"]["train"]["device"] = "cuda"  # as if trained on a GPU
-    torch.save(payload, out / "checkpoint.pt")
+    del payload[DIGEST_KEY]
+    save_checkpoint(out / "checkpoint.pt", payload)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     fails_cleanly(capsys, "eval", str(out),
                   expect=f"{out}: it trained with [train] device = 'cuda' but CUDA is not available here; use 'cpu' or "

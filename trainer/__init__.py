@@ -1,3 +1,3 @@
 """A compiled trainer for backprop-free and low-memory learning rules."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,8 +1,13 @@
 """Checkpoints: written atomically, holding everything a resume or ``trainer eval`` needs; what a
-session puts in one (``checkpoint_payload``) and how a freshly built session takes it back (``restore``)."""
+session puts in one (``checkpoint_payload``) and how a freshly built session takes it back (``restore``).
+
+Every file written here carries a sha256 digest of its contents (``payload_digest``), checked on
+every load: damaged bytes in a tensor's data unpickle without complaint (torch checks no checksum)
+and would otherwise be trained on or evaluated as if they were the model."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -20,15 +25,52 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 PAYLOAD_KEYS = ("recipe", "epoch", "step", "world_size", "model", "rule", "optimizer", "scheduler", "rng", "data")
+MODEL_KEYS = ("recipe", "epoch", "step", "model", "data")  # what trainer eval needs: a run's checkpoint or an export
+DIGEST_KEY = "digest"  # sha256 of the rest of the file's payload, written last
+DIGEST_SINCE = "0.2.0"  # the first version whose checkpoints carry a digest
+NOTE_KEY = "note"  # set by load_checkpoint on a checkpoint without a digest: the note a caller shows
+EXPORTED_KIND = "exported model"  # the "kind" of a file written by trainer export (weights only)
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+def payload_digest(payload: Any) -> str:
+    """The sha256 (hex) of a payload, walked deterministically: dict keys in order, tensors by dtype,
+    shape and raw bytes (any dtype, viewed as bytes), other values by type and repr. A tensor's
+    bytes are what torch.save stores, so the digest of what was saved equals that of what loads."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)}\n".encode())
+            digest.update(memoryview(flat.view(torch.uint8).numpy()))
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}\n".encode())
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}\n".encode())
+            for item in value:
+                feed(item)
+        elif isinstance(value, (set, frozenset)):  # iteration order of strings differs between processes
+            digest.update(f"{type(value).__name__} {sorted(map(repr, value))!r}\n".encode())
+        else:
+            digest.update(f"{type(value).__name__} {value!r}\n".encode())
+
+    feed(payload)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any], fix: str = "free some space or choose another --out") -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename: a crash, a full
-    disk or a signal never leaves half a file, and the previous checkpoint stays until the rename."""
+    disk or a signal never leaves half a file, and the previous checkpoint stays until the rename.
+    The payload's digest is written with it (``DIGEST_KEY``); ``fix`` ends the error of a failed write."""
+    body = {"format_version": FORMAT_VERSION, **payload}
+    body[DIGEST_KEY] = payload_digest(body)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with tmp.open("wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            torch.save(body, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,7 +79,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         if isinstance(err, (OSError, RuntimeError)):  # torch's serializer reports a full disk as RuntimeError
             kept = f"the previous checkpoint {path} is kept" if path.exists() else "no checkpoint was written yet"
             raise ConfigError(f"{path}: could not write the checkpoint ({' '.join(str(err).split())}); {kept}; "
-                              "free some space or choose another --out") from None
+                              f"{fix}") from None
         raise
 
 
@@ -51,8 +93,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, keys: tuple[str, ...] = PAYLOAD_KEYS) -> dict[str, Any]:
-    """Read a checkpoint (or a stage's part, whose ``keys`` differ) onto the CPU (tensors only:
-    no arbitrary objects are unpickled)."""
+    """Read a checkpoint (or a stage's part, or an exported model, whose ``keys`` differ) onto the CPU
+    (tensors only: no arbitrary objects are unpickled) and verify its digest. A checkpoint written
+    before digests loads with ``payload[NOTE_KEY]``, the note a caller shows once."""
     file = resolve_checkpoint(path)
     if file.stat().st_size == 0:
         raise ConfigError(f"{file}: the checkpoint is empty (0 bytes); it was never completely written")
@@ -69,7 +112,15 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = PAYLOAD_KEYS) -> d
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         found = payload.get("format_version") if isinstance(payload, dict) else type(payload).__name__
         raise ConfigError(f"{file}: not a checkpoint of this trainer (format {found!r}, expected {FORMAT_VERSION})")
+    if DIGEST_KEY not in payload:
+        payload[NOTE_KEY] = f"{file} has no digest (written before version {DIGEST_SINCE}); it cannot be verified"
+    elif payload.pop(DIGEST_KEY) != payload_digest(payload):
+        raise ConfigError(f"{file}: the checkpoint is damaged (its contents do not match the digest written with "
+                          "it: the file changed after it was written); restore it from a copy, or train again")
     missing = [key for key in keys if key not in payload]
+    if missing and payload.get("kind") == EXPORTED_KIND:
+        raise ConfigError(f"{file} is an exported model (weights only); --resume needs the run folder's "
+                          f"{CHECKPOINT_NAME}")
     if missing:
         raise ConfigError(f"{file}: the checkpoint lacks {', '.join(missing)}; it is not one of this trainer's")
     return payload

@@ -1,4 +1,6 @@
-"""The ``trainer`` command: run, eval, list, show, runs and plot.
+"""The ``trainer`` command: run, eval, export, list, show, runs and plot. ``export`` writes a run's
+trained model alone (weights, recipe, normalisation statistics; no optimizer state), which ``eval``
+reads as it reads a run folder: a file small enough to release beside a result.
 
 Exit codes: 0 success, 2 bad input (recipe, override, file, data, run folder), 3 training
 diverged, 130 interrupted (SIGINT), 143 terminated (SIGTERM). Bad input is reported in one line,
@@ -86,11 +88,14 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 def _user_rule_failure(err: Exception, name: str) -> str | None:
     """What a ``python:`` rule's own code raised while training, in one line naming where, or None
-    for an error that did not pass through it (the trainer's own bugs keep their traceback)."""
+    for an error that did not pass through it (the trainer's own bugs keep their traceback). A
+    ``RuleError`` in training is the trainer's check of what a hook of the rule returned."""
     if not name.startswith("python:"):
         return None
-    from trainer.rules import rule_class
+    from trainer.rules import RuleError, rule_class
 
+    if isinstance(err, RuleError):
+        return f"rule {name} broke the rule contract in training: {' '.join(str(err).split())}"
     own = {cls.__module__ for cls in rule_class(name).__mro__
            if not cls.__module__.startswith(("trainer.", "torch.", "builtins", "abc"))}
     frames = [(frame, line) for frame, line in traceback.walk_tb(err.__traceback__)
@@ -149,15 +154,16 @@ def _recipe_toml_note(run: Path, saved: Recipe) -> str | None:
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     import torch
 
-    from trainer.checkpoint import load_checkpoint
+    from trainer.checkpoint import MODEL_KEYS, NOTE_KEY, load_checkpoint
     from trainer.data import DeviceLoader, build_data, load_images
     from trainer.evaluation import evaluate, trained_model
 
-    trained = trained_model(load_checkpoint(args.run), source=args.run, device_flag=args.device)
+    payload = load_checkpoint(args.run, keys=MODEL_KEYS)  # a run's checkpoint or an exported model
+    trained = trained_model(payload, source=args.run, device_flag=args.device)
     recipe, shape, num_classes = trained.recipe, trained.input_shape, trained.num_classes
-    note = _recipe_toml_note(Path(args.run), recipe)
-    if note:
-        console.print(f"[dim]note:[/] {escape(note)}", soft_wrap=True, highlight=False)
+    for note in (payload.get(NOTE_KEY), _recipe_toml_note(Path(args.run), recipe)):
+        if note:
+            console.print(f"[dim]note:[/] {escape(note)}", soft_wrap=True, highlight=False)
     if args.data is None and recipe.data.name == "imagefolder":
         loader, name = build_data(recipe.data, trained.device, 1, recipe.train.eval_batch_size, 0).test, "imagefolder val"
     else:
@@ -184,6 +190,40 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     if args.json:
         print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    """Write what ``trainer eval`` needs of a run (its plain model's weights, the recipe, the data's
+    normalisation, class count and input shape, epoch and step) with a digest: the rule's feedback
+    state, the optimizer, scheduler and RNG states stay behind, as only a resume needs them."""
+    from kernels import strip_feedback
+    from trainer.checkpoint import (EXPORTED_KIND, MODEL_KEYS, NOTE_KEY, load_checkpoint, resolve_checkpoint,
+                                    save_checkpoint)
+    from trainer.evaluation import trained_model
+
+    out = Path(args.out)
+    try:
+        is_dir = out.is_dir()
+    except OSError as err:  # a name too long for the file system
+        raise ConfigError(f"{out}: cannot be a file here ({err.strerror}); choose another OUT") from None
+    if is_dir:
+        raise ConfigError(f"{out}: is a folder; name the file to write, e.g. {out / 'model.pt'}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out}: its folder {out.parent} does not exist; create it, or write the file elsewhere")
+    source = resolve_checkpoint(args.run)
+    if out.exists() and out.samefile(source):
+        raise ConfigError(f"{out}: is the checkpoint being exported; write the exported model to another file")
+    payload = load_checkpoint(source, keys=MODEL_KEYS)  # verified: a damaged or foreign file is refused here
+    if NOTE_KEY in payload:
+        console.print(f"[dim]note:[/] {escape(payload[NOTE_KEY])}", soft_wrap=True, highlight=False)
+    exported = {"kind": EXPORTED_KIND, "recipe": payload["recipe"], "epoch": payload["epoch"], "step": payload["step"],
+                "model": strip_feedback(payload["model"]),
+                "data": {key: value for key, value in payload["data"].items() if key != "files"}}
+    trained_model(exported, source=str(source), device_flag="cpu")  # eval will build and load it
+    save_checkpoint(out, exported, fix="free some space or choose another OUT")
+    console.print(f"wrote {escape(str(out))} ({out.stat().st_size:,} bytes: the model of epoch {payload['epoch']}, "
+                  f"its recipe and normalisation; trainer eval {escape(str(out))})", soft_wrap=True, highlight=False)
     return 0
 
 
@@ -234,12 +274,16 @@ def make_parser() -> argparse.ArgumentParser:
                      help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
     run.add_argument("--out", help="run folder (default: runs/RECIPE_NAME; 'auto': runs/RECIPE_NAME-TIMESTAMP)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint")
-    ev.add_argument("run", help="a run folder or a checkpoint file")
+    ev = sub.add_parser("eval", help="evaluate a run folder, checkpoint or exported model")
+    ev.add_argument("run", help="a run folder, a checkpoint file, or a model written by trainer export")
     ev.add_argument("--data", help="another data set: npz:PATH, mnist5k, mnist:ROOT, cifar10:ROOT, cifar100:ROOT")
     ev.add_argument("--json", action="store_true", help="print the result as a JSON object on the last line")
     ev.add_argument("--device", type=_device, help="evaluate on this device (auto, cpu, cuda, cuda:N) instead of "
                     "the one it trained on, e.g. a GPU-trained run on a machine without one")
+    export = sub.add_parser("export", help="write a run's trained model alone (weights, recipe, normalisation; "
+                            "no optimizer state), for trainer eval")
+    export.add_argument("run", help="a run folder or its checkpoint file")
+    export.add_argument("out", help="the file to write, e.g. model.pt (its folder must exist)")
     sub.add_parser("list", help="list the built-in recipes")
     show = sub.add_parser("show", help="print a recipe as a run on this machine uses it (defaults filled in)")
     show.add_argument("recipe")
@@ -259,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console = Console(stderr=console.stderr, width=160, soft_wrap=True, emoji=False)  # logs: no 80-column wraps
     errors = Console(stderr=True, soft_wrap=True, emoji=False)  # one line per error, never hard-wrapped
-    commands = {"run": cmd_run, "eval": cmd_eval, "list": cmd_list, "show": cmd_show, "runs": cmd_runs,
-                "plot": cmd_plot}
+    commands = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "list": cmd_list, "show": cmd_show,
+                "runs": cmd_runs, "plot": cmd_plot}
     try:
         return commands[args.command](args, console)
     except ConfigError as err:

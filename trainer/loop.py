@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import signal
@@ -20,15 +21,16 @@ from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
-from trainer.checkpoint import (CHECKPOINT_NAME, checkpoint_payload, gathered_rng_states, load_checkpoint, restore,
-                                save_checkpoint)
-from trainer.config import RESUMABLE_KEYS, ConfigError, Recipe, dump_toml, parse_override, recipe_changes, tomllib
+from trainer.checkpoint import (CHECKPOINT_NAME, NOTE_KEY, checkpoint_payload, gathered_rng_states, load_checkpoint,
+                                restore, save_checkpoint)
+from trainer.config import RESUMABLE_KEYS, ConfigError, Recipe, dump_toml, parse_override, read_toml, recipe_changes
 from trainer.distributed import all_reduce_sum, average_buffers, finish
-from trainer.errors import RunInterrupted, StageFailed, TrainingDiverged, divergence
+from trainer.errors import RunInterrupted, StageFailed, TrainingDiverged, divergence, input_cause
 from trainer.evaluation import evaluate
 from trainer.recipes import recipe_from_dict
 from trainer.report import MetricsLog, Reporter
 from trainer.rules import Rule
+from trainer.rules.base import input_peak
 from trainer.run_folder import RunFolder
 from trainer.session import Session, build_session
 
@@ -54,6 +56,7 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, window_images = 0, 0
+    largest, fewest = torch.zeros((), device=device), math.inf  # the batches' largest |x| and fewest samples
     epoch_start = window_start = time.perf_counter()
     for i, (x, y) in enumerate(s.data.train.batches(epoch)):
         try:
@@ -63,6 +66,7 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
                 raise
             raise TrainingDiverged(f"the update of step {step + 1} (epoch {epoch + 1}) overflowed float32 "
                                    f"({err})") from None
+        largest, fewest = torch.maximum(largest, input_peak(x)), min(fewest, len(y))  # read if it diverges
         moved = s.layout.after_step(i + 1 == steps)
         if moved:
             reporter.note(moved)
@@ -80,7 +84,7 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
                 loss_now = total / count
             reason = divergence(loss_now, s.data.num_classes)
             if reason is not None:
-                raise TrainingDiverged(f"{reason} at step {step} (epoch {epoch + 1})")
+                raise _diverged(f"{reason} at step {step} (epoch {epoch + 1})", largest, fewest)
             reporter.step({"step": step, "epoch": epoch + 1, "split": "train", "loss": loss_now, "lr": s.lr,
                            "images_per_s": window_images / (time.perf_counter() - window_start),
                            "peak_memory_mb": peak_memory_mb(device), **s.rule.diagnostics()}, i + 1, steps)
@@ -94,10 +98,17 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
         loss_total, correct_total, seen_total = all_reduce_sum([loss_total, correct_total, seen_total])
     reason = divergence(loss_total / seen_total, s.data.num_classes)  # spikes between the logged steps
     if reason is not None:
-        raise TrainingDiverged(f"the mean training {reason} in epoch {epoch + 1}")
+        raise _diverged(f"the mean training {reason} in epoch {epoch + 1}", largest, fewest)
     return step, {"step": step, "epoch": epoch + 1, "train_loss": loss_total / seen_total,
                   "train_accuracy": correct_total / seen_total, "images_per_s": seen_total / train_time,
                   "train_seconds": train_time, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def _diverged(what: str, largest: torch.Tensor, fewest: float) -> TrainingDiverged:
+    """The loop's divergence error, naming the cause its batches show (``input_cause``: an empty
+    batch, non-finite or huge inputs), if any; else ``train`` adds the learning-rate hint."""
+    cause = input_cause(float(largest), fewest)
+    return TrainingDiverged(f"{what}; {cause}" if cause else what, cause)
 
 
 @contextlib.contextmanager
@@ -130,9 +141,9 @@ def resume_notes(recipe: Recipe, payload: dict[str, Any], out_dir: Path) -> list
     refused = [k for k in changed if k not in RESUMABLE_KEYS]
     if refused:
         listed = "; ".join(f"{k}: {value(saved, k)!r} → {value(new, k)!r}" for k in refused)
-        raise ConfigError(f"{out_dir}: --resume with a changed recipe ({listed}); these keys cannot change "
-                          f"mid-run (only {', '.join(sorted(RESUMABLE_KEYS))} can): put them back, or start a "
-                          "new run with another --out")
+        raise ConfigError(f"{out_dir}: --resume: its checkpoint was written by another recipe ({listed}); these "
+                          f"keys cannot change mid-run (only {', '.join(sorted(RESUMABLE_KEYS))} can): put them back, "
+                          "or start a new run with another --out")
     notes = [f"{k}: {value(saved, k)!r} → {value(new, k)!r}" for k in changed]
     if "train.epochs" in changed:
         notes.append(f"the learning-rate schedule is re-stretched over {recipe.train.epochs} epochs")
@@ -154,7 +165,7 @@ class RecipeOrigin:
     @classmethod
     def read(cls, path: Path, overrides: list[str]) -> "RecipeOrigin":
         """From a recipe file that ``load_recipe`` has read (and validated) with ``overrides``."""
-        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        tree = read_toml(path)
         return cls(path.stem, str(tree.get("rule", {}).get("name", "bp")), tuple(tree.get("optim", {})),
                    {parse_override(text)[0]: text for text in overrides})
 
@@ -202,12 +213,15 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
         payload = load_checkpoint(ckpt_path) if resume else None
         inherited = origin.inherited(recipe) if origin is not None else None
         notes = [*([inherited] if inherited else []), *folder.notes]
+        unverified = payload is not None and NOTE_KEY in payload  # written before digests: it may be damaged
+        if unverified:
+            notes.append(payload[NOTE_KEY])
         if payload is not None:
+            notes += resume_notes(recipe, payload, out_dir)  # first: another recipe's epochs say nothing of this one
             if payload["epoch"] >= recipe.train.epochs:
                 raise ConfigError(f"{out_dir}: the run already finished {payload['epoch']} of train.epochs = "
                                   f"{recipe.train.epochs}; set train.epochs higher to train it on, or use --out to "
                                   "start another")
-            notes += resume_notes(recipe, payload, out_dir)
         reporter = Reporter(console if main and console else Console(quiet=not main, emoji=False), None)
         saved = [payload["epoch"]] if payload is not None else []  # epochs of the checkpoints on disk
         try:
@@ -218,12 +232,18 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
         except StageFailed as err:
             raise StageFailed(f"{err}; {_kept(saved, ckpt_path, out_dir)}") from None
         except TrainingDiverged as err:
-            kept = f"the last good checkpoint (epoch {saved[-1]}) is kept in {ckpt_path}" if saved else \
-                "no checkpoint was written yet (it diverged in the first epoch)"
+            if unverified and len(saved) == 1:  # only the resumed checkpoint, which nothing verified
+                kept = (f"the checkpoint it resumed from (epoch {saved[-1]}, unverified: it has no digest) is kept in "
+                        f"{ckpt_path}")
+            elif saved:
+                kept = f"the last good checkpoint (epoch {saved[-1]}) is kept in {ckpt_path}"
+            else:
+                kept = "no checkpoint was written yet (it diverged in the first epoch)"
             if main:
                 _write_results(out_dir, {"state": "diverged", "recipe": recipe.source, "rule": recipe.rule.name,
                                          "message": str(err)})
-            raise TrainingDiverged(f"{err}; {kept}; {lr_hint(recipe, origin)}") from None
+            hint = "" if err.cause else f"; {lr_hint(recipe, origin)}"  # the data's fault: the rate is not
+            raise TrainingDiverged(f"{err}; {kept}{hint}", err.cause) from None
         except RuntimeError as err:  # a collective (log-step loss, epoch-end sync) lost a process
             if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not _lost_peer(err):
                 raise
