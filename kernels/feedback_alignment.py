@@ -177,7 +177,7 @@ MODES: dict[str, FeedbackMode] = {
 
 def _check_config(op: str, mode: str, init: str, storage: str, seed: int) -> FeedbackMode:
     """``mode``'s table entry, after checking the arguments."""
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {tuple(MODES)}")
     if init not in INITS:
         raise ValueError(f"{op}: unknown init {init!r}; expected one of {INITS}")
@@ -501,6 +501,21 @@ def _kept(name: str, keep_exact: tuple[str, ...]) -> bool:
     return any(name == k or name.startswith(k + ".") for k in keep_exact)
 
 
+def _check_reconversion(op: str, label: str, layer: _FeedbackLayer, mode: str, init: str, storage: str,
+                        seed: int) -> None:
+    """A layer converted before is left as it is when asked for the same feedback again; asked for
+    another (mode, init, storage or seed), keeping it would train with the old one without a word,
+    and swapping it would drop its B (a learned one too), so refuse, naming both."""
+    held = {"mode": layer.mode, "init": layer.init, "storage": layer.storage, "seed": layer.feedback_seed}
+    asked = {"mode": mode, "init": init, "storage": MODES[mode].kept(storage), "seed": seed}
+    changed = [key if key == "seed" else f"{key} {held[key]!r} to {asked[key]!r}" for key in held
+               if held[key] != asked[key]]
+    if changed:
+        raise ValueError(f"{op}: {label} is already a feedback layer of mode {layer.mode!r}; converting it again "
+                         f"cannot change its {', '.join(changed)}: convert the plain model instead (a fresh one, or "
+                         "one loaded with strip_feedback(converted.state_dict()))")
+
+
 def convert_to_feedback(model: nn.Module, mode: str, *, init: str = "default", storage: str = "dense",
                         seed: int = 0, keep_exact: Sequence[str] = ()) -> nn.Module:
     """Swap every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (in place) for a
@@ -511,7 +526,8 @@ def convert_to_feedback(model: nn.Module, mode: str, *, init: str = "default", s
     included, so ``keep_exact`` does not change the others' draws) gets seed ``stream_key(seed, i)``.
     Layers whose qualified name equals an entry of ``keep_exact`` or starts with it plus "." stay
     as they are (backprop); each entry must match at least one layer. Feedback layers already
-    there are left as they are, and so is ``nn.MultiheadAttention``'s ``out_proj`` (its forward
+    there are left as they are when they have the feedback asked for (ValueError naming both
+    where they have another: convert the plain model), and so is ``nn.MultiheadAttention``'s ``out_proj`` (its forward
     is never called: attention backpropagates as usual). Every layer is checked before any is
     swapped: an unsupported one (Conv1d/Conv3d, transposed, padding_mode other than 'zeros',
     subclasses) raises ValueError naming it, with the model unchanged.
@@ -530,10 +546,12 @@ def convert_to_feedback(model: nn.Module, mode: str, *, init: str = "default", s
         raise ValueError(f"{op}: keep_exact entries {unmatched} match no nn.Linear or conv layer")
     replacements: dict[int, nn.Module] = {}
     for index, (name, layer) in enumerate(layers):
-        if (_kept(name, keep) or isinstance(layer, (_FeedbackLayer, NonDynamicallyQuantizableLinear))
-                or id(layer) in replacements):
+        if _kept(name, keep) or isinstance(layer, NonDynamicallyQuantizableLinear) or id(layer) in replacements:
             continue
         label = name or type(layer).__name__
+        if isinstance(layer, _FeedbackLayer):
+            _check_reconversion(op, label, layer, mode, init, storage, stream_key(seed, index))
+            continue
         reason = _unsupported(layer)
         if reason is not None:
             raise ValueError(f"{op}: {label}: {reason} (keep it as it is with keep_exact)")

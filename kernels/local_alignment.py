@@ -375,8 +375,9 @@ def lra_error_units(
 def norm_ball_factor(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     """The norm-ball factor ``f = c / ||dW|| if ||dW|| >= c else 1`` (c = max_norm; None: f = 1), on
     the device (no host sync). The projected update is ``f * dW``."""
-    if not isinstance(norm, torch.Tensor):
-        raise TypeError(f"norm_ball_factor: norm must be a torch.Tensor, got {type(norm).__name__}")
+    check_tensor("norm_ball_factor", "norm", norm, contiguous=False)
+    if not norm.is_floating_point():
+        raise TypeError(f"norm_ball_factor: norm must be a floating-point tensor (a norm), got {norm.dtype}")
     if max_norm is None:
         return torch.ones_like(norm)
     check_number("norm_ball_factor", "max_norm", max_norm, positive=True)

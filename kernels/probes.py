@@ -42,10 +42,16 @@ def check_seed(op: str, seed: int) -> None:
         raise TypeError(f"{op}: seed must be an int, got {type(seed).__name__} {seed!r}")
 
 
+MAX_INDEX = 2**31 - 1
+"""The most probes (columns of Z) or positions (rows): the kernels take both as 32-bit ints, and the
+hash that draws Z's entries is defined for indices below 2**32."""
+
+
 def check_probe_args(op: str, probes: int, probe: str) -> None:
-    """Raise a ValueError naming ``op`` unless ``probes`` is a positive int and ``probe`` a known kind."""
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"{op}: probes must be a positive int, got {probes!r}")
+    """Raise a ValueError naming ``op`` unless ``probes`` is an int in [1, MAX_INDEX] and ``probe`` a
+    known kind."""
+    if isinstance(probes, bool) or not isinstance(probes, int) or not 1 <= probes <= MAX_INDEX:
+        raise ValueError(f"{op}: probes must be a positive int, at most 2**31 - 1 (16 to 64 are usual), got {probes!r}")
     if not isinstance(probe, str) or probe not in PROBE_CODE:
         raise ValueError(f"{op}: probe must be one of {', '.join(PROBES)}; got {probe!r}")
 
@@ -61,9 +67,9 @@ def probe_matrix(
     """
     op = "probe_matrix"
     check_seed(op, seed)
-    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 0:
-        raise ValueError(f"{op}: positions must be an int >= 0 (the rows of Z: H * W of the conv input), "
-                         f"got {positions!r}")
+    if isinstance(positions, bool) or not isinstance(positions, int) or not 0 <= positions <= MAX_INDEX:
+        raise ValueError(f"{op}: positions must be an int >= 0, at most 2**31 - 1 (the rows of Z: H * W of the "
+                         f"conv input), got {positions!r}")
     check_probe_args(op, probes, probe)
     key1, key2 = probe_keys(seed)
     pos = torch.arange(positions, device=device).unsqueeze(1)

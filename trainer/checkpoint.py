@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, path_kind
 from trainer.distributed import DistEnv
 from trainer.run_folder import CHECKPOINT_NAME
 
@@ -86,7 +86,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any], fix: str = "free some s
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder or a checkpoint file, as the user named it, to the checkpoint file."""
     path = Path(path)
-    candidate = path / CHECKPOINT_NAME if path.is_dir() else path
+    candidate = path / CHECKPOINT_NAME if path_kind(path, "checkpoint") == "folder" else path
     if not candidate.is_file():
         raise ConfigError(f"{path}: no checkpoint found (expected a run folder holding {CHECKPOINT_NAME}, or the file)")
     return candidate

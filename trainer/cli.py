@@ -15,6 +15,8 @@ import dataclasses
 import json
 import os
 import re
+import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -293,7 +295,8 @@ def make_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="training and held-out curves of one or more runs (needs matplotlib)")
     plot.add_argument("runs", nargs="+", help="run folders")
     plot.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy")
-    plot.add_argument("--out", help="the PNG to write (default: RUN/METRIC.png of the first run)")
+    plot.add_argument("--out", help="the image to write, in the format its ending names (.png, .pdf, .svg, ...; "
+                      "default: RUN/METRIC.png of the first run)")
     return parser
 
 
@@ -314,9 +317,24 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as err:
         return _fail(errors, "[bold red]stopped:[/]", str(err), EXIT_STAGE_FAILED)
     except RunInterrupted as stop:
-        return _fail(errors, "[yellow]interrupted:[/]", stop.message, stop.exit_code)
+        return _interrupted(errors, "[yellow]interrupted:[/]", stop.message, stop.exit_code, argv is None)
     except KeyboardInterrupt:  # outside a run (loading data, evaluating)
-        return _fail(errors, "[yellow]interrupted[/]", "", EXIT_INTERRUPTED)
+        return _interrupted(errors, "[yellow]interrupted[/]", "", EXIT_INTERRUPTED, argv is None)
+
+
+def _interrupted(errors: Console, label: str, message: str, code: int, program: bool) -> int:
+    """``_fail`` for an interrupted command, after which the program only exits: another Ctrl-C is
+    held off while the line is printed, then ends the process at once (the default action, exit
+    status 130) instead of raising KeyboardInterrupt inside an exit hook (torch's finalizers), whose
+    traceback would follow the line. Only where ``main`` is the program (``program``: it read the
+    command line); a caller's own process keeps its handler."""
+    own = program and threading.current_thread() is threading.main_thread()
+    if own:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    code = _fail(errors, label, message, code)
+    if own:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return code
 
 
 def _fail(errors: Console, label: str, message: str, code: int) -> int:

@@ -10,6 +10,7 @@ traceback.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib
 import json
@@ -67,9 +68,53 @@ class DataConfig:
     input_noise: float = 0.0  # std of Gaussian noise added to every training batch after normalisation
 
 
+def path_kind(path: Path, key: str) -> Literal["file", "folder", "missing"]:
+    """What ``path`` names: a file, a folder or nothing. ConfigError naming ``key`` where the file
+    system refuses the name itself (a part longer than its limit): ``Path.is_file`` raises then
+    instead of answering, which would reach the user as a traceback."""
+    try:
+        return "file" if path.is_file() else "folder" if path.is_dir() else "missing"
+    except OSError as err:
+        longest = max((len(part) for part in path.parts), default=0)
+        raise ConfigError(f"{key}: the file system refuses this name ({err.strerror}: its longest part has {longest} "
+                          f"characters, most file systems allow 255): {path}; choose a shorter one") from None
+
+
+def require_file(path: Path, key: str, what: str, suffix: str, missing: str = "does not exist") -> None:
+    """ConfigError naming ``key`` unless ``path`` is a file: a folder is said to be one, with a file
+    ending in ``suffix`` that it holds as the example of ``what`` belongs there; else ``missing``."""
+    kind = path_kind(path, key)
+    if kind == "folder":
+        inside = sorted(path.glob(f"*{suffix}"))
+        example = f"e.g. {inside[0]}" if inside else f"e.g. {path / ('name' + suffix)}"
+        raise ConfigError(f"{key}: {path} is a folder, not {what}; name the file, {example}")
+    if kind == "missing":
+        raise ConfigError(f"{key}: {path} {missing}")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict; ConfigError naming the file when it is not UTF-8 or not TOML. A UTF-8
+    byte-order mark (Windows editors write one) is dropped: TOML forbids it, but it is no mistake."""
+    data = path.read_bytes()
+    text = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        offset = err.start + len(data) - len(text)  # in the file, the mark included
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {offset}); "
+                          "save the recipe as UTF-8") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
 MAX_CLASSES = 1 << 20
 """Labels are class indices below this (a million classes; ImageNet-21k has 21,841): a larger one is
 a wrapped or foreign value (a uint64 -1, an ID, a hash) whose classifier would not fit in memory."""
+
+MAX_INPUT_NOISE = 10.0
+"""``data.input_noise`` is a standard deviation added to inputs normalised to unit deviation: above
+this the images are noise (SNR below 1 %), and the logits of such inputs blow the loss up, which
+would then be blamed on the learning rate."""
 
 BUILTIN_MODELS = ("mlp", "cnn", "rnn", "vit", "resnet18", "resnet34", "resnet50", "resnet20", "resnet32", "resnet56")
 
@@ -229,7 +274,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise fail
     if origin is list:
         (item,) = typing.get_args(annotation)
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):  # TOML gives lists; code may pass a tuple
             raise fail
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:  # a TOML table of keyword arguments, passed on as read
@@ -252,7 +297,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise fail
         return value
-    raise TypeError(f"unsupported config annotation {annotation!r}")  # a schema bug, not a user error
+    raise UnsupportedAnnotation(f"unsupported config annotation {annotation!r}")  # a schema bug, not a user error
+
+
+class UnsupportedAnnotation(TypeError):
+    """A dataclass field whose annotation is no TOML type (e.g. a callable): no recipe can set it."""
 
 
 def build_section(cls: type, values: dict[str, Any], where: str, origins: dict[str, str] | None = None) -> Any:
@@ -267,13 +316,29 @@ def build_section(cls: type, values: dict[str, Any], where: str, origins: dict[s
         allowed = f"allowed keys: {', '.join(names)}" if names else "it takes no keys"
         raise ConfigError(f"{origins.get(key, where)}: unknown key {key!r}; {allowed}")
     kwargs = {k: _coerce(v, hints[k], f"{origins.get(k, where)} {k}") for k, v in values.items()}
-    obj = cls(**kwargs)
+    return check_section(cls(**kwargs), where, origins)
+
+
+def check_section(obj: Any, where: str, origins: dict[str, str] | None = None) -> Any:
+    """Check a dataclass as ``build_section`` checks one read from a recipe, and return it: every
+    field against its annotation (fields no recipe can set, ``UnsupportedAnnotation``, are left to
+    their owner), then its ``validate()``. The recipe reader and the rule API
+    (``trainer.rules.checks``) both check options here, so they accept and refuse the same values."""
+    hints = typing.get_type_hints(type(obj))
+    origins = origins or {}
+    for f in dataclasses.fields(obj):
+        if f.name in hints:
+            try:
+                _coerce(getattr(obj, f.name), hints[f.name], f"{origins.get(f.name, where)} {f.name}")
+            except UnsupportedAnnotation:
+                continue
     check = getattr(obj, "validate", None)
     if check is not None:
         try:
             check()
-        except ValueError as err:  # validate() messages begin with the key: blame its --set if it had one
-            raise ConfigError(f"{origins.get(str(err).split(':', 1)[0], where)}: {err}") from None
+        except ValueError as err:  # validate() messages begin with the key ("key: ..." or "key must ..."):
+            key = re.match(r"\w*", str(err))[0]  # blame its --set if it had one
+            raise ConfigError(f"{origins.get(key, where)}: {err}") from None
     return obj
 
 
@@ -324,6 +389,9 @@ def _check_ranges(recipe: Recipe, where: Where) -> None:
         (r.data.train_subset >= 0, "data", "train_subset", "must be 0 (every training image) or a count of images"),
         (r.data.zca_epsilon > 0, "data", "zca_epsilon", "must be positive (a multiple of the mean eigenvalue)"),
         (r.data.input_noise >= 0, "data", "input_noise", "must be non-negative (a standard deviation)"),
+        (r.data.input_noise <= MAX_INPUT_NOISE, "data", "input_noise",
+         f"must be at most {MAX_INPUT_NOISE:g} (a standard deviation in units of the normalised pixels, whose own "
+         f"is 1: {r.data.input_noise:g} drowns the images and blows the logits up); lower it, e.g. 0.1"),
         (r.data.name != "imagefolder" or (r.data.whiten == "none" and not r.data.train_subset), "data", "whiten",
          "and train_subset apply to the small sources held in memory, not to name = 'imagefolder'"),
         (r.data.num_workers >= 0, "data", "num_workers", "must be non-negative"),
@@ -425,18 +493,17 @@ def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = 
     return recipe
 
 
+def require_recipe_file(path: Path) -> None:
+    """ConfigError unless ``path`` is a file: a folder (naming a recipe in it), missing, or a name too long."""
+    require_file(path, "recipe", "a recipe file (.toml)", ".toml",
+                 missing="does not exist (recipe file not found; see `trainer list` for the built-in recipes)")
+
+
 def read_recipe(path: str | Path, rule_options: RuleOptions, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a TOML recipe, apply ``section.key=value`` overrides, and validate the result."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found (see `trainer list` for the built-in recipes)")
-    try:
-        tree = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
-                          "save the recipe as UTF-8") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    require_recipe_file(path)
+    tree = read_toml(path)
     origins: dict[tuple[str, str], str] = {}
     for text in overrides:
         key, value = parse_override(text)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.config import MAX_CLASSES, ConfigError, DataConfig
+from trainer.config import MAX_CLASSES, ConfigError, DataConfig, require_file
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -314,8 +314,7 @@ def load_mnist5k() -> Images:
 def load_npz(path: str | Path, key: str = "[data] path") -> Images:
     """An .npz with x uint8 (N, H, W) or (N, H, W, C) and y integer labels (N,)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}: {path} does not exist")
+    require_file(path, key, "an .npz file", ".npz")
     if not zipfile.is_zipfile(path):
         with path.open("rb") as f:
             what = "a single .npy array" if f.read(6) == b"\x93NUMPY" else "not an .npz archive"
@@ -413,18 +412,21 @@ def load_images(cfg: DataConfig, can_download: bool = True) -> tuple[Images, Ima
     return train, test, "held-out"
 
 
-def class_count(cfg: DataConfig, labels: list[torch.Tensor]) -> tuple[int, str | None]:
+def class_count(cfg: DataConfig, labels: list[tuple[str, torch.Tensor]]) -> tuple[int, str | None]:
     """The number of classes, and a note when it was inferred: ``[data] num_classes``, else the data
-    set's definition, else (npz) the largest label + 1. Every label must be below it."""
+    set's definition, else (npz) the largest label + 1, naming the file that holds it (``labels``:
+    (file, its labels) pairs). Every label must be below it."""
     if cfg.num_classes:
         count, origin = cfg.num_classes, "[data] num_classes"
     elif cfg.name in CLASSES:
         count, origin = CLASSES[cfg.name], f"{cfg.name}'s {CLASSES[cfg.name]} classes"
     else:
-        count = int(max(int(y.max()) for y in labels if len(y))) + 1
-        return count, (f"{count} classes, inferred from the labels of {cfg.path} (labels 0 to {count - 1}); "
+        largest = [(int(y.max()), file) for file, y in labels if len(y)]
+        top, file = max(largest, key=lambda pair: pair[0])  # on a tie, the first file: the training one
+        count = top + 1
+        return count, (f"{count} classes, inferred from the labels of {file} (labels 0 to {top}); "
                        "set [data] num_classes if the data holds more")
-    for y in labels:
+    for _, y in labels:
         if len(y) and int(y.max()) >= count:
             raise ConfigError(f"[data]: label {int(y.max())} is out of range for {origin} (labels 0 to {count - 1}); "
                               "fix the labels or set [data] num_classes")
@@ -503,7 +505,7 @@ def build_data(cfg: DataConfig, device: torch.device, batch_size: int, eval_batc
     if cfg.name == "imagefolder":
         return _imagefolder(cfg, device, batch_size, eval_batch_size, seed, rank, world_size)
     train, test, test_name = load_images(cfg)
-    num_classes, note = class_count(cfg, [train.y, test.y])
+    num_classes, note = class_count(cfg, [(cfg.path, train.y), (cfg.test_path or cfg.path, test.y)])
     if cfg.train_subset:
         if cfg.train_subset > len(train.y):
             raise ConfigError(f"[data] train_subset = {cfg.train_subset}, but the training split holds {len(train.y)} "

@@ -32,7 +32,7 @@ from trainer.report import MetricsLog, Reporter
 from trainer.rules import Rule
 from trainer.rules.base import input_peak
 from trainer.run_folder import RunFolder
-from trainer.session import Session, build_session
+from trainer.session import Session, build_session, same_data_note
 
 
 def rule_state_mb(rule: Rule) -> float:
@@ -321,12 +321,16 @@ def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter
         reporter.summary(history, s.data.test_name)
         raise
     reporter.summary(history, s.data.test_name)
+    same_data = same_data_note(s.data_files)  # said before training too (Session.notes); kept in the results
+    if same_data:
+        reporter.note(same_data)
     epoch_seconds = [r["train_seconds"] for r in history]
     results = {"state": "finished", "recipe": recipe.source, "rule": recipe.rule.name, "epochs": cfg.epochs,
                "steps": step, "device": str(s.device), "world_size": s.env.world_size,
                "pipeline_stages": s.env.stages,
                "rule_state_mb": rule_state_mb(s.rule), **(history[-1] if history else {}),
-               "train_seconds": sum(epoch_seconds), "epoch_seconds": epoch_seconds}
+               "train_seconds": sum(epoch_seconds), "epoch_seconds": epoch_seconds,
+               **({"note": same_data} if same_data else {})}
     if main:
         _write_results(out_dir, results)
     finish(s.env)

@@ -242,9 +242,11 @@ class _ForwardFailed(Exception):
 
 
 @torch.no_grad()
-def _dry_forward(model: nn.Module, input_shape: tuple[int, ...], training: bool) -> object:
-    """One forward on two blank images in train or eval mode, leaving the model as it was (modes,
-    BatchNorm statistics, the global RNG that dropout draws from); _ForwardFailed names the layer."""
+def _dry_forward(model: nn.Module, input_shape: tuple[int, ...], training: bool, samples: int = 2) -> object:
+    """One forward on ``samples`` blank images (on the model's device) in train or eval mode,
+    leaving the model as it was (modes, BatchNorm statistics, the RNGs that dropout draws from);
+    _ForwardFailed names the layer."""
+    device = next(model.parameters(), torch.empty(0)).device
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: entered.append(n))
              for n, m in model.named_modules() if n and not list(m.children())]
@@ -252,8 +254,8 @@ def _dry_forward(model: nn.Module, input_shape: tuple[int, ...], training: bool)
     buffers = [b.clone() for b in model.buffers()]
     model.train(training)
     try:
-        with torch.random.fork_rng(devices=[]):
-            return model(torch.zeros((2, *input_shape)))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return model(torch.zeros((samples, *input_shape), device=device))
     except Exception as err:
         raise _ForwardFailed(entered[-1] if entered else "its first layer", err) from None
     finally:
@@ -287,25 +289,34 @@ def _smallest_side(make: Callable[[tuple[int, int, int]], nn.Module], channels: 
     return high
 
 
-def _check_logits(out: object, name: str, num_classes: int, training: bool) -> None:
-    """The loss and every rule take (N, C) logits with C the data's classes: a wider output would
-    train its extra classes towards nothing without a word, a narrower one fails in the loss."""
-    if isinstance(out, torch.Tensor) and tuple(out.shape) == (2, num_classes):
-        return
+def _check_logits(out: object, name: str, num_classes: int, training: bool, samples: int = 2) -> None:
+    """The loss and every rule take (N, C) floating-point logits with C the data's classes, one
+    row a sample: a wider output would train its extra classes towards nothing without a word, a
+    narrower one, another N or integer scores fail in the loss."""
+    mode = "train" if training else "eval"
+    if isinstance(out, torch.Tensor) and tuple(out.shape) == (samples, num_classes):
+        if out.is_floating_point():
+            return
+        raise ConfigError(f"[model] name: {name} returns {str(out.dtype).removeprefix('torch.')} logits in {mode} "
+                          "mode; the loss and every rule differentiate them: return floating-point scores (drop an "
+                          "argmax, round or integer cast at the end of forward)")
     if isinstance(out, torch.Tensor):
         got = f"a {tuple(out.shape)} tensor"
     else:
         got = f"a {type(out).__name__}" + (f" of {len(out)} items" if isinstance(out, (tuple, list, dict)) else "")
-    if isinstance(out, torch.Tensor) and out.dim() == 2:
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] != samples:
+        fix = (f"its output has {out.shape[0]} rows for {samples} images: keep the batch dimension whatever its size "
+               "(no batch size written into a reshape, view or slice)")
+    elif isinstance(out, torch.Tensor) and out.dim() == 2:
         fix = (f"its output width {out.shape[1]} must be num_classes = {num_classes}: pass num_classes to the "
                "final layer (e.g. nn.Linear(features, num_classes))")
     elif hasattr(out, "logits"):  # torchvision's GoogLeNetOutputs, InceptionOutputs
         fix = "the trainer trains the main logits alone: leave [model] kwargs aux_logits unset"
     else:
         fix = "return the logits alone from forward, flattened to (N, C)"
-    raise ConfigError(f"[model] name: {name} returns {got} in {'train' if training else 'eval'} mode for 2 images; "
-                      f"expected (N, C) = (2, {num_classes}) logits, C = num_classes = {num_classes} (the data's "
-                      f"classes): {fix}")
+    raise ConfigError(f"[model] name: {name} returns {got} in {mode} mode for {samples} images; "
+                      f"expected (N, C) = ({samples}, {num_classes}) logits, C = num_classes = {num_classes} (the "
+                      f"data's classes): {fix}")
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -330,6 +341,10 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
         except _ForwardFailed as failed:
             raise _size_error(cfg, input_shape, num_classes, model, failed, training) from None
         _check_logits(out, cfg.name, num_classes, training)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"[model] name: {cfg.name} has no trainable parameters, so no rule can train it: make its "
+                          "layers attributes of the module (self.fc = nn.Linear(...)) or hold them in nn.ModuleList or "
+                          "nn.Sequential (not a plain list or dict), and leave requires_grad on")
     if cfg.weight_init == "xavier":
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -341,6 +356,25 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = cfg.batchnorm_momentum
     return model
+
+
+def check_training_batch(model: nn.Module, cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int,
+                         batch_size: int) -> None:
+    """A ``python:`` model's train-mode logits for a batch of the training's size, on its device,
+    before the first step: the build check's two images cannot see a forward that depends on the
+    batch size (a batch written into a reshape or slice), which would otherwise fail inside the
+    rule's first step. The built-in and torchvision models take any batch."""
+    if not cfg.name.startswith("python:") or batch_size == 2:
+        return
+    try:
+        out = _dry_forward(model, input_shape, True, batch_size)
+    except _ForwardFailed as failed:
+        reason = " ".join(str(failed.err).split())[:200]
+        raise ConfigError(f"[model] name: {cfg.name} fails in train mode on a training batch of {batch_size} images "
+                          f"although it takes 2: {failed.layer} fails ({type(failed.err).__name__}: {reason}); keep "
+                          "the batch dimension whatever its size (no batch size written into a reshape, view or "
+                          "slice)") from None
+    _check_logits(out, cfg.name, num_classes, True, batch_size)
 
 
 def _size_error(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int, model: nn.Module,

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from trainer.rules.base import Rule, StepResult
+from trainer.rules.base import StepResult, apply_step
 from trainer.units import State, evaluation_mode, primary
 
 Schedule = Literal["gpipe", "1f1b"]
@@ -242,7 +242,7 @@ class BackpropPipeline:
             out = self.schedule.step(target=y.to(self.device), losses=losses)
         else:
             out = self.schedule.step()
-        Rule.step(optimizer)
+        apply_step(optimizer)
         if self.is_last:
             return StepResult(torch.stack([l.detach().float() for l in losses]).mean(), out.detach())
         return StepResult.unseen(self.classes, self.device, self.logits_dtype)

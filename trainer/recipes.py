@@ -48,12 +48,15 @@ def builtin_recipes() -> dict[str, Path]:
 def find_recipe(name: str) -> Path:
     """A recipe file path, or the name of a built-in recipe (with or without .toml)."""
     path = Path(name)
-    if path.is_file():
+    kind = config.path_kind(path, "recipe")
+    if kind == "file":
         return path
     builtin = builtin_recipes().get(path.name.removesuffix(".toml"))
-    if builtin is None:
-        raise ConfigError(f"{name}: no such recipe file or built-in recipe (see `trainer list`)")
-    return builtin
+    if builtin is not None:  # a folder of the same name does not hide it
+        return builtin
+    if kind == "folder":
+        config.require_recipe_file(path)  # raises, saying it is a folder
+    raise ConfigError(f"{name}: no such recipe file or built-in recipe (see `trainer list`)")
 
 
 def describe(path: Path) -> str:

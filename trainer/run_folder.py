@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, path_kind
 
 LOCK_NAME = "run.lock"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -80,7 +80,7 @@ class RunFolder:
     def claim(self, resume: bool) -> "RunFolder":
         """Check that the folder can take this run, create it, and take its lock."""
         path = self.path
-        if path.exists() and not path.is_dir():
+        if path_kind(path, "--out") == "file":
             raise ConfigError(f"--out {path}: is a file, not a folder; choose another --out")
         if resume and not (path / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{path}: --resume given but there is no {CHECKPOINT_NAME} to resume from")

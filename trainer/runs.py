@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, tomllib
+from trainer.config import ConfigError, path_kind, tomllib
 from trainer.report import RECORD_TYPES, TORN, read_metrics, type_problem
 from trainer.run_folder import CHECKPOINT_NAME, LOCK_NAME, lock_owner
 
@@ -17,7 +17,7 @@ from trainer.run_folder import CHECKPOINT_NAME, LOCK_NAME, lock_owner
 def read_records(run: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """The records of a run's metrics.jsonl, and (line number, what is wrong) for its other lines."""
     path = run / "metrics.jsonl"
-    if not path.is_file():
+    if path_kind(path, "run folder") != "file":
         raise ConfigError(f"{run}: no metrics.jsonl (not a run folder?)")
     return read_metrics(path)
 
@@ -38,7 +38,7 @@ class RunSummary:
 
 
 RESULT_TYPES = {
-    **RECORD_TYPES, **dict.fromkeys(("state", "recipe", "rule", "device", "message"), (str, "a string")),
+    **RECORD_TYPES, **dict.fromkeys(("state", "recipe", "rule", "device", "message", "note"), (str, "a string")),
     **dict.fromkeys(("epochs", "steps", "world_size", "pipeline_stages"), (int, "an integer")),
     "rule_state_mb": RECORD_TYPES["train_seconds"], "epoch_seconds": (list, "a list"),
 }  # the keys of results.json (trainer.loop), which may also hold an epoch's record
@@ -119,7 +119,7 @@ def summarize(run: Path) -> RunSummary:
 
 def find_runs(root: Path) -> list[Path]:
     """Run folders at or below ``root`` (folders holding a recipe.toml or a metrics.jsonl)."""
-    if not root.is_dir():
+    if path_kind(root, "run folder") != "folder":
         raise ConfigError(f"{root}: no such folder")
     found = {p.parent for name in ("recipe.toml", "metrics.jsonl") for p in root.rglob(name)}
     return sorted(found)
@@ -142,8 +142,13 @@ def plot_runs(runs: list[Path], metric: str, out: Path) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise ConfigError("trainer plot needs matplotlib: pip install 'bpfree-trainer[plot]'") from None
+    formats = FigureCanvasBase.get_supported_filetypes()  # matplotlib takes the format from the name's ending
+    if out.suffix and out.suffix[1:].lower() not in formats:
+        raise ConfigError(f"--out {out}: cannot write {out.suffix} images; name a file ending in "
+                          f"{', '.join('.' + name for name in sorted(formats))}")
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     warnings: list[str] = []
     for index, (run, label) in enumerate(zip(runs, run_labels(runs))):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from trainer.data import DataBundle, build_data, default_augmentation, source_fa
 from trainer.devices import device_name, on_cuda_by_default, resolve_device
 from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
 from trainer.layout import Layout, Stepper
-from trainer.models import build_model
+from trainer.models import build_model, check_training_batch
 from trainer.pipeline import Pipeline
 from trainer.rules import ParamOptions, Rule, RuleContext, RuleError, build_rule, rule_class
 from trainer.speed_choice import choose_channels_last, choose_compile
@@ -193,6 +194,7 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
         raise blamed(err, recipe, sets) from None
     try:
         model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
+        check_training_batch(model, recipe.model, data.input_shape, data.num_classes, batch_size)
         channels_last, layout_note = layout_decision(recipe, device.type)
         if channels_last:  # 4-D weights NHWC: convolutions then write NHWC activations (mkldnn's fast path)
             model = model.to(memory_format=torch.channels_last)
@@ -219,8 +221,10 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
     torch.manual_seed(cfg.seed + env.rank)  # ranks draw different randomness (e.g. probes) from here on
     total = cfg.epochs * len(data.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
-    return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, layout,
-                   data_fingerprints(recipe), [layout_note, compile_note], channels_last)
+    files = data_fingerprints(recipe)
+    notes = [layout_note, compile_note, *filter(None, [same_data_note(files)])]
+    return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, layout, files, notes,
+                   channels_last)
 
 
 def data_fingerprints(recipe: Recipe) -> dict[str, dict[str, Any]]:
@@ -237,6 +241,19 @@ def data_fingerprints(recipe: Recipe) -> dict[str, dict[str, Any]]:
                     digest.update(block)
             prints[key] = {"file": name, "size": Path(name).stat().st_size, "sha256": digest.hexdigest()}
     return prints
+
+
+def same_data_note(files: dict[str, dict[str, Any]]) -> str | None:
+    """A note when ``data.test_path`` holds the very bytes of ``data.path`` (the same file, or a copy:
+    ``files`` are ``data_fingerprints``), or None: the run's "test" accuracy is then measured on the
+    images it trains on, and reads as a perfect generalisation."""
+    train, test = files.get("data.path"), files.get("data.test_path")
+    if train is None or test is None or train["sha256"] != test["sha256"]:
+        return None
+    same = "is data.path" if os.path.samefile(train["file"], test["file"]) else \
+        f"holds the same bytes as data.path {train['file']} (sha256 {test['sha256'][:12]}…)"
+    return (f"data.test_path {test['file']} {same}: the test accuracy is measured on training images; give "
+            "held-out images as test_path, or leave it unset to hold out val_fraction of data.path")
 
 
 def blamed(err: ConfigError, recipe: Recipe, sets: Mapping[str, str], key: str | None = None) -> ConfigError:

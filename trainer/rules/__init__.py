@@ -34,14 +34,25 @@ RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (
 PYTHON_RULE = "python:package.module:ClassName"
 
 
+class UnknownRule(KeyError, ValueError):
+    """A rule name no rule has: a failed lookup (KeyError, as the recipe reader catches it) and a bad
+    argument of ``build_rule`` (ValueError, as every argument the API refuses)."""
+
+    __str__ = ValueError.__str__  # the message as written, not KeyError's repr of it
+
+
 def rule_class(name: str) -> type[Rule]:
     """The class of rule ``name``. KeyError with the known names for an unknown built-in name;
     ConfigError naming ``[rule] name`` for a ``python:`` rule that does not import or is not a
-    ``Rule`` subclass with an ``Options`` dataclass."""
+    ``Rule`` subclass with an ``Options`` dataclass; TypeError for a name that is no string."""
+    if not isinstance(name, str):
+        raise TypeError(f"rule name must be a string such as 'dfa' (rules: {', '.join(sorted(RULES))}) or "
+                        f"{PYTHON_RULE!r}, got {type(name).__name__} {name!r}")
     kind, _, target = name.partition(":")
     if kind != "python":
         if name not in RULES:
-            raise KeyError(f"unknown rule {name!r}; rules: {', '.join(sorted(RULES))}, or {PYTHON_RULE!r} for your own")
+            raise UnknownRule(f"unknown rule {name!r}; rules: {', '.join(sorted(RULES))}, or {PYTHON_RULE!r} for "
+                              "your own")
         return RULES[name]
     if target.count(":") != 1 or not all(target.split(":")):
         raise ConfigError(f"[rule] name: expected {PYTHON_RULE!r}, got {name!r}")
@@ -76,7 +87,8 @@ def rule_options_class(name: str) -> type:
 
 
 def build_rule(name: str, options: object, model: nn.Module, ctx: RuleContext) -> Rule:
-    """Rule ``name`` with its validated options, training ``model``."""
+    """Rule ``name`` with its validated options (its ``Options`` dataclass, or a dict of its keys),
+    training ``model``; the rule's constructor checks the arguments (``trainer.rules.checks``)."""
     return rule_class(name)(model, options, ctx).to(ctx.device)
 
 

@@ -19,20 +19,18 @@ import abc
 import collections
 import contextlib
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from trainer.errors import TrainingDiverged, divergence
+from trainer.errors import TrainingDiverged, divergence, input_cause, logit_divergence
+from trainer.rules.checks import (
+    RuleError, check_batch, check_context, check_logits, check_optimizer, dry_run, rule_arguments,
+)
 from trainer.units import Granularity, State, detach_state, dry_outputs, model_units, primary
-
-
-class RuleError(ValueError):
-    """A rule cannot train this model with these options (a unit it cannot use, a bad option
-    combination). The session adds the recipe's file and section to the message."""
-
 
 @dataclass
 class StepResult:
@@ -67,33 +65,126 @@ class RuleContext:
     label_smoothing: float = 0.0
     seed: int = 0  # seeds the rule's fixed random matrices
 
+    def __post_init__(self) -> None:
+        check_context(self)  # a bad field fails here, naming it, not later inside a rule
+
     def criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
 
 
 def _checks_divergence(train_step):  # noqa: ANN001, ANN202 (a decorator of every rule's train_step)
     """``train_step`` that raises ``TrainingDiverged`` when the step's loss has diverged (NaN,
-    infinite or exploded, ``trainer.errors.divergence``) unless ``rule.check_divergence`` is off.
-    A subclass's train_step calling its parent's is checked once, by the outermost call."""
+    infinite or exploded, ``trainer.errors.divergence``) unless ``rule.check_divergence`` is off,
+    before any update lands: the rule's ``step`` calls wait until the loss is known (``Rule.step``)
+    and the running statistics its forward moved are put back, so a diverged step changes no
+    parameter, optimizer state or BatchNorm statistic. What the rule returns is checked
+    (``_check_step_result``). A subclass's train_step calling its parent's is checked once, by the
+    outermost call, which first checks the batch and the optimizer (``trainer.rules.checks``),
+    before anything changes."""
     @functools.wraps(train_step)
     def checked(self: Rule, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
         if self._in_step:
             return train_step(self, x, y, optimizer)
-        self._in_step = True
+        check_batch(self, x, y)
+        check_optimizer(self, optimizer)
+        guarded = self.check_divergence
+        statistics = _saved_statistics(self.model) if guarded else []
+        self._in_step, self._held = True, [] if guarded else None
         try:
             result = train_step(self, x, y, optimizer)
-        finally:
-            self._in_step = False
-        self.steps_taken += 1
-        if self.check_divergence:
-            why = divergence(float(result.loss), self.ctx.num_classes)
+            _check_step_result(self, result, y)
+            why = divergence(float(result.loss), self.ctx.num_classes) if guarded else None
             if why:
-                raise TrainingDiverged(
-                    f"rule {self.name!r}: {why} at step {self.steps_taken}; lower the learning rate (a rate tuned "
-                    "for another rule often diverges), or set rule.check_divergence = False to go on")
+                _restore(statistics)
+                raise self._divergence_error(why, x, self.steps_taken + 1)
+            held = self._held or []
+        except BaseException:
+            for held_optimizer, _ in self._held or []:  # a step that failed leaves no gradients for the next
+                held_optimizer.zero_grad(set_to_none=True)
+            raise
+        finally:
+            self._in_step, self._held = False, None
+        for held_optimizer, grads in held:  # the steps land, in order, each with the gradients it had
+            for p, grad in grads or ():
+                p.grad = grad
+            apply_step(held_optimizer)
+        self.steps_taken += 1
         return result
 
     checked.checks_divergence = True
+    return checked
+
+
+def apply_step(optimizer: torch.optim.Optimizer) -> None:
+    """Apply the gradients now in ``.grad`` and clear them (set to None, so later partial steps
+    through the same optimizer skip these parameters)."""
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def input_peak(x: torch.Tensor) -> torch.Tensor:
+    """The batch's largest |x| as a 0-d float tensor on its device, without a host sync (NaN or inf
+    when x holds one; 0 for an empty or integer batch): what ``trainer.errors.input_cause`` reads."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return torch.zeros((), device=x.device)
+    return x.detach().abs().amax().float()
+
+
+def _saved_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of the buffers a training forward moves (BatchNorm's running statistics and batch
+    count), for ``_restore`` after a diverged step."""
+    return [(buffer, buffer.clone()) for name, buffer in model.named_buffers()
+            if name.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")]
+
+
+def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
+def _describe(value: object) -> str:
+    """A value as a contract error names it: None, a (shape) dtype tensor, or its type."""
+    if value is None:
+        return "None"
+    if isinstance(value, torch.Tensor):
+        return f"a {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} tensor"
+    return f"a {type(value).__name__}" + (f" of {len(value)} items" if isinstance(value, (list, tuple)) else "")
+
+
+def _check_step_result(rule: Rule, result: object, y: torch.Tensor) -> None:
+    """What every consumer of ``train_step`` reads: a ``StepResult`` of a one-element loss tensor
+    and (N, C) logits for the N samples of the batch; a user's rule that returns anything else gets
+    a ``RuleError`` naming its class and the hook, not a failure further on in the loop."""
+    if isinstance(result, StepResult):
+        loss, logits = result.loss, result.logits
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            got = f"a StepResult whose loss is {_describe(loss)}"
+        elif not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) == len(y)):
+            got = f"a StepResult whose logits are {_describe(logits)}"
+        else:
+            return
+    else:
+        got = _describe(result)
+    raise RuleError(f"{type(rule).__name__}.train_step() returned {got}; expected StepResult(loss, logits) "
+                    f"(trainer.rules.StepResult): the batch's mean loss as a 0-d tensor and its ({len(y)}, C) logits, "
+                    "both detached")
+
+
+def _checks_arguments(init):  # noqa: ANN001, ANN202 (a decorator of every rule's __init__)
+    """``__init__`` that checks ``model``, ``options`` and ``ctx`` (``trainer.rules.checks``) before
+    the rule's own code reads them (a subclass may read its options before calling its parent's),
+    handing it the options as its ``Options`` dataclass (a dict of keys is built into one). A
+    chain of __init__ calls through the class hierarchy is checked once, by the outermost."""
+    @functools.wraps(init)
+    def checked(self: Rule, model: nn.Module, options: object, ctx: RuleContext, *args: object,
+                **kwargs: object) -> None:
+        if "_arguments_checked" not in self.__dict__:
+            options = rule_arguments(type(self), model, options, ctx)
+            self.__dict__["_arguments_checked"] = True
+        init(self, model, options, ctx, *args, **kwargs)
+
+    checked.checks_arguments = True
     return checked
 
 
@@ -105,6 +196,8 @@ class Rule(nn.Module, abc.ABC):
     is held without registering it, so the rule's state never duplicates the model's; ``train()``
     and ``eval()`` set the model's mode too.
 
+    The constructor checks ``model``, ``options`` and ``ctx`` before a subclass's code reads them,
+    and ``train_step`` its batch and optimizer (``trainer.rules.checks``).
     ``train_step`` raises ``TrainingDiverged`` on a diverged loss (one host sync a step); set
     ``check_divergence = False`` to go on regardless (the trainer's loop does, and decides itself).
     ``preparable`` says whether ``prepare()`` can express the rule's update through autograd; a
@@ -121,6 +214,7 @@ class Rule(nn.Module, abc.ABC):
     pipelining: ClassVar[str] = ("it declares no pipeline schedule (a UnitRule subclass runs its own step engine "
                                  "on each stage; set pipelining = \"torch\" for an end-to-end backprop variant)")
     check_divergence: bool = True
+    sized_by_input: ClassVar[bool] = False  # its state is sized by ctx.input_shape: every batch must have it
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -128,13 +222,22 @@ class Rule(nn.Module, abc.ABC):
         if step is not None and not getattr(step, "__isabstractmethod__", False) \
                 and not getattr(step, "checks_divergence", False):
             cls.train_step = _checks_divergence(step)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "checks_arguments", False):
+            cls.__init__ = _checks_arguments(init)
 
+    @_checks_arguments
     def __init__(self, model: nn.Module, options: object, ctx: RuleContext):
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: see the class docstring
         self.options, self.ctx = options, ctx
         self.criterion = ctx.criterion()
         self._in_step, self.steps_taken = False, 0
+        # the steps waiting for the loss (``step``): each optimizer with the gradients it had then
+        self._held: list[tuple[torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]] | None]] | None = None
+        # what trainer.rules.checks has seen work: a sample shape (by a dry forward), an optimizer
+        self.checked_input_shape: tuple[int, ...] | None = None
+        self.checked_optimizer: torch.optim.Optimizer | None = None
 
     @abc.abstractmethod
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
@@ -163,12 +266,13 @@ class Rule(nn.Module, abc.ABC):
 
     def prepared_forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The training forward of ``prepare()``'d end-to-end rules: the model's logits, with
-        ``after_backward`` queued to run when their backward ends."""
+        ``after_backward`` queued to run when their backward ends (if their gradient is finite)."""
         from trainer.rules.prepared import after_backward_of  # noqa: PLC0415
 
         with self.autocast():
             logits = self.model(x)
-        return after_backward_of(logits, lambda: self.prepared_after_backward(x, y))
+        return after_backward_of(logits, lambda: self.prepared_after_backward(x, y),
+                                 lambda error: self._check_backward(x, [error], self.steps_taken))
 
     def prepared_after_backward(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """What ``prepare()``'d training runs when a backward ends (``train_step``'s after-backward)."""
@@ -195,12 +299,64 @@ class Rule(nn.Module, abc.ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
 
-    @staticmethod
-    def step(optimizer: torch.optim.Optimizer) -> None:
-        """Apply the gradients now in ``.grad`` and clear them (set to None, so later partial
-        steps through the same optimizer skip these parameters)."""
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the gradients now in ``.grad`` and clear them (``apply_step``). Inside a
+        ``train_step`` checked for divergence the step waits until the batch's loss is known to be
+        sound: its gradients are set aside (``.grad`` None, as after a step) and the steps land
+        afterwards one by one, in order, each with its own gradients, so the update is the same
+        (no unit reads another's parameters after its step) and a diverged step changes nothing.
+        A forward-only rule then holds every unit's gradients until its top unit's loss is known.
+        An optimizer stand-in without ``param_groups`` keeps its gradients in place meanwhile."""
+        if self._held is None:
+            apply_step(optimizer)
+            return
+        groups = getattr(optimizer, "param_groups", None)
+        grads = None if groups is None else [(p, p.grad) for g in groups for p in g["params"] if p.grad is not None]
+        for p, _ in grads or ():
+            p.grad = None
+        self._held.append((optimizer, grads))
+
+    def _divergence_error(self, why: str, x: torch.Tensor, step: int) -> TrainingDiverged:
+        """The error of a diverged step (``why``), before its update, naming the likely cause it can
+        see: the batch (``input_cause``: empty, non-finite or huge), weights that were non-finite
+        before the step (damaged ones at the first step; an earlier update's overflow later), else
+        the learning rate."""
+        cause = input_cause(float(input_peak(x)), len(x))
+        if cause is None:
+            tensors = [*self.model.named_parameters(), *self.named_parameters(prefix="rule"),
+                       *self.named_buffers(prefix="rule")]
+            bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if bad and step == 1:
+                cause = (f"{len(bad)} parameter tensor(s) were non-finite before the first step (e.g. {bad[0]!r}): "
+                         "the weights it was given are damaged (a corrupted checkpoint or state_dict?); load sound "
+                         "ones")
+            elif bad:
+                cause = (f"lower the learning rate: an earlier update left {len(bad)} parameter tensor(s) non-finite "
+                         f"(e.g. {bad[0]!r}; or weights loaded since then are damaged)")
+        fix = cause or "lower the learning rate (a rate tuned for another rule often diverges)"
+        return TrainingDiverged(f"rule {self.name!r}: {why} at step {step}; {fix}, or set rule.check_divergence = "
+                                "False to go on (this step was not applied)", cause)
+
+    def _logits_divergence(self, logits: torch.Tensor, y: torch.Tensor | None) -> str | None:
+        """Why a ``prepare()``'d training forward's logits show divergence (one host sync): the loss
+        of the labels when given, as ``train_step`` checks it, else their spread
+        (``trainer.errors.logit_divergence``)."""
+        logits = logits.detach().float()
+        if y is not None:
+            return divergence(float(self.criterion(logits, y)), self.ctx.num_classes)
+        spread = float((logits.amax(1) - logits.amin(1)).amax()) if logits.numel() else math.nan
+        return logit_divergence(spread, self.ctx.num_classes)
+
+    def _check_backward(self, x: torch.Tensor, tensors: Sequence[torch.Tensor | None], step: int) -> None:
+        """In a ``prepare()``'d backward, before any gradient reaches a parameter: raise
+        ``TrainingDiverged`` when ``e = ∂loss/∂logits`` or the signals formed from it are not
+        finite (one host sync), unless ``check_divergence`` is off."""
+        present = [t for t in tensors if t is not None]
+        if not (self.check_divergence and present):
+            return
+        if not bool(torch.stack([torch.isfinite(t).all() for t in present]).all()):
+            raise self._divergence_error("the loss gradient at the logits, or the signals formed from it, became "
+                                         "non-finite", x, step)
 
 
 @dataclass
@@ -306,6 +462,7 @@ class UnitRule(Rule):
 
     Options: ClassVar[type[UnitOptions]]
     pipelining = "local"
+    sized_by_input = True
     forward_only: bool = False
     last_loss: torch.Tensor | None = None  # the task loss of the last step
 
@@ -327,6 +484,7 @@ class UnitRule(Rule):
         self.unit_names = [name for name, _ in grouped]
         self.units = [unit for _, unit in grouped]  # a plain list: the model owns the parameters
         self.output_shapes = self._probe_output_shapes()  # before compiling: no extra eval-mode compile
+        self.checked_input_shape = ctx.input_shape
         if ctx.compile:
             # Compiled modules share one code object, so dynamo counts every unit, in train and in
             # eval mode, as a recompile of it: lift the limit, or units past the 8th run eagerly.
@@ -442,9 +600,10 @@ class UnitRule(Rule):
             error = transport.receive_error(len(y))
         batch = UnitBatch(primary(inputs), y, outputs, error, first=first, samples=samples)
         transport.receive_error_units(batch)
-        signals = self.signals(batch)
+        points = [self.signal_point(i, out) for i, out in zip(batch.indices(), outputs)]
+        signals = self.checked_signals(self.signals(batch), batch.indices(), points)
         transport.send_error_units(batch)
-        self.local_backward([self.signal_point(i, out) for i, out in zip(batch.indices(), outputs)], signals)
+        self.local_backward(points, signals)
         return batch
 
     def forward_only_unit(self, index: int, state: State, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> State:
@@ -466,8 +625,29 @@ class UnitRule(Rule):
             signal = self.unit_signal(index, primary(out), y)
         else:
             loss, signal = self.output_error(primary(out), y)
-        self.local_backward([self.signal_point(index, out)], [signal])
+        points = [self.signal_point(index, out)]
+        self.local_backward(points, self.checked_signals([signal], range(index, index + 1), points))
         return loss
+
+    def checked_signals(self, signals: object, indices: Sequence[int],
+                        points: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The rule's signals for the units ``indices``, checked where they are consumed against
+        their signal points: a list with one tensor of the point's shape (or None) per unit. A
+        user's rule that returns None, another count or another shape gets a ``RuleError`` naming
+        its class and hook (``signals``, or ``unit_signal`` when it only defines that), not an
+        autograd error."""
+        hook = "signals" if type(self).signals is not UnitRule.signals else "unit_signal"
+        where = f"{type(self).__name__}.{hook}()"
+        names = [self.unit_names[i] for i in indices]
+        if not isinstance(signals, (list, tuple)) or len(signals) != len(points):
+            raise RuleError(f"{where} returned {_describe(signals)}; expected a list of {len(points)}, one tensor (or "
+                            f"None: no backward) per unit of the batch, for units {names}")
+        for name, index, point, signal in zip(names, indices, points, signals):
+            if signal is not None and not (isinstance(signal, torch.Tensor) and signal.shape == point.shape):
+                raise RuleError(f"{where} returned {_describe(signal)} for unit {name!r} (index {index}); expected a "
+                                f"{tuple(point.shape)} tensor (or None), the shape of its signal point "
+                                f"(signal_point({index}, output))")
+        return list(signals)
 
     def prepared_forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """``prepare()``'s training forward: the units as in ``train_step``, their signals injected
@@ -516,4 +696,8 @@ class UnitRule(Rule):
         """Per-sample shape of each unit's output ``h_l``, from one dry forward in eval mode
         (so BatchNorm running statistics are not touched)."""
         zeros = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
-        return [tuple(primary(out).shape[1:]) for out in dry_outputs(self.model, self.units, zeros)]
+        what = f"inputs of RuleContext.input_shape = {self.ctx.input_shape}"
+        outputs = dry_run(self.name, lambda: dry_outputs(self.model, self.units, zeros), what,
+                          "set input_shape to the shape of one sample of your data, without the batch")
+        check_logits(self.name, primary(outputs[-1]), self.ctx.num_classes, what)
+        return [tuple(primary(out).shape[1:]) for out in outputs]

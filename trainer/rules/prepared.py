@@ -14,6 +14,12 @@ parameters' gradients, so gradient hooks (DDP's all-reduce) see every update. Th
 ``after_backward`` (norm-ball projection, alignment angles) runs when the backward ends, after
 DDP's gradient averaging: under DDP, N processes of batch b update exactly as one of batch N·b.
 
+Divergence is checked as ``train_step`` checks it (``rule.check_divergence``, one host sync each):
+the forward raises ``TrainingDiverged`` on logits whose loss (with ``y``) or spread (without) has
+diverged, before the user's loss exists, and the backward on a non-finite ``e`` or signal before
+any gradient reaches a parameter; either way ``optimizer.step()`` is never reached (a refused
+forward also puts back the running statistics it moved).
+
 In evaluation mode, or under ``torch.no_grad()``, the prepared forward is the plain ``rule(x)``.
 """
 
@@ -24,7 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trainer.rules.base import Rule, UnitBatch, UnitRule
+from trainer.rules.base import Rule, UnitBatch, UnitRule, _restore, _saved_statistics
+from trainer.rules.checks import check_batch
 from trainer.units import State, primary
 
 
@@ -36,22 +43,27 @@ def _after_engine(fn: Callable[[], None]) -> None:
 
 
 class _AfterBackward(torch.autograd.Function):
-    """The identity on the logits; its backward queues ``fn`` for the end of the backward."""
+    """The identity on the logits; its backward first calls ``check`` on their gradient (before
+    any reaches a parameter), then queues ``fn`` for the end of the backward."""
 
     @staticmethod
-    def forward(ctx, fn: Callable[[], None], logits: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.fn = fn
+    def forward(ctx, fn: Callable[[], None], check: Callable[[torch.Tensor], None],  # noqa: ANN001
+                logits: torch.Tensor) -> torch.Tensor:
+        ctx.fn, ctx.check = fn, check
         return logits.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # noqa: ANN001
+        ctx.check(grad)
         _after_engine(ctx.fn)
-        return None, grad
+        return None, None, grad
 
 
-def after_backward_of(logits: torch.Tensor, fn: Callable[[], None]) -> torch.Tensor:
-    """``logits``, with ``fn`` run when a backward through them ends (end-to-end rules)."""
-    return _AfterBackward.apply(fn, logits)
+def after_backward_of(logits: torch.Tensor, fn: Callable[[], None],
+                      check: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """``logits``, with ``fn`` run when a backward through them ends (end-to-end rules), once
+    ``check`` has seen their gradient (``Rule._check_backward``: a non-finite one raises there)."""
+    return _AfterBackward.apply(fn, check, logits)
 
 
 class _Step:
@@ -63,17 +75,19 @@ class _Step:
 
     def backward(self, error: torch.Tensor) -> list[torch.Tensor | None]:
         """The signal points' gradients (the rule's signals), then the parameters' (what the rule
-        wrote into ``.grad`` while forming the signals)."""
+        wrote into ``.grad`` while forming the signals). Non-finite ones raise before any reaches
+        a parameter (``Rule._check_backward``)."""
         batch = UnitBatch(self.x, self.y, self.outputs, error.float(), samples=len(self.x))
         kept = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         try:
-            signals = list(self.rule.signals(batch))
+            signals = self.rule.checked_signals(self.rule.signals(batch), range(len(self.points)), self.points)
             written = [p.grad for p in self.params]
         finally:
             for p, g in zip(self.params, kept):
                 p.grad = g
+        self.rule._check_backward(self.x, [error, *signals, *written], self.rule.steps_taken)
         _after_engine(lambda: self.rule.after_backward(batch))
         signals = [None if g is None or not t.requires_grad else g.to(t.dtype)
                    for t, g in zip(self.points, signals, strict=True)]
@@ -117,4 +131,14 @@ class PreparedRule(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return self.rule(x)
-        return self.rule.prepared_forward(x, y)
+        check_batch(self.rule, x, y, labels=False)  # as train_step checks its batch
+        if not self.rule.check_divergence:
+            return self.rule.prepared_forward(x, y)
+        statistics = _saved_statistics(self.model)
+        logits = self.rule.prepared_forward(x, y)
+        why = self.rule._logits_divergence(logits, y)
+        if why:  # before the user's loss and backward: no update, and the running statistics put back
+            _restore(statistics)
+            raise self.rule._divergence_error(why, x, self.rule.steps_taken + 1)
+        self.rule.steps_taken += 1
+        return logits

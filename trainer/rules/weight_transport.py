@@ -36,6 +36,7 @@ from kernels import convert_to_feedback, feedback_layers
 from trainer.rules.alignment import angle_degrees, bp_alignment, needs_labels
 from trainer.rules.base import ParamOptions, RuleContext, RuleError, StepResult
 from trainer.rules.bp import Backprop
+from trainer.rules.checks import held_parameters
 
 FeedbackInit = Literal["match", "default", "xavier", "xavier_uniform"]
 
@@ -82,9 +83,9 @@ def check_optimizer_holds(optimizer: torch.optim.Optimizer, feedback: list[nn.Pa
     """Kolen–Pollack's B learns through the optimizer: one that does not hold B (built before the
     rule converted the model) would train it as plain FA, so refuse it. A stand-in without
     ``param_groups`` is not checked."""
-    if not hasattr(optimizer, "param_groups"):
+    held = held_parameters(optimizer)
+    if held is None:
         return
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = sum(id(b) not in held for b in feedback)
     if missing:
         raise RuleError(f"rule {rule!r}: the optimizer does not hold the feedback weights B of {missing} of "
