@@ -7,6 +7,16 @@
     python -m benchmarks.claims trace-noise --npz cifar10-mini-train.npz --epochs 10 --seeds 0 1 2 --jobs 2
     python -m benchmarks.claims weight-transport --npz cifar10-mini-train.npz --epochs 30 --kp-decay 5e-3 --jobs 2
 
+At the full data (all 50,000 CIFAR-10 images, 45,000 / 5,000; the full-CIFAR table's bf16 autocast):
+
+    python -m benchmarks.claims small-data --npz data/cifar10-train50k.npz --subsets 500 1000 2500 5000 10000 45000 \
+        --images 200000 --models resnet20 --rules bp hybrid bdfa --seeds 0 1 2 --jobs 2 --set train.amp=true \
+        --out benchmarks/results/claims_full
+    python -m benchmarks.claims rec-lra --from-table benchmarks/results/cifar10_resnet20 --out benchmarks/results/claims_full
+    python -m benchmarks.claims weight-transport --from-table benchmarks/results/cifar10_resnet20 \
+        --out benchmarks/results/claims_full
+    python -m benchmarks.claims --markdown --out benchmarks/results/claims --out benchmarks/results/claims_full
+
 Every claim is a ``Claim``: the paper's statement, its source, and its criterion, written down here
 before anything runs. The verdict (``holds``, ``does not hold``, or ``not at this budget``) is a
 function of the table's numbers alone (the ``*_verdict`` functions, tested on made-up numbers in
@@ -19,9 +29,13 @@ Each training is its own ``trainer run`` process (``benchmarks.compare_rules.run
 ``--runs``/LABEL-HASH/seedN, HASH naming the recipe and overrides, so ``--reuse`` reads every run
 that already finished with exactly that recipe: claims share runs (rec-lra's and
 weight-transport's BP), and an interrupted claim trains only what is missing (an interrupted run's
-folder is refused, naming it: remove it to train it again). The claim's table goes
+folder is refused, naming it: remove it to train it again). ``--set KEY=VALUE`` goes last into every
+training's overrides, so into its recipe, its HASH and --reuse's match. The claim's table goes
 to ``--out`` as CLAIM.csv (one row per run or measurement), CLAIM.json (the table, the verdict and its
-reasons) and CLAIM.png (matplotlib, when installed).
+reasons) and CLAIM.png (matplotlib, when installed). ``--from-table DIR`` judges rec-lra and
+weight-transport on the full-CIFAR table's runs that ``benchmarks.full_cifar`` published in DIR
+(RULE/seedN) instead of training. ``--markdown`` prints the claims table of one or more ``--out``
+folders, one per budget: a row per claim and folder.
 
 CIFAR images come from ``--npz`` (e.g. the 4,660 real CIFAR-10 images of cifar10-mini-train.npz,
 split into 4,194 training and 466 held-out images, ``data.split_seed`` fixed), else torchvision's
@@ -50,8 +64,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+if not __package__:  # run as a file (python benchmarks/claims.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import full_cifar
 from benchmarks._harness import cifar_data, make_console, recipe_rule, table, time_interleaved, write_csv, write_json
 from benchmarks.compare_rules import RECIPES, run_one
+from trainer.config import ConfigError
 
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "not at this budget"
 
@@ -229,8 +248,9 @@ def weight_transport_verdict(bp: Sequence[float], usf: Sequence[float], kp: Sequ
     reasons = [f"usf {usf_s} vs bp {bp_s} ({usf_s.mean - bp_s.mean:+.2f} points): {usf_part}"]
     if kp_angle is None or kp_angle > aligned:
         kp_part = UNDECIDED
-        angle = "not logged (too few steps)" if kp_angle is None else f"{kp_angle:.1f}° > {aligned:g}°"
-        reasons.append(f"kp {kp_s}: B-W angle {angle}: B has not aligned at this budget")
+        angle = ("not logged (too few steps, or the recipe's rule.align_every = 0): kp not judged" if kp_angle is None
+                 else f"{kp_angle:.1f}° > {aligned:g}°: B has not aligned at this budget")
+        reasons.append(f"kp {kp_s}: B-W angle {angle}")
     else:
         base, name = (bp_s, "bp") if kp_bp is None else (Spread.of(kp_bp), "bp at kp's decay")
         kp_part = FAILS if compare(kp_s, base, points) < 0 else HOLDS
@@ -271,6 +291,16 @@ class Context:
     data_note: str
     console: Any
     env: dict[str, str] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()  # --set: last in every training's overrides (so in its folder's HASH)
+
+    def full(self, setting: Setting) -> Setting:
+        """``setting`` as trained: with ``--set``'s overrides after its own, so that they win and a run
+        with them never shares a folder (or --reuse's match) with one without."""
+        return dataclasses.replace(setting, overrides=(*setting.overrides, *self.overrides))
+
+    def folder(self, setting: Setting, seed: int) -> Path:
+        """Where ``setting`` trains with ``seed``."""
+        return self.full(setting).folder(self.runs) / f"seed{seed}"
 
 
 def train(ctx: Context, settings: Sequence[Setting]) -> dict[tuple[str, int], dict]:
@@ -280,8 +310,8 @@ def train(ctx: Context, settings: Sequence[Setting]) -> dict[tuple[str, int], di
     def launch(job: tuple[Setting, int]) -> dict:
         setting, seed = job
         ctx.console.print(f"  {setting.label} (seed {seed}) …")
-        return run_one(setting.label, setting.recipe, seed, list(setting.overrides), setting.folder(ctx.runs) /
-                       f"seed{seed}", ctx.env, ctx.reuse)
+        return run_one(setting.label, setting.recipe, seed, list(ctx.full(setting).overrides),
+                       ctx.folder(setting, seed), ctx.env, ctx.reuse)
 
     with ThreadPoolExecutor(max_workers=ctx.jobs) as pool:
         done = list(pool.map(launch, jobs))
@@ -351,6 +381,32 @@ def report(ctx: Context, claim: "Claim", columns: Sequence[str], rows: Sequence[
     return summary
 
 
+def is_published(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished run's results.json and the metrics.jsonl its curve comes from."""
+    return full_cifar.finished(folder) and (folder / "metrics.jsonl").is_file()
+
+
+def published(table: Path, rule: str, seeds: Sequence[int]) -> dict[int, Path]:
+    """``--from-table``: the folders of ``rule``'s finished runs that ``benchmarks.full_cifar`` published
+    in ``table`` (RULE/seedN), by seed. A missing one is a ConfigError naming the folder and the
+    command that trains and publishes it (a claim reads every seed asked for, or none)."""
+    folders = {seed: table / rule / f"seed{seed}" for seed in seeds}
+    for seed, folder in folders.items():
+        if not is_published(folder):
+            results = "" if table.resolve() == full_cifar.RESULTS.resolve() else f" --results {table}"
+            raise ConfigError(f"--from-table: {folder} holds no published run (a finished results.json and its "
+                              f"metrics.jsonl); make it with: python -m benchmarks.full_cifar{results} run --rules "
+                              f"{rule} --seeds {seed}")
+    return folders
+
+
+def table_budget(folders: Iterable[Path]) -> str:
+    """The budget of a claim judged on the table's runs: their epochs, as their results.json say."""
+    epochs = sorted({full_cifar.read_json(folder / "results.json")["epochs"] for folder in folders})
+    return (f"ResNet-20, all of CIFAR-10 (45,000 / 5,000), {' / '.join(map(str, epochs))} epochs, "
+            "the full-CIFAR table's runs")
+
+
 def _tiny(ctx: Context, images: int = 64) -> list[str]:
     """--quick: a few images, small batches, one epoch."""
     return [f"data.train_subset={images}", "train.batch_size=16", "train.eval_batch_size=256"] if ctx.quick else []
@@ -371,13 +427,14 @@ def small_data(ctx: Context, args: argparse.Namespace) -> dict:
     subsets = args.subsets or ([40, 80] if ctx.quick else [250, 500, 1000, 0])
     images = args.images or (80 if ctx.quick else 10_000)
     models = args.models or (["cnn"] if ctx.quick else list(SMALL_DATA_MODELS))
+    rules = args.rules or list(SMALL_DATA_RULES)
     settings, where = [], {}
     for model in models:
         for subset in subsets:
             size = subset or args.train_images
             epochs = max(1, math.ceil(images / size))
-            for rule, recipe in SMALL_DATA_RULES.items():
-                setting = Setting(f"{model} {size} {rule}", recipe, (
+            for rule in rules:
+                setting = Setting(f"{model} {size} {rule}", SMALL_DATA_RULES[rule], (
                     *SMALL_DATA_MODELS[model], *SMALL_DATA_EXTRA.get((model, rule), []), *ctx.data,
                     f"data.train_subset={subset}", f"train.epochs={epochs}", f"train.eval_every={epochs}",
                     f"train.batch_size={16 if ctx.quick else 50}"))  # only the final accuracy counts
@@ -392,7 +449,7 @@ def small_data(ctx: Context, args: argparse.Namespace) -> dict:
             size = subset or args.train_images
             bp = Spread.of(acc[(model, size, "bp")])
             cells = [f"{model}", f"{size:,}", str(where[f"{model} {size} bp"][3])]
-            for rule in SMALL_DATA_RULES:
+            for rule in rules:
                 got = Spread.of(acc[(model, size, rule)])
                 cells.append(str(got) + ("" if rule == "bp" else f" ({got.mean - bp.mean:+.1f})"))
             rows.append(cells)
@@ -403,17 +460,17 @@ def small_data(ctx: Context, args: argparse.Namespace) -> dict:
 
     def draw(ax: Any) -> None:
         for model in models:
-            for rule in SMALL_DATA_RULES:
+            for rule in rules:
                 sizes = [subset or args.train_images for subset in subsets]
                 ax.errorbar(sizes, [Spread.of(acc[(model, s, rule)]).mean for s in sizes],
                             [Spread.of(acc[(model, s, rule)]).sd for s in sizes], marker="o", capsize=3,
                             label=f"{model} {rule}", linestyle="-" if model == "resnet20" else "--")
         ax.set(xscale="log", xlabel="training images", ylabel="held-out accuracy (%)")
 
-    budget = (f"{images:,} training images seen per run (epochs = {images:,} / subset), batch "
+    budget = (f"at least {images:,} training images seen per run (epochs = ⌈{images:,} / subset⌉), batch "
               f"{16 if ctx.quick else 50}, the same for every rule")
     return report(ctx, CLAIMS["small-data"], ["model", "train images", "epochs", *(f"{r} (vs bp)" for r in
-                  SMALL_DATA_RULES)], rows, records, verdict, budget, draw)
+                  rules)], rows, records, verdict, budget, draw)
 
 
 # ---- claim 2: recursive LRA against BP on residual networks ------------------------------------------
@@ -449,39 +506,48 @@ def model_budgets(values: Sequence[str], known: Iterable[str], epochs: int) -> d
 
 
 def rec_lra(ctx: Context, args: argparse.Namespace) -> dict:
-    budgets = model_budgets(args.models or ["resnet20"], REC_LRA_MODELS, ctx.epochs or (2 if ctx.quick else 30))
-    settings = {}
-    for model, epochs in budgets.items():
-        bp, rec, extra = REC_LRA_MODELS[model]
-        for rule, recipe in (("bp", bp), ("rec_lra", rec)):
-            overrides = (*ctx.data, f"train.epochs={epochs}", *extra, *_tiny(ctx))
-            settings[(model, rule)] = Setting(f"{model} {rule}", recipe, overrides)
-    results = train(ctx, list(settings.values()))
-    curves: dict[tuple[str, str], list] = {}
-    for (model, rule), setting in settings.items():
-        curves[(model, rule)] = [epoch_curve(setting.folder(ctx.runs) / f"seed{seed}")
-                                 for seed in ctx.seeds if "error" not in results[(setting.label, seed)]]
-    verdicts = {model: rec_lra_verdict(curves[(model, "bp")], curves[(model, "rec_lra")]) for model in budgets}
+    if args.from_table:  # the full-CIFAR table's ResNet-20 runs; its stage variant beside them, outside the verdict
+        runs = {("resnet20", rule): published(args.from_table, rule, ctx.seeds) for rule in ("bp", "rec_lra")}
+        stages = args.from_table / "rec_lra_stages" / "seed0"
+        if is_published(stages):
+            runs[("resnet20", "rec_lra_stages")] = {0: stages}
+        curves = {key: {seed: epoch_curve(folder) for seed, folder in folders.items()} for key, folders in runs.items()}
+        models = ["resnet20"]
+        budget = table_budget([*runs[("resnet20", "bp")].values(), *runs[("resnet20", "rec_lra")].values()])
+    else:
+        budgets = model_budgets(args.models or ["resnet20"], REC_LRA_MODELS, ctx.epochs or (2 if ctx.quick else 30))
+        settings = {}
+        for model, epochs in budgets.items():
+            bp, rec, extra = REC_LRA_MODELS[model]
+            for rule, recipe in (("bp", bp), ("rec_lra", rec)):
+                overrides = (*ctx.data, f"train.epochs={epochs}", *extra, *_tiny(ctx))
+                settings[(model, rule)] = Setting(f"{model} {rule}", recipe, overrides)
+        results = train(ctx, list(settings.values()))
+        curves = {key: {seed: epoch_curve(ctx.folder(setting, seed)) for seed in ctx.seeds
+                        if "error" not in results[(setting.label, seed)]} for key, setting in settings.items()}
+        models = list(budgets)
+        budget = ", ".join(f"{model} {e} epoch{'s' * (e != 1)}" for model, e in budgets.items()) + ", each rule's recipe"
+    verdicts = {model: rec_lra_verdict(list(curves[(model, "bp")].values()), list(curves[(model, "rec_lra")].values()))
+                for model in models}
     verdict = Verdict(combine(v.verdict for v in verdicts.values()),
                       [f"{m}: {reason}" for m, v in verdicts.items() for reason in v.reasons])
     rows, records = [], []
-    for (model, rule), setting in settings.items():
-        final = Spread.of([c[-1][1] for c in curves[(model, rule)]])
-        mean = _mean_curve(curves[(model, rule)])
+    for (model, rule), by_seed in curves.items():
+        final = Spread.of([c[-1][1] for c in by_seed.values()])
+        mean = _mean_curve(list(by_seed.values()))
         marks = [mean[min(len(mean) - 1, round(q * len(mean)) - 1)] for q in (0.25, 0.5, 0.75)]
         rows.append([model, rule, *(f"{a:.1f} (ep {e}, {s:.0f} s)" for e, a, s in marks), str(final),
                      f"{mean[-1][2]:.0f}"])
-        for seed, c in zip(ctx.seeds, curves[(model, rule)]):
+        for seed, c in by_seed.items():
             records += [{"model": model, "rule": rule, "seed": seed, "epoch": e, "accuracy_pct": a,
                          "train_seconds": s} for e, a, s in c]
 
     def draw(ax: Any) -> None:
-        for (model, rule) in settings:
-            mean = _mean_curve(curves[(model, rule)])
+        for (model, rule), by_seed in curves.items():
+            mean = _mean_curve(list(by_seed.values()))
             ax.plot([e for e, _, _ in mean], [a for _, a, _ in mean], marker=".", label=f"{model} {rule}")
         ax.set(xlabel="epoch", ylabel="held-out accuracy (%, mean over seeds)")
 
-    budget = ", ".join(f"{model} {e} epoch{'s' * (e != 1)}" for model, e in budgets.items()) + ", each rule's recipe"
     return report(ctx, CLAIMS["rec-lra"], ["model", "rule", "at 1/4 of training", "at 1/2", "at 3/4",
                   "final held-out %", "train s"], rows, records, verdict, budget, draw)
 
@@ -531,7 +597,7 @@ def tpsgd(ctx: Context, args: argparse.Namespace) -> dict:
     for name in TPSGD_SETTINGS:
         costs = {}
         for rule in ("bp", "tpsgd"):
-            s = settings[(name, rule)]
+            s = ctx.full(settings[(name, rule)])  # the model and rule as trained, --set's included
             path = s.recipe if s.recipe.endswith(".toml") else str(RECIPES / f"{s.recipe}.toml")
             model_overrides = [o for o in s.overrides if o.startswith(("model.", "rule."))]
             costs[rule] = step_costs(path, model_overrides, shapes[name], 64, 3 if ctx.quick else 20)
@@ -633,7 +699,7 @@ def trace_noise(ctx: Context, args: argparse.Namespace) -> dict:
     results |= train(dataclasses.replace(ctx, seeds=[first_seed]), [early])
 
     # the gradients at three points of BP's training: its initialisation, after one epoch, at the end
-    recipe = load_recipe(RECIPES / "cifar10_resnet20_bp.toml", [*ctx.data, *_tiny(ctx)])
+    recipe = load_recipe(RECIPES / "cifar10_resnet20_bp.toml", [*ctx.data, *_tiny(ctx), *ctx.overrides])
     batch = 16 if ctx.quick else 128
     data = build_data(recipe.data, torch.device("cpu"), batch, batch, seed=0)  # the runs' training images
     images = data.train  # uint8 images and labels, as the runs' loader holds them
@@ -643,7 +709,7 @@ def trace_noise(ctx: Context, args: argparse.Namespace) -> dict:
     fresh = build_model(recipe.model, data.input_shape, data.num_classes)
     points = {"init": (fresh, data.stats)}
     for point, setting in (("1 epoch", early), (f"{epochs} epochs", settings["exact"])):
-        trained = trained_model(load_checkpoint(setting.folder(ctx.runs) / f"seed{first_seed}"), setting.label)
+        trained = trained_model(load_checkpoint(ctx.folder(setting, first_seed)), setting.label)
         points[point] = (trained.model, trained.stats)
     ratio = {}
     for point, (model, stats) in points.items():
@@ -707,27 +773,38 @@ def final_angle(folder: Path) -> float | None:
 
 
 def weight_transport(ctx: Context, args: argparse.Namespace) -> dict:
-    epochs = ctx.epochs or (1 if ctx.quick else 30)
-    common = (*ctx.data, f"train.epochs={epochs}", *_tiny(ctx))
-    settings = {rule: Setting(f"resnet20 {rule}", recipe, common) for rule, recipe in WEIGHT_TRANSPORT.items()}
-    if args.kp_decay is not None:  # B aligns by the coupled decay: few steps need a larger one, and BP beside it
-        decay = f"{args.kp_decay:g}"
-        for rule, name in (("kp", "kp"), ("bp", "bp, kp's decay")):
-            settings[name] = Setting(f"resnet20 {rule} wd {decay}", WEIGHT_TRANSPORT[rule],
-                                     (*common, f"optim.weight_decay={decay}"))
-    results = train(ctx, list(settings.values()))
-    acc = {rule: accuracies(results, s.label) for rule, s in settings.items()}
-    angles = {seed: a for seed in ctx.seeds
-              if (a := final_angle(settings["kp"].folder(ctx.runs) / f"seed{seed}")) is not None}
+    if args.from_table:  # the full-CIFAR table's runs: each rule's own recipe, at the table's budget
+        runs = {rule: published(args.from_table, rule, ctx.seeds) for rule in WEIGHT_TRANSPORT}
+        acc = {rule: [100 * full_cifar.read_json(folder / "results.json")["accuracy"] for folder in folders.values()]
+               for rule, folders in runs.items()}
+        kp_runs = runs["kp"]
+        recipes = {rule: full_cifar.recipe_path(rule).stem for rule in runs}
+        budget = table_budget(folder for folders in runs.values() for folder in folders.values())
+    else:
+        epochs = ctx.epochs or (1 if ctx.quick else 30)
+        common = (*ctx.data, f"train.epochs={epochs}", *_tiny(ctx))
+        settings = {rule: Setting(f"resnet20 {rule}", recipe, common) for rule, recipe in WEIGHT_TRANSPORT.items()}
+        if args.kp_decay is not None:  # B aligns by the coupled decay: few steps need a larger one, and BP beside it
+            decay = f"{args.kp_decay:g}"
+            for rule, name in (("kp", "kp"), ("bp", "bp, kp's decay")):
+                settings[name] = Setting(f"resnet20 {rule} wd {decay}", WEIGHT_TRANSPORT[rule],
+                                         (*common, f"optim.weight_decay={decay}"))
+        results = train(ctx, list(settings.values()))
+        acc = {rule: accuracies(results, s.label) for rule, s in settings.items()}
+        kp_runs = {seed: ctx.folder(settings["kp"], seed) for seed in ctx.seeds}
+        recipes = {rule: " ".join((s.recipe, *s.overrides[len(common):])) for rule, s in settings.items()}
+        kp_setting = ("kp: SGD with coupled weight decay" if args.kp_decay is None else
+                      f"kp and a second bp: SGD with coupled weight decay {args.kp_decay:g}")
+        budget = f"ResNet-20, {epochs} epochs, each rule's recipe ({kp_setting})"
+    angles = {seed: a for seed, folder in kp_runs.items() if (a := final_angle(folder)) is not None}
     angle = statistics.fmean(angles.values()) if angles else None
     verdict = weight_transport_verdict(acc["bp"], acc["usf"], acc["kp"], angle, kp_bp=acc.get("bp, kp's decay"))
     spreads = {rule: Spread.of(a) for rule, a in acc.items()}
-    rows = [[rule, " ".join((settings[rule].recipe, *settings[rule].overrides[len(common):])),
-             str(spreads[rule]), " ".join(f"{a:.1f}" for a in acc[rule]),
+    rows = [[rule, recipes[rule], str(spreads[rule]), " ".join(f"{a:.1f}" for a in acc[rule]),
              f"{spreads[rule].mean - spreads['bp'].mean:+.2f}",
-             f"{angle:.1f}" if rule == "kp" and angle is not None else "—"] for rule in settings]
+             f"{angle:.1f}" if rule == "kp" and angle is not None else "—"] for rule in acc]
     records = [{"rule": rule, "seed": seed, "accuracy_pct": a, "fb_angle": angles.get(seed, "") if rule == "kp" else ""}
-               for rule in settings for seed, a in zip(ctx.seeds, acc[rule])]
+               for rule in acc for seed, a in zip(ctx.seeds, acc[rule])]
 
     def draw(ax: Any) -> None:
         ax.bar(range(len(spreads)), [s.mean for s in spreads.values()], yerr=[s.sd for s in spreads.values()],
@@ -735,9 +812,6 @@ def weight_transport(ctx: Context, args: argparse.Namespace) -> dict:
         ax.set_xticks(range(len(spreads)), list(spreads))
         ax.set(ylabel="held-out accuracy (%)")
 
-    kp_setting = ("kp: SGD with coupled weight decay" if args.kp_decay is None else
-                  f"kp and a second bp: SGD with coupled weight decay {args.kp_decay:g}")
-    budget = f"ResNet-20, {epochs} epochs, each rule's recipe ({kp_setting})"
     return report(ctx, CLAIMS["weight-transport"], ["rule", "recipe", "held-out %", "per seed", "vs bp",
                   "B-W angle °"], rows, records, verdict, budget, draw)
 
@@ -782,20 +856,22 @@ CLAIMS = {claim.name: claim for claim in [
 ]}
 
 
-def markdown_summary(out: Path) -> str:
-    """One row per claim that has a CLAIM.json in ``out``: statement, budget, the numbers, the verdict."""
-    lines = ["| claim | the paper says | setting and budget | numbers | verdict |", "|---|---|---|---|---|"]
+def markdown_summary(*outs: Path) -> str:
+    """One row per claim and ``--out`` folder that has its CLAIM.json (a folder per budget: the
+    small-budget claims, the full-data ones), a claim's rows together: its budget (the data it was
+    judged on), the setting, the numbers, the verdict."""
+    lines = ["| claim | budget | the paper says | setting | numbers | verdict |", "|---|---|---|---|---|---|"]
     for name in CLAIMS:
-        path = out / f"{name}.json"
-        if not path.is_file():
-            continue
-        s = json.loads(path.read_text())
-        numbers = "<br>".join(s["reasons"]).replace("|", "/")
-        lines.append(f"| `{name}` | {s['statement']} ({s['source'].split(',')[0]}) | {s['budget']}; seeds "
-                     f"{', '.join(map(str, s['seeds']))} | {numbers} | **{s['verdict']}** |")
+        found = [json.loads(path.read_text()) for out in outs if (path := out / f"{name}.json").is_file()]
+        for s in found:
+            says = f"{s['statement']} ({s['source'].split(',')[0]})" if s is found[0] else "(as above)"
+            numbers = "<br>".join(s["reasons"]).replace("|", "/")
+            lines.append(f"| `{name}` | {s['data']} | {says} | {s['budget']}; seeds {', '.join(map(str, s['seeds']))} "
+                         f"| {numbers} | **{s['verdict']}** |")
     return "\n".join(lines)
 
 
+TABLE_CLAIMS = ("rec-lra", "weight-transport")  # --from-table: the claims the full-CIFAR table's runs answer
 MODEL_CHOICES = {"small-data": SMALL_DATA_MODELS, "rec-lra": REC_LRA_MODELS}
 
 
@@ -804,7 +880,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("claim", nargs="?", choices=sorted(CLAIMS))
     parser.add_argument("--list", action="store_true", help="name the claims, their sources and criteria")
     parser.add_argument("--markdown", action="store_true", help="print the claims table of the CLAIM.json files "
-                        "in --out as Markdown (for BENCHMARKS.md)")
+                        "in --out as Markdown (for BENCHMARKS.md); --out again for each budget, one row per claim "
+                        "and folder")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (seconds): checks the code path, "
                         "the verdicts mean nothing")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default 0 1 2)")
@@ -813,6 +890,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--npz", type=Path, help="the .npz of CIFAR images to split and train on")
     parser.add_argument("--cifar-root", type=Path, help="torchvision's CIFAR-10 folder (default data/cifar10)")
     parser.add_argument("--subsets", type=int, nargs="+", help="small-data: training-set sizes (0: all)")
+    parser.add_argument("--rules", nargs="+", choices=list(SMALL_DATA_RULES), help="small-data: the rules to train "
+                        "(default: all; bp, hybrid and bdfa are the claim's, dfa can be left out)")
     parser.add_argument("--images", type=int, help="small-data: training images each run sees (default 10,000)")
     parser.add_argument("--models", nargs="+", help="small-data: resnet20 cnn; rec-lra: resnet20 resnet18, each "
                         "NAME or NAME:EPOCHS (its own budget, else --epochs)")
@@ -821,8 +900,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "(the gradient noise does not depend on them; default: every seed)")
     parser.add_argument("--kp-decay", type=float, help="weight-transport: KP's coupled weight decay (B aligns by "
                         "it; few steps need more than the recipe's), with BP trained at it beside KP")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/claims"),
-                        help="where CLAIM.csv, CLAIM.json and CLAIM.png go")
+    parser.add_argument("--out", type=Path, action="append", help="where CLAIM.csv, CLAIM.json and CLAIM.png go "
+                        "(default benchmarks/results/claims)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every "
+                        "training a claim starts (e.g. train.amp=true), part of each run's recipe (repeatable)")
+    parser.add_argument("--from-table", type=Path, metavar="DIR", help="rec-lra, weight-transport: read the "
+                        "full-CIFAR table's published runs in DIR (benchmarks/results/cifar10_resnet20) instead "
+                        "of training")
     parser.add_argument("--runs", type=Path, default=Path("bench_out/claims/runs"), help="the training runs' folders")
     parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                         help="read runs that finished in --runs with exactly the same recipe instead of training "
@@ -837,14 +921,45 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error("small-data: --models takes names only (the epochs follow from --images and --subsets)")
     elif args.models and args.claim:
         parser.error(f"--models applies to {' and '.join(MODEL_CHOICES)}, not {args.claim}")
+    if args.rules and args.claim != "small-data":
+        parser.error(f"--rules applies to small-data, not {args.claim}")
+    if args.rules and not {"bp", "hybrid", "bdfa"} <= set(args.rules):
+        parser.error("small-data: --rules must name bp, hybrid and bdfa (the claim compares them); dfa is optional")
+    if args.from_table and args.claim not in TABLE_CLAIMS:
+        parser.error(f"--from-table applies to {' and '.join(TABLE_CLAIMS)}, not {args.claim}")
+    if args.from_table and (given := [flag for flag, used in (("--models", args.models), ("--epochs", args.epochs is
+                            not None), ("--kp-decay", args.kp_decay is not None), ("--set", args.set)) if used]):
+        parser.error(f"--from-table reads the table's runs at their own budget and recipes: drop {', '.join(given)}")
+    if args.out and len(args.out) > 1 and not args.markdown:
+        parser.error("--out: one folder for a claim's results (several only with --markdown, one per budget)")
+    outs = args.out or [Path("benchmarks/results/claims")]
     console = make_console(150)
     if (args.list or args.claim is None) and not args.markdown:
         for claim in CLAIMS.values():
             console.print(f"[bold]{claim.name}[/]: {claim.statement} ({claim.source})\n  criterion: {claim.criterion}")
         return
     if args.markdown:
-        print(markdown_summary(args.out))
+        print(markdown_summary(*outs))
         return
+    try:
+        ctx = context(args, outs[0], console)
+        console.print(f"[bold]{args.claim}[/]: {CLAIMS[args.claim].statement}\ndata: {ctx.data_note}")
+        CLAIMS[args.claim].run(ctx, args)
+    except ConfigError as error:  # a bad --set, a subset larger than the data, a table's run not published
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def context(args: argparse.Namespace, out: Path, console: Any) -> Context:
+    """The claim's Context from the command line: the CIFAR images (none for --from-table) and the
+    number of training images they hold (``args.train_images``, small-data's subset 0)."""
+    env = dict(os.environ)
+    if args.jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    common = dict(seeds=args.seeds, jobs=args.jobs, runs=args.runs, out=out, reuse=args.reuse, quick=args.quick,
+                  epochs=args.epochs, console=console, env=env, overrides=tuple(args.set))
+    if args.from_table:
+        return Context(data=[], data_note=f"all of CIFAR-10: the full-CIFAR table's runs in {args.from_table}", **common)
     args.runs.mkdir(parents=True, exist_ok=True)
     chosen = cifar_data(args.npz, args.cifar_root, args.runs / "synthetic-cifar10.npz", 600 if args.quick else 5000)
     data = list(chosen.overrides)
@@ -853,16 +968,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from trainer.data import load_images
     from trainer.recipes import load_recipe
 
-    train_images = len(load_images(load_recipe(RECIPES / "cifar10_resnet20_bp.toml", data).data, False)[0].y)
+    recipe = load_recipe(RECIPES / "cifar10_resnet20_bp.toml", [*data, *args.set])  # a bad --set fails here, at once
+    train_images = len(load_images(recipe.data, False)[0].y)
+    for subset in args.subsets or []:
+        if not 0 <= subset <= train_images:
+            raise ConfigError(f"--subsets {subset}: the training split holds {train_images} images; give 1 to "
+                              f"{train_images} (or 0 for all)")
     args.train_images = train_images
-    env = dict(os.environ)
-    if args.jobs > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
-    ctx = Context(seeds=args.seeds, jobs=args.jobs, runs=args.runs, out=args.out, reuse=args.reuse, quick=args.quick,
-                  epochs=args.epochs, data=data, data_note=f"{chosen.description} ({train_images} training images)",
-                  console=console, env=env)
-    console.print(f"[bold]{args.claim}[/]: {CLAIMS[args.claim].statement}\ndata: {ctx.data_note}")
-    CLAIMS[args.claim].run(ctx, args)
+    return Context(data=data, data_note=f"{chosen.description} ({train_images} training images)", **common)
 
 
 if __name__ == "__main__":

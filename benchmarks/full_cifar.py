@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file (python benchmarks/full_cifar.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks._harness import make_console, table, write_csv, write_json
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
