@@ -105,7 +105,7 @@ def test_a_dict_of_options_is_built_through_the_recipe_checks():
     for name, keys in (("dfa", {"feedback_scale": 2, "granularity": "layer"}), ("fa", {"feedback_init": "default"})):
         rule = build_rule(name, keys, mlp(), context())
         assert rule.options == build_section(rule_options_class(name), keys, "test")
-    with pytest.raises(ValueError, match=r"rule 'dfa': DFAOptions feedback_scale: expected a number, got 'x'"):
+    with pytest.raises(ValueError, match=r"rule 'dfa': DFAOptions feedback_scale: expected a number or one of 'auto', got 'x'"):
         build_rule("dfa", {"feedback_scale": "x"}, mlp(), context())
     with pytest.raises(ValueError, match=r"rule 'dfa': DFAOptions: unknown key 'scale'; allowed keys: granularity"):
         build_rule("dfa", {"scale": 2.0}, mlp(), context())
@@ -269,7 +269,7 @@ def test_an_optimizer_holding_none_of_the_models_parameters_is_refused_for_every
     other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(RuleError, match=rf"rule '{name}': the optimizer holds none of the model's \d+ trainable "
                                         r"parameters, so the steps would change nothing: build it from "
-                                        r"rule.model.parameters\(\)"):
+                                        r"rule.trainable_parameters\(\)"):
         rule.train_step(*batch(shape=shape), other)
     assert_unchanged(model, before)
     first, *rest = model.parameters()  # an optimizer holding only some of them is fine: the rest stay as they are

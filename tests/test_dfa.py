@@ -12,7 +12,7 @@ from torch import nn
 from trainer.config import ConfigError
 from trainer.recipes import load_recipe
 from trainer.loop import train
-from trainer.rules import RuleContext, build_rule
+from trainer.rules import RuleContext, RuleError, build_rule
 from trainer.rules.base import UnitBatch
 from trainer.rules.dfa import DFA, BinaryDFAOptions, DFAOptions
 
@@ -79,8 +79,10 @@ def test_updates_follow_the_dfa_equations(options):
     logits = units[2](h2.detach())
     e = output_error(logits, y)
     expected = []
-    for l, h in enumerate((h1, h2)):
-        g = options.feedback_scale / math.sqrt(C) * e @ rule.feedback[l].dense()  # g_l = scale/√C · e·B_l
+    for l, h in enumerate((h1, h2)):  # g_l = s/√C · e·B_l, or 1/√(3·D_l) · e·B_l for "auto"
+        auto = options.feedback_scale == "auto"
+        factor = 1 / math.sqrt(3 * h[0].numel()) if auto else options.feedback_scale / math.sqrt(C)
+        g = factor * e @ rule.feedback[l].dense()
         expected += torch.autograd.grad(h, list(units[l].parameters()), g)
     expected += torch.autograd.grad(logits, list(units[2].parameters()), e)  # the top gets e itself
     for got, want in zip(recorder.grads, expected, strict=True):
@@ -107,18 +109,14 @@ def test_bdfa_packed_and_seeded_give_identical_updates():
         torch.testing.assert_close(p, d, rtol=1e-5, atol=1e-7)
 
 
-def test_hybrid_with_every_unit_below_the_top_by_bp_equals_backprop():
-    model, (x, y) = three_unit_mlp(), batch()
-    logits = model(x)
-    expected = torch.autograd.grad(nn.functional.cross_entropy(logits, y), list(model.parameters()))
-    got = dfa_update(model, DFAOptions(bp_units=["0", "1"]), x, y)
-    for g, want in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
+def test_hybrid_with_every_unit_below_the_top_by_bp_is_refused_as_plain_backprop():
+    with pytest.raises(RuleError, match=r"single segment \(bp_units puts all 3 of its units into the top's segment\)"):
+        make_rule(three_unit_mlp(), DFAOptions(bp_units=["0", "1"]))
 
 
 def test_hybrid_bp_unit_is_backpropagated_from_the_dfa_signal_above_it():
     model, (x, y) = three_unit_mlp(), batch()
-    rule = make_rule(model, DFAOptions(bp_units=["0"]))
+    rule = make_rule(model, DFAOptions(bp_units=["0"], feedback_scale=1.0))
     assert rule.unit_names == ["1", "2"] and [list(s) for s in rule.segments] == [[0, 1], [2]]
     recorder = GradientRecorder(model)
     rule.train_step(x, y, recorder)
@@ -145,7 +143,7 @@ def test_bp_units_take_prefixes_on_the_trainers_resnets():
 def test_alignment_angle_is_zero_where_feedback_is_the_true_backward_path():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(IN, 32), nn.ReLU()), nn.Linear(32, C))
-    rule = make_rule(model, DFAOptions(align_every=1))
+    rule = make_rule(model, DFAOptions(align_every=1, feedback_scale=1.0))
     with torch.no_grad():
         rule.feedback[0].matrix.copy_(model[1].weight * math.sqrt(C))  # scale/√C · e·B = e·W_head
     rule.train_step(*batch(), GradientRecorder(model))
@@ -217,7 +215,7 @@ def test_token_feedback_first_reaches_the_class_token_alone():
 
     model = build_model(ModelConfig(name="vit", vit_patch=4, vit_depth=2, vit_width=8, vit_heads=2, vit_mlp=16),
                         (1, 8, 8), C)
-    rule = build_rule("dfa", DFAOptions(granularity="children", token_feedback="first"), model,
+    rule = build_rule("dfa", DFAOptions(granularity="children", token_feedback="first", feedback_scale=1.0), model,
                       RuleContext(num_classes=C, input_shape=(1, 8, 8)))
     assert rule.unit_names == ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1", "output"]
     assert [f.dim for f in rule.feedback] == [8, 8]

@@ -88,7 +88,7 @@ def test_kp_gives_b_the_weight_gradient_and_decays_it_like_w():
 
 def test_sdfa_projects_the_sign_of_the_error():
     model = mlp()
-    rule = make_rule("sdfa", model, granularity="layer")
+    rule = make_rule("sdfa", model, granularity="layer", feedback_scale=1.0)
     x, y = batch()
     outputs = rule.forward_units(x)
     error = (outputs[-1].detach().softmax(1) - nn.functional.one_hot(y, C)) / len(y)

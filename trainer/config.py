@@ -241,7 +241,9 @@ def _type_name(annotation: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None)) + " (or unset)"
+        args = typing.get_args(annotation)
+        unset = " (or unset)" if type(None) in args else ""
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + unset
     if origin is list:
         (item,) = typing.get_args(annotation)
         return f"a list of {_type_name(item)}"

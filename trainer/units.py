@@ -33,6 +33,24 @@ Activation = Literal["relu", "tanh", "sigmoid", "identity"]
 ACTIVATION_MODULES: dict[type[nn.Module], Activation] = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 
 
+def call_model(model: Callable[..., Any], x: State) -> Any:
+    """``model`` on a batch: one input tensor, or the tuple of a forward's several inputs (token ids
+    and a mask: ``RuleContext.example_input`` gives their example), passed as its arguments."""
+    return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def batch_length(x: State) -> int:
+    """The length of a batch's first dimension (of its first input): N, or T sequence-first."""
+    return len(primary(x))
+
+
+def sample_shape(x: State) -> tuple:
+    """A batch's shape less its first dimension; for several inputs, the tuple of each one's."""
+    if isinstance(x, tuple):
+        return tuple(tuple(t.shape[1:]) for t in x)
+    return tuple(x.shape[1:])
+
+
 def primary(state: State) -> torch.Tensor:
     """The unit output ``h_l`` of a state (the first element of a carried tuple)."""
     return state[0] if isinstance(state, tuple) else state
@@ -125,11 +143,13 @@ def _layered_units(model: LayeredNet, granularity: str) -> list[tuple[str, nn.Mo
     ]
 
 
-def model_units(model: nn.Module, granularity: str, cuts: Sequence[str] = ()) -> tuple[list[tuple[str, nn.Module]], str | None]:
+def model_units(model: nn.Module, granularity: str, cuts: Sequence[str] = (), inputs: int = 1,
+                ) -> tuple[list[tuple[str, nn.Module]], str | None]:
     """The model's ordered (name, unit) pairs, and a note on how they were found (or None).
 
     Named ``cuts`` (``[rule] units``), ``UnitEnd`` markers in the model, or ``granularity =
-    "children"``: cut from the model's traced graph (``trainer.graph_units``; any model). Otherwise,
+    "children"``: cut from the model's traced graph (``trainer.graph_units``; any model; a forward
+    of ``inputs`` inputs gives a first unit that takes their tuple). Otherwise,
     at ``granularity``: ResNets give stem, then residual blocks (block), their conv layers (layer)
     or their stages (stage), then the head (pooling and classifier); plain nets (mlp, cnn) have no
     blocks, so block equals layer; recurrent nets (an nn.Sequential): each recurrent layer, then the
@@ -138,10 +158,11 @@ def model_units(model: nn.Module, granularity: str, cuts: Sequence[str] = ()) ->
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if cuts or markers(model):
-        return cut_units(model, list(cuts)), f"units: {len(cuts)} named cuts and {len(markers(model))} UnitEnd markers"
+        note = f"units: {len(cuts)} named cuts and {len(markers(model))} UnitEnd markers"
+        return cut_units(model, list(cuts), inputs), note
     if granularity == "children":
         chosen, note = children_cuts(model)
-        return cut_units(model, chosen), note
+        return cut_units(model, chosen, inputs), note
     return _named_units(model, granularity), None
 
 
@@ -157,6 +178,12 @@ def _named_units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Modul
         f"cannot split a {type(model).__name__} into units by granularity = {granularity!r}: name the cuts "
         "([rule] units = [\"features.3\", ...]), use granularity = \"children\", or put UnitEnd markers in its forward"
     )
+
+
+def cut_landing(name: str, unit: nn.Module) -> str:
+    """Where unit ``name`` ends, i.e. after which module or operation its signal enters: what
+    ``cut_units`` recorded for a unit cut from the graph, else the unit module itself."""
+    return getattr(unit, "cut_after", None) or f"module {name!r} ({type(unit).__name__})"
 
 
 @contextlib.contextmanager

@@ -27,10 +27,15 @@ import torch
 from torch import nn
 
 from trainer.errors import TrainingDiverged, divergence, input_cause, logit_divergence
+from trainer.rules import positions
 from trainer.rules.checks import (
     RuleError, check_batch, check_context, check_logits, check_optimizer, dry_run, rule_arguments,
 )
-from trainer.units import Granularity, State, detach_state, dry_outputs, model_units, primary
+from trainer.rules.positions import OutputLayout
+from trainer.units import (
+    Granularity, State, batch_length, call_model, cut_landing, detach_state, dry_outputs, model_units, primary,
+    sample_shape,
+)
 
 @dataclass
 class StepResult:
@@ -64,12 +69,34 @@ class RuleContext:
     amp: bool = False  # bf16 autocast around forward passes (CUDA)
     label_smoothing: float = 0.0
     seed: int = 0  # seeds the rule's fixed random matrices
+    # where the logits keep classes and positions: "NC" (one row per sample), "NTC" / "TNC" (one per
+    # token), "NCHW" (one per pixel); labels have the positions' shape (trainer.rules.positions)
+    output_layout: OutputLayout = "NC"
+    # an example batch the rules' dry forwards run on instead of float zeros of input_shape: a tensor
+    # (int64 token ids, ...) or a tuple of a forward's several inputs (ids and a mask)
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_context(self)  # a bad field fails here, naming it, not later inside a rule
 
     def criterion(self) -> nn.Module:
-        return nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+        """The task loss: the mean cross-entropy over the samples, or over the labelled positions."""
+        return positions.criterion(self.output_layout, self.label_smoothing)
+
+    def example_batch(self) -> State:
+        """What the dry forwards run on, on ``device``: ``example_input``, else two float zero
+        samples of ``input_shape``."""
+        if self.example_input is None:
+            return torch.zeros((2, *self.input_shape), device=self.device)
+        if isinstance(self.example_input, tuple):
+            return tuple(t.to(self.device) for t in self.example_input)
+        return self.example_input.to(self.device)
+
+    def describe_input(self) -> str:
+        """The dry forwards' input, as messages name it."""
+        if self.example_input is None:
+            return f"inputs of RuleContext.input_shape = {self.input_shape}"
+        return f"RuleContext.example_input ({_describe(self.example_input)})"
 
 
 def _checks_divergence(train_step):  # noqa: ANN001, ANN202 (a decorator of every rule's train_step)
@@ -122,12 +149,15 @@ def apply_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def input_peak(x: torch.Tensor) -> torch.Tensor:
+def input_peak(x: State) -> torch.Tensor:
     """The batch's largest |x| as a 0-d float tensor on its device, without a host sync (NaN or inf
-    when x holds one; 0 for an empty or integer batch): what ``trainer.errors.input_cause`` reads."""
-    if not x.is_floating_point() or x.numel() == 0:
-        return torch.zeros((), device=x.device)
-    return x.detach().abs().amax().float()
+    when x holds one; 0 for an empty or integer batch; the largest over a forward's several
+    inputs): what ``trainer.errors.input_cause`` reads."""
+    floats = [t for t in (x if isinstance(x, tuple) else (x,)) if t.is_floating_point() and t.numel()]
+    if not floats:
+        return torch.zeros((), device=primary(x).device)
+    peaks = [t.detach().abs().amax().float() for t in floats]
+    return peaks[0] if len(peaks) == 1 else torch.stack(peaks).amax()
 
 
 def _saved_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -152,23 +182,34 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}" + (f" of {len(value)} items" if isinstance(value, (list, tuple)) else "")
 
 
+def byte_text(count: int) -> str:
+    """A byte count as a reader takes it in: "704 B", "1.2 kB", "513 MB"."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} B"
+
+
 def _check_step_result(rule: Rule, result: object, y: torch.Tensor) -> None:
     """What every consumer of ``train_step`` reads: a ``StepResult`` of a one-element loss tensor
-    and (N, C) logits for the N samples of the batch; a user's rule that returns anything else gets
-    a ``RuleError`` naming its class and the hook, not a failure further on in the loop."""
+    and the batch's logits: (N, C) for its N samples, or of ``RuleContext.output_layout`` with
+    the labels' positions; a user's rule that returns anything else gets a ``RuleError`` naming
+    its class and the hook, not a failure further on in the loop."""
+    layout = rule.ctx.output_layout
     if isinstance(result, StepResult):
         loss, logits = result.loss, result.logits
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             got = f"a StepResult whose loss is {_describe(loss)}"
-        elif not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) == len(y)):
+        elif not (isinstance(logits, torch.Tensor) and logits.dim() == len(layout)
+                  and positions.label_shape(logits.shape, layout) == tuple(y.shape)):
             got = f"a StepResult whose logits are {_describe(logits)}"
         else:
             return
     else:
         got = _describe(result)
+    want = f"({len(y)}, C) logits" if layout == "NC" else f"{layout} logits with the labels' positions {tuple(y.shape)}"
     raise RuleError(f"{type(rule).__name__}.train_step() returned {got}; expected StepResult(loss, logits) "
-                    f"(trainer.rules.StepResult): the batch's mean loss as a 0-d tensor and its ({len(y)}, C) logits, "
-                    "both detached")
+                    f"(trainer.rules.StepResult): the batch's mean loss as a 0-d tensor and its {want}, both detached")
 
 
 def _checks_arguments(init):  # noqa: ANN001, ANN202 (a decorator of every rule's __init__)
@@ -194,23 +235,26 @@ class Rule(nn.Module, abc.ABC):
     The rule is an nn.Module so that its own state (fixed feedback matrices as buffers, learned
     error matrices as parameters) moves with ``.to()`` and is saved by ``state_dict()``. The model
     is held without registering it, so the rule's state never duplicates the model's; ``train()``
-    and ``eval()`` set the model's mode too.
+    and ``eval()`` set the model's mode too. So ``rule.parameters()`` is the rule's own alone
+    (often none): an optimizer of your own is built from ``rule.trainable_parameters()``.
 
     The constructor checks ``model``, ``options`` and ``ctx`` before a subclass's code reads them,
     and ``train_step`` its batch and optimizer (``trainer.rules.checks``).
     ``train_step`` raises ``TrainingDiverged`` on a diverged loss (one host sync a step); set
     ``check_divergence = False`` to go on regardless (the trainer's loop does, and decides itself).
     ``preparable`` says whether ``prepare()`` can express the rule's update through autograd; a
-    rule that cannot sets it to the reason. ``pipelining`` says how ``train.pipeline_stages``
-    runs it: ``"local"`` (every stage runs the rule's own step engine on its units,
-    ``UnitRule.run_units``), ``"torch"`` (end to end, through ``torch.distributed.pipelining``), or
-    the reason it cannot be pipelined.
+    rule that cannot sets it to the reason. ``per_position`` likewise says whether it trains
+    per-position logits (``RuleContext.output_layout`` other than "NC"), or why not.
+    ``pipelining`` says how ``train.pipeline_stages`` runs it: ``"local"`` (every stage runs the
+    rule's own step engine on its units, ``UnitRule.run_units``), ``"torch"`` (end to end, through
+    ``torch.distributed.pipelining``), or the reason it cannot be pipelined.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type]
     notes: tuple[str, ...] = ()  # what the rule decided for the user (e.g. where it cut the model), printed
     preparable: ClassVar[bool | str] = True
+    per_position: ClassVar[bool | str] = True
     pipelining: ClassVar[str] = ("it declares no pipeline schedule (a UnitRule subclass runs its own step engine "
                                  "on each stage; set pipelining = \"torch\" for an end-to-end backprop variant)")
     check_divergence: bool = True
@@ -231,6 +275,10 @@ class Rule(nn.Module, abc.ABC):
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: see the class docstring
         self.options, self.ctx = options, ctx
+        if ctx.output_layout != "NC" and self.per_position is not True:
+            raise RuleError(f"rule {self.name!r} cannot train per-position logits (RuleContext.output_layout = "
+                            f"{ctx.output_layout!r}): {self.per_position}; use a rule that can (dfa, bdfa, sdfa, "
+                            "shallow, bp, trace_bp, fa, usf, brsf, frsf, kp), or one (N, C) row of logits per sample")
         self.criterion = ctx.criterion()
         self._in_step, self.steps_taken = False, 0
         # the steps waiting for the loss (``step``): each optimizer with the gradients it had then
@@ -243,9 +291,32 @@ class Rule(nn.Module, abc.ABC):
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
         """Turn one batch into parameter updates (including the optimizer step)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for evaluation."""
-        return self.model(x)
+    def forward(self, x: State) -> torch.Tensor:
+        """Logits for evaluation (``x``: a batch, or the tuple of a forward's several inputs)."""
+        return call_model(self.model, x)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What an optimizer of your own must hold, each once: the model's trainable parameters and
+        the rule's own learned ones (LRA's error maps, Kolen–Pollack's B). ``rule.parameters()``
+        is the rule's own alone (the model is not a submodule), so an optimizer built from it
+        would train no model parameter."""
+        return list({id(p): p for p in (*self.model.parameters(), *self.parameters()) if p.requires_grad}.values())
+
+    def describe(self) -> str:
+        """What the rule trains and holds, for a reader: the rule, the logits' layout, then
+        ``describe_lines`` (a local rule: each unit, where its cut landed and its matrices)."""
+        own = self.state_nbytes()
+        head = (f"rule {self.name!r} ({type(self).__name__}) on {type(self.model).__name__}, output layout "
+                f"{self.ctx.output_layout}, {sum(p.numel() for p in self.trainable_parameters()):,} trainable "
+                f"parameters, rule state {byte_text(own)}")
+        return "\n".join([head, *(f"  {line}" for line in self.describe_lines())])
+
+    def describe_lines(self) -> list[str]:
+        """The lines ``describe`` lists under its head (default: backprop end to end)."""
+        return ["end to end: the loss's gradient reaches every parameter through the model's backward"]
+
+    def __repr__(self) -> str:
+        return self.describe()
 
     def train(self, mode: bool = True) -> Rule:
         """The rule's and the model's mode (dropout, BatchNorm statistics)."""
@@ -270,7 +341,7 @@ class Rule(nn.Module, abc.ABC):
         from trainer.rules.prepared import after_backward_of  # noqa: PLC0415
 
         with self.autocast():
-            logits = self.model(x)
+            logits = call_model(self.model, x)
         return after_backward_of(logits, lambda: self.prepared_after_backward(x, y),
                                  lambda error: self._check_backward(x, [error], self.steps_taken))
 
@@ -321,7 +392,7 @@ class Rule(nn.Module, abc.ABC):
         see: the batch (``input_cause``: empty, non-finite or huge), weights that were non-finite
         before the step (damaged ones at the first step; an earlier update's overflow later), else
         the learning rate."""
-        cause = input_cause(float(input_peak(x)), len(x))
+        cause = input_cause(float(input_peak(x)), batch_length(x))
         if cause is None:
             tensors = [*self.model.named_parameters(), *self.named_parameters(prefix="rule"),
                        *self.named_buffers(prefix="rule")]
@@ -344,7 +415,8 @@ class Rule(nn.Module, abc.ABC):
         logits = logits.detach().float()
         if y is not None:
             return divergence(float(self.criterion(logits, y)), self.ctx.num_classes)
-        spread = float((logits.amax(1) - logits.amin(1)).amax()) if logits.numel() else math.nan
+        dim = positions.class_dim(self.ctx.output_layout)
+        spread = float((logits.amax(dim) - logits.amin(dim)).amax()) if logits.numel() else math.nan
         return logit_divergence(spread, self.ctx.num_classes)
 
     def _check_backward(self, x: torch.Tensor, tensors: Sequence[torch.Tensor | None], step: int) -> None:
@@ -387,10 +459,10 @@ class UnitBatch:
     local backwards of the micro-batches add up to the update of the whole batch.
     """
 
-    x: torch.Tensor  # the input of unit ``first``
+    x: State  # the input of unit ``first``: the batch (a tuple for a forward's several inputs), or h of the unit below
     y: torch.Tensor | None  # None: a prepare()'d forward given no labels
     outputs: list[State]  # each unit's output, with its graph
-    error: torch.Tensor  # e = ∂loss/∂logits of the top unit (a batch mean: softmax − one-hot over N)
+    error: torch.Tensor  # e = ∂loss/∂logits of the top unit (a mean: softmax − one-hot over N, or the positions)
     first: int = 0  # the unit index of outputs[0]
     samples: int = 0  # N, the samples the update averages over (0: len(y); the whole batch for a micro-batch)
     errors: dict[int, torch.Tensor] = field(default_factory=dict)  # error units by unit index (LRA): from above, then own
@@ -468,23 +540,30 @@ class UnitRule(Rule):
 
     def __init__(self, model: nn.Module, options: UnitOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
-        if not ctx.input_shape:
-            raise ValueError(f"rule {self.name!r} needs RuleContext.input_shape (one sample's shape, e.g. (1, 28, 28))")
+        if not ctx.input_shape and ctx.example_input is None:
+            raise ValueError(f"rule {self.name!r} needs RuleContext.input_shape (one sample's shape, e.g. (1, 28, 28)) "
+                             "or RuleContext.example_input (a batch the model takes, e.g. int64 token ids)")
+        example = ctx.example_batch()
         try:
-            self.model_units, note = model_units(model, options.granularity, options.units)
+            self.model_units, note = model_units(model, options.granularity, options.units,
+                                                 inputs=len(example) if isinstance(example, tuple) else 1)
         except ValueError as err:
             raise RuleError(str(err)) from None
+        fix = ("Cut it into units: name submodules to cut after (units = [...]), use granularity = \"children\", put "
+               "UnitEnd markers in its forward, or use rule 'bp'")
         if len(self.model_units) < 2:
             raise RuleError(
                 f"rule {self.name!r} found a single unit in {type(model).__name__} ({note or 'granularity ' + repr(options.granularity)}): "
-                "a local rule would train it as plain backprop. Cut it into units: name submodules to cut after "
-                "(units = [...]), use granularity = \"children\", put UnitEnd markers in its forward, or use rule 'bp'")
+                f"a local rule would train it as plain backprop. {fix}")
         self.notes = (note,) if note else ()
         grouped = self.group_units(self.model_units)
         self.unit_names = [name for name, _ in grouped]
         self.units = [unit for _, unit in grouped]  # a plain list: the model owns the parameters
-        self.output_shapes = self._probe_output_shapes()  # before compiling: no extra eval-mode compile
-        self.checked_input_shape = ctx.input_shape
+        self._refuse_one_segment(model, fix)
+        self.probe_shapes = self._probe_shapes(example)  # before compiling: no extra eval-mode compile
+        # each unit's output at one position (per sample for output_layout "NC")
+        self.output_shapes = [positions.feature_shape(shape, ctx.output_layout) for shape in self.probe_shapes]
+        self.checked_input_shape = sample_shape(example)
         if ctx.compile:
             # Compiled modules share one code object, so dynamo counts every unit, in train and in
             # eval mode, as a recompile of it: lift the limit, or units past the 8th run eagerly.
@@ -531,10 +610,26 @@ class UnitRule(Rule):
         """Called before a pipeline trains this rule (``stage_of_unit[l]``: the stage of unit l);
         raises RuleError for what cannot be pipelined exactly."""
 
+    def describe_unit(self, index: int) -> list[str]:
+        """What ``describe`` adds about unit ``index``: its matrices (shape, bytes), its signal."""
+        return []
+
     @property
     def top(self) -> int:
         """The index of the top (output) unit."""
         return len(self.units) - 1
+
+    def describe_lines(self) -> list[str]:
+        """One line per unit: its name, its output's shape for the example batch, where its cut
+        landed (the module or operation after which its signal enters) and ``describe_unit``."""
+        landed = {name: cut_landing(name, unit) for name, unit in self.model_units}
+        lines = [f"{len(self.units)} units; output shapes for the example batch ({self.ctx.describe_input()})"]
+        for index, name in enumerate(self.unit_names):
+            where = ("ends at the model's output, the logits: gets e = ∂loss/∂logits" if index == self.top
+                     else f"signal enters after {landed[name]}")
+            extra = "".join(f"; {text}" for text in self.describe_unit(index))
+            lines.append(f"unit {index} {name!r}: output {self.probe_shapes[index]}, {where}{extra}")
+        return lines
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -563,7 +658,8 @@ class UnitRule(Rule):
                 transport.send_output(state)
                 return StepResult.unseen(self.ctx.num_classes, y.device)
             return StepResult(self.last_loss, primary(state))
-        xs, ys = x.chunk(transport.micro_batches), y.chunk(transport.micro_batches)
+        micro = transport.micro_batches  # a pipeline's (a batch of one tensor); else the batch whole, any inputs
+        xs, ys = ([x], [y]) if micro == 1 else (x.chunk(micro), y.chunk(micro))
         in_flight: collections.deque[tuple[State, list[State], torch.Tensor, torch.Tensor | None]] = collections.deque()
         losses, logits = [], []
         batch: UnitBatch | None = None
@@ -598,7 +694,7 @@ class UnitRule(Rule):
         above) is here."""
         if error is None:
             error = transport.receive_error(len(y))
-        batch = UnitBatch(primary(inputs), y, outputs, error, first=first, samples=samples)
+        batch = UnitBatch(inputs if first == 0 else primary(inputs), y, outputs, error, first=first, samples=samples)
         transport.receive_error_units(batch)
         points = [self.signal_point(i, out) for i, out in zip(batch.indices(), outputs)]
         signals = self.checked_signals(self.signals(batch), batch.indices(), points)
@@ -656,7 +752,7 @@ class UnitRule(Rule):
 
         return inject_signals(self, x, y, self.forward_units(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: State) -> torch.Tensor:
         state: State = x
         with self.autocast():
             for unit in self.units:
@@ -686,18 +782,38 @@ class UnitRule(Rule):
             torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
 
     def output_error(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss and ``e = ∂loss/∂logits`` (softmax − one-hot, over N, with label smoothing)."""
+        """The loss and ``e = ∂loss/∂logits`` (softmax − one-hot, over N or over the labelled
+        positions, with label smoothing; zero at a position labelled ``IGNORE_INDEX``)."""
         leaf = logits.detach().float().requires_grad_()
         loss = self.criterion(leaf, y)
         (error,) = torch.autograd.grad(loss, leaf)
         return loss.detach(), error
 
-    def _probe_output_shapes(self) -> list[tuple[int, ...]]:
-        """Per-sample shape of each unit's output ``h_l``, from one dry forward in eval mode
-        (so BatchNorm running statistics are not touched)."""
-        zeros = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
-        what = f"inputs of RuleContext.input_shape = {self.ctx.input_shape}"
-        outputs = dry_run(self.name, lambda: dry_outputs(self.model, self.units, zeros), what,
-                          "set input_shape to the shape of one sample of your data, without the batch")
-        check_logits(self.name, primary(outputs[-1]), self.ctx.num_classes, what)
-        return [tuple(primary(out).shape[1:]) for out in outputs]
+    def _refuse_one_segment(self, model: nn.Module, fix: str) -> None:
+        """However the units came about (bp_units merging every unit below the top into its segment,
+        a cut after the model's last module, units without parameters), fewer than two of them
+        that hold parameters would be plain backprop of one segment under the rule's name."""
+        holding = [name for name, unit in zip(self.unit_names, self.units) if next(unit.parameters(), None) is not None]
+        if len(holding) >= 2:
+            return
+        if len(self.units) == 1:
+            why = f"bp_units puts all {len(self.model_units)} of its units into the top's segment"
+            fix = "Leave at least one unit below the top out of bp_units (it gets the feedback), or use rule 'bp'"
+        else:
+            named = ", ".join(map(repr, holding)) or "none"
+            why = (f"of its units {', '.join(map(repr, self.unit_names))}, only {named} holds parameters; a unit "
+                   "without any (after a cut at the model's last module, a lone Flatten) learns nothing")
+        raise RuleError(f"rule {self.name!r} would train {type(model).__name__} as a single segment ({why}): a local "
+                        f"rule would train it as plain backprop. {fix}")
+
+    def _probe_shapes(self, example: State) -> list[tuple[int, ...]]:
+        """The shape of each unit's output ``h_l`` for the example batch (``RuleContext.example_batch``),
+        from one dry forward in eval mode (so BatchNorm running statistics are not touched); the
+        logits' must be of the context's class count and layout."""
+        what = self.ctx.describe_input()
+        fix = ("set input_shape to the shape of one sample of your data, without the batch"
+               if self.ctx.example_input is None else "give an example_input the model takes (a batch, or the tuple of "
+               "its forward's several inputs)")
+        outputs = dry_run(self.name, lambda: dry_outputs(self.model, self.units, example), what, fix)
+        check_logits(self.name, primary(outputs[-1]), self.ctx.num_classes, what, self.ctx.output_layout)
+        return [tuple(primary(out).shape) for out in outputs]

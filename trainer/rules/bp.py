@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from trainer.rules.base import Rule, RuleContext, StepResult
+from trainer.units import call_model
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Backprop(Rule):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
         with self.autocast():
-            logits = self.model(x)
+            logits = call_model(self.model, x)
         loss = self.criterion(logits.float(), y)
         loss.backward()
         self.after_backward(x, y)

@@ -26,7 +26,8 @@ from torch import nn
 
 from kernels._modules import check_module
 from trainer.config import MAX_CLASSES, SEED_LIMIT, SEED_RANGE, build_section, check_section
-from trainer.units import evaluation_mode
+from trainer.rules.positions import IGNORE_INDEX, LAYOUTS, class_dim, label_text, layout_text
+from trainer.units import batch_length, call_model, evaluation_mode, sample_shape
 
 if TYPE_CHECKING:
     from trainer.rules.base import Rule, RuleContext
@@ -74,6 +75,38 @@ def check_context(ctx: RuleContext) -> None:
         raise TypeError(f"{where}: seed must be an int, got {type(ctx.seed).__name__} {ctx.seed!r}")
     if abs(ctx.seed) >= SEED_LIMIT:
         raise ValueError(f"{where}: seed {SEED_RANGE}, got {ctx.seed}")
+    if ctx.output_layout not in LAYOUTS:
+        raise ValueError(f"{where}: output_layout must be one of {', '.join(map(repr, LAYOUTS))} (where the logits "
+                         f"keep their classes: (N, C), (N, T, C), (T, N, C), (N, C, H, W)), got {ctx.output_layout!r}")
+    _check_example_input(ctx)
+
+
+def _check_example_input(ctx: RuleContext) -> None:
+    """``example_input``: None, a tensor or a non-empty tuple (or list) of tensors, each a batch
+    (at least one dimension). A single tensor sets ``input_shape`` when it is not given, and must
+    agree with it when it is."""
+    where, example = "RuleContext: example_input", ctx.example_input
+    if example is None:
+        return
+    if isinstance(example, list):
+        example = ctx.example_input = tuple(example)
+    tensors = example if isinstance(example, tuple) else (example,)
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        if isinstance(example, tuple):
+            got = f"a tuple of {', '.join(type(t).__name__ for t in tensors)}" if tensors else "an empty tuple"
+        else:
+            got = f"{type(example).__name__} {example!r}"[:80]
+        raise TypeError(f"{where} must be a batch the model takes: a tensor (e.g. int64 token ids of shape (N, T)) or "
+                        f"a tuple of tensors (a forward's several inputs), got {got}")
+    if any(t.dim() < 1 for t in tensors):
+        raise ValueError(f"{where} must be a batch, with the batch's dimension first (or the sequence's, for "
+                         "sequence-first models), got a 0-d tensor")
+    if isinstance(example, torch.Tensor):
+        shape = tuple(example.shape[1:])
+        if ctx.input_shape and ctx.input_shape != shape:
+            raise ValueError(f"{where} has samples of shape {shape} but input_shape = {ctx.input_shape}: leave "
+                             "input_shape out (the example sets it), or make them agree")
+        ctx.input_shape = shape
 
 
 def _device(where: str, device: object) -> torch.device:
@@ -153,62 +186,94 @@ def dry_run(rule: str, run: Callable[[], T], what: str, fix: str) -> T:
         raise ValueError(f"rule {rule!r}: the model fails on {what} ({type(err).__name__}: {reason}); {fix}") from err
 
 
-def check_logits(rule: str, out: object, num_classes: int, what: str) -> None:
-    """The model's output for ``what`` must be (N, C) logits with C = ``ctx.num_classes``: a wider
-    one trains extra classes towards nothing, a narrower one fails in the loss, and local rules
-    size their feedback by C."""
-    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == num_classes:
+def check_logits(rule: str, out: object, num_classes: int, what: str, layout: str = "NC") -> None:
+    """The model's output for ``what`` must be logits of ``layout`` (``RuleContext.output_layout``:
+    (N, C), or per position (N, T, C), (T, N, C), (N, C, H, W)) with C = ``ctx.num_classes``: a
+    wider one trains extra classes towards nothing, a narrower one fails in the loss, and local
+    rules size their feedback by C."""
+    dim = class_dim(layout)
+    if isinstance(out, torch.Tensor) and out.dim() == len(layout) and out.shape[dim] == num_classes:
         return
     if isinstance(out, torch.Tensor):
         got = f"a {tuple(out.shape)} tensor"
-        fix = (f"make the context with num_classes={out.shape[1]}, or give the model's last layer {num_classes} "
-               "outputs" if out.dim() == 2 else "return (N, C) logits from forward, flattened")
+        if out.dim() == len(layout):
+            fix = (f"make the context with num_classes={out.shape[dim]}, or give the model's last layer {num_classes} "
+                   "outputs")
+        elif layout == "NC":
+            fix = ("return (N, C) logits from forward, flattened; or, for one distribution per position (tokens, "
+                   "pixels), declare where the classes are: RuleContext(output_layout=\"NTC\", \"TNC\" or \"NCHW\")")
+        else:
+            fix = f"return {layout} logits from forward, or declare the layout they have (RuleContext.output_layout)"
     else:
-        got, fix = f"a {type(out).__name__}", "return the logits alone from forward, an (N, C) tensor"
+        got, fix = f"a {type(out).__name__}", f"return the logits alone from forward, a {layout} tensor"
     raise RuleError(f"rule {rule!r}: the model returns {got} for {what}, but RuleContext.num_classes = "
-                    f"{num_classes} needs (N, {num_classes}) logits: {fix}")
+                    f"{num_classes} needs {layout_text(layout, num_classes)} logits: {fix}")
 
 
 def check_batch(rule: Rule, x: object, y: object, *, labels: bool = True) -> None:
-    """A training batch: ``x`` a tensor of samples of the shape the rule was built for (an
-    end-to-end rule checks a new sample shape by a dry forward, once), ``y`` class indices (N,) on
-    its device; ``labels=False``: ``y`` may be None (``prepare()``'s forward)."""
-    label = f"rule {rule.name!r}"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{label}: x must be a torch.Tensor batch of inputs (N, *input_shape), got {type(x).__name__}")
-    if x.dim() < 1:
+    """A training batch: ``x`` a tensor of samples of the shape the rule was built for, or the
+    tuple of a forward's several inputs (an end-to-end rule, and a local rule with per-position
+    logits, check a new sample shape by a dry forward, once), ``y`` class indices of the positions'
+    shape (``RuleContext.output_layout``: (N,), (N, T), (T, N) or (N, H, W)) with x's first
+    dimension, on its device; ``labels=False``: ``y`` may be None (``prepare()``'s forward)."""
+    label, layout = f"rule {rule.name!r}", rule.ctx.output_layout
+    inputs = x if isinstance(x, tuple) else (x,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        got = f"a tuple of {', '.join(type(t).__name__ for t in inputs) or 'nothing'}" if isinstance(x, tuple) \
+            else type(x).__name__
+        raise TypeError(f"{label}: x must be a torch.Tensor batch of inputs (N, *input_shape), got {got} (a forward "
+                        "of several inputs takes a tuple of tensors)")
+    if any(t.dim() < 1 for t in inputs):
         raise ValueError(f"{label}: x must be a batch (N, *input_shape), got a 0-d tensor")
-    if not _same_device(x.device, rule.ctx.device):
-        raise ValueError(f"{label}: x is on {x.device} but the rule trains on {rule.ctx.device} (RuleContext.device): "
+    away = next((t.device for t in inputs if not _same_device(t.device, rule.ctx.device)), None)
+    if away is not None:
+        raise ValueError(f"{label}: x is on {away} but the rule trains on {rule.ctx.device} (RuleContext.device): "
                          f"move the batch with x.to({str(rule.ctx.device)!r})")
     if y is not None or labels:
+        positions = label_text(layout)
         if not isinstance(y, torch.Tensor):
-            raise TypeError(f"{label}: y must be a torch.Tensor of class indices (N,), got {type(y).__name__}")
-        if y.dim() != 1 or y.dtype != torch.int64:  # what the loss and the label projections index with
-            raise TypeError(f"{label}: y must hold class indices, an int64 tensor of shape (N,) (y.long()), got "
-                            f"{y.dtype} of shape {tuple(y.shape)}")
-        if len(y) != len(x):
-            raise ValueError(f"{label}: y holds {len(y)} labels but x {len(x)} samples; pass one label per sample")
-        if y.device != x.device:
-            raise ValueError(f"{label}: y is on {y.device} but x on {x.device}; move the labels with y.to(x.device)")
-    shape = tuple(x.shape[1:])
+            raise TypeError(f"{label}: y must be a torch.Tensor of class indices {positions}, got {type(y).__name__}")
+        if y.dim() != len(layout) - 1 or y.dtype != torch.int64:  # what the loss and the label projections index with
+            per = "" if layout == "NC" else f" (output_layout = {layout!r}: one per position, {IGNORE_INDEX} for none)"
+            raise TypeError(f"{label}: y must hold class indices, an int64 tensor of shape {positions}{per} "
+                            f"(y.long()), got {y.dtype} of shape {tuple(y.shape)}")
+        if len(y) != batch_length(x):
+            n = batch_length(x)
+            raise ValueError(f"{label}: y holds {len(y)} labels but x {n} samples; pass one label per sample"
+                             if layout == "NC" else f"{label}: y's first dimension is {len(y)} but x's is {n}; pass "
+                             f"labels of the positions' shape {positions}")
+        if y.device != inputs[0].device:
+            raise ValueError(f"{label}: y is on {y.device} but x on {inputs[0].device}; move the labels with "
+                             "y.to(x.device)")
+    shape = sample_shape(x)
     if shape == rule.checked_input_shape:
         return
-    if rule.sized_by_input:
-        raise ValueError(f"{label}: x has shape {tuple(x.shape)}, but the rule was built for samples of "
-                         f"RuleContext.input_shape = {rule.ctx.input_shape}: pass batches of shape (N, "
-                         f"{', '.join(map(str, rule.ctx.input_shape))}), or build the rule with input_shape={shape}")
-    what = f"the batch x of shape {tuple(x.shape)}"
+    if rule.sized_by_input and layout == "NC":
+        built = f"RuleContext.input_shape = {rule.ctx.input_shape}" if rule.ctx.example_input is None else \
+            f"RuleContext.example_input's shape {rule.checked_input_shape}"
+        fix = (f"pass batches of shape (N, {', '.join(map(str, rule.ctx.input_shape))}), or build the rule with "
+               f"input_shape={shape}") if rule.ctx.example_input is None else \
+            "pass batches of that shape, or build the rule with an example_input of this one"
+        raise ValueError(f"{label}: x has shape {_shapes(x)}, but the rule was built for samples of {built}: {fix}")
+    what = f"the batch x of shape {_shapes(x)}"
     model = rule.model
-    sample = x[:2].detach()
+    # two samples are enough for one row per sample; per-position logits and several inputs (a
+    # mask need not have the batch's first dimension) are checked on the whole batch
+    sample = x[:2].detach() if isinstance(x, torch.Tensor) and layout == "NC" else \
+        tuple(t.detach() for t in inputs) if isinstance(x, tuple) else x.detach()
 
     def forward() -> object:
         with evaluation_mode(model), torch.no_grad():
-            return model.forward(sample)  # not a compiled model(...): no extra compile for one check
+            return call_model(model.forward, sample)  # not a compiled model(...): no extra compile for one check
 
     out = dry_run(rule.name, forward, what, "pass batches of the shape the model takes")
-    check_logits(rule.name, out, rule.ctx.num_classes, what)
+    check_logits(rule.name, out, rule.ctx.num_classes, what, layout)
     rule.checked_input_shape = shape
+
+
+def _shapes(x: torch.Tensor | tuple[torch.Tensor, ...]) -> str:
+    """A batch's shape as messages write it (of each input, for several)."""
+    return ", ".join(str(tuple(t.shape)) for t in x) if isinstance(x, tuple) else str(tuple(x.shape))
 
 
 def held_parameters(optimizer: object) -> set[int] | None:
@@ -226,7 +291,7 @@ def check_optimizer(rule: Rule, optimizer: object) -> None:
     label = f"rule {rule.name!r}"
     if not (callable(getattr(optimizer, "step", None)) and callable(getattr(optimizer, "zero_grad", None))):
         raise TypeError(f"{label}: optimizer must be a torch.optim.Optimizer (with step and zero_grad), got "
-                        f"{type(optimizer).__name__}; build it from rule.model.parameters()")
+                        f"{type(optimizer).__name__}; build it from rule.trainable_parameters()")
     if optimizer is rule.checked_optimizer:
         return
     held = held_parameters(optimizer)
@@ -235,8 +300,11 @@ def check_optimizer(rule: Rule, optimizer: object) -> None:
         raise RuleError(f"{label}: the model has no trainable parameters (none requires grad): a step would change "
                         "nothing; unfreeze the layers to train with p.requires_grad_(True)")
     if held is not None and not any(id(p) in held for p in trainable):
-        raise RuleError(f"{label}: the optimizer holds none of the model's {len(trainable)} trainable parameters, so "
-                        "the steps would change nothing: build it from rule.model.parameters() (or "
+        own = any(id(p) in held for p in rule.parameters())
+        why = (" but only the rule's own (rule.parameters() is the rule's own alone: the model is no submodule of "
+               "the rule), so only those would learn" if own else ", so the steps would change nothing")
+        raise RuleError(f"{label}: the optimizer holds none of the model's {len(trainable)} trainable parameters{why}: "
+                        "build it from rule.trainable_parameters() (the model's and the rule's own; or "
                         "rule.prepare().parameters()), after the rule")
     rule.checked_optimizer = optimizer
 

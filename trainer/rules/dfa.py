@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from trainer.rules.alignment import bp_alignment, needs_labels, preserved_buffers
-from trainer.rules.base import RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
-from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
+from trainer.rules import positions
+from trainer.rules.base import RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule, byte_text
+from trainer.rules.projection import FixedProjection, Init, Scale, Storage, check_projection_options
 from trainer.units import Granularity, State, detach_state, primary, used_parameters
 
 
@@ -38,37 +39,51 @@ class DFAOptions(UnitOptions):
     bp_units: unit names or name prefixes ("stem", "layer1") trained by backprop inside the
     segment of the first non-BP unit above them (the hybrid).
     feedback_init: entries of B_l, all of unit variance: gaussian N(0, 1), uniform U(-√3, √3) or
-    binary ±1. The projection is multiplied by ``feedback_scale/√C``, so each signal entry has
-    variance ``feedback_scale² · ‖e‖²/C`` whatever the unit size D_l. The default (gaussian, scale
-    1) is Nøkland's Gaussian feedback made independent of D_l and C. (Han & Yoo's init from the
-    statistics of the fixed matrices could not be read from the paper and is not offered.)
+    binary ±1. (Han & Yoo's init from the statistics of the fixed matrices could not be read from
+    the paper and is not offered.)
+    feedback_scale: "auto" (default) multiplies the projection by ``1/√(3·D_l)``, D_l the unit's
+    output size: each signal entry has variance ``‖e‖²/(3·D_l)``, the size of backprop's gradient
+    through a linear layer of fan-in D_l in PyTorch's default initialisation and TinyDFA's
+    U[-1, 1)/√D_l feedback, so a sample's signal has norm ≈ ‖e‖/√3 whatever the unit's width. A
+    number s multiplies by ``s/√C`` instead (entry variance ``s²·‖e‖²/C`` whatever D_l: the
+    default until issue 37, kept by every recipe as ``feedback_scale = 1.0``). Why "auto": s/√C
+    gives a unit of width D a signal √(3·D/C) times BP's (8.8x for 256 units and 10 classes,
+    ~140x for a 64x32x32 ResNet map), which Adam's normalised steps absorb but plain SGD does not:
+    TinyDFA's MNIST MLP (784-256-256-10, SGD 0.01 momentum 0.9, batch 128) diverged at s = 1
+    (held-out loss 8,720 ± 3,977 after 10 epochs on mnist5k, 3 seeds) and at 0.5 and 0.3; "auto"
+    gave 0.312 ± 0.024 (90.8 % ± 1.0), and stays best or level with the best constant at hidden
+    widths 64 and 1024 and on a two-conv CNN, where a constant tuned for one width is slow or
+    unstable at another (BENCHMARKS.md, "DFA's default feedback scale in a user's own loop").
     feedback_storage: dense float32; binary feedback also packed (1 bit an entry) or seeded (none).
     align_every: measure the DFA-vs-BP angle every k steps (0: never).
-    token_feedback: for units whose output is a token sequence (N, T, D), e.g. transformer blocks:
-    "all" projects the error onto every token (B_l is C x T·D), "first" onto the first token alone
-    (the class token a ViT reads out; B_l is C x D, the other tokens get a zero signal).
+    token_feedback: for units whose output is a token sequence (N, T, D), e.g. transformer blocks,
+    under one (N, C) row of logits per sample (``RuleContext.output_layout = "NC"``): "all" projects
+    the sample's error onto every token (B_l is C x T·D), "first" onto the first token alone (the
+    class token a ViT reads out; B_l is C x D, the other tokens get a zero signal). With logits per
+    token (output_layout "NTC" or "TNC") each token's own error reaches the unit at that token
+    through one C x D matrix instead (``trainer.rules.positions``), and "first" is refused.
     """
 
     granularity: Granularity = "block"
     bp_units: list[str] = field(default_factory=list)
     feedback_init: Init = "gaussian"
     feedback_storage: Storage = "dense"
-    feedback_scale: float = 1.0
+    feedback_scale: Scale = "auto"
     align_every: int = 0
     token_feedback: Literal["all", "first"] = "all"
 
     def validate(self) -> None:
         check_projection_options(self.feedback_init, self.feedback_storage)
-        if self.feedback_scale <= 0:
-            raise ValueError(f"feedback_scale must be positive, got {self.feedback_scale}")
+        if self.feedback_scale != "auto" and self.feedback_scale <= 0:
+            raise ValueError(f"feedback_scale must be positive or 'auto', got {self.feedback_scale}")
         if self.align_every < 0:
             raise ValueError(f"align_every must be 0 (off) or a number of steps, got {self.align_every}")
 
 
 @dataclass
 class BinaryDFAOptions(DFAOptions):
-    """Options of ``bdfa``: DFA with ±1 feedback (times 1/√C per unit), packed by default
-    (32x less memory than float32) or seeded (regenerated in the kernel, no memory)."""
+    """Options of ``bdfa``: DFA with ±1 feedback (times ``feedback_scale``'s factor, as ``dfa``),
+    packed by default (32x less memory than float32) or seeded (regenerated in the kernel, no memory)."""
 
     feedback_init: Literal["binary"] = "binary"
     feedback_storage: Storage = "packed"
@@ -102,8 +117,18 @@ class DFA(UnitRule):
 
     def __init__(self, model: nn.Module, options: DFAOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
+        layout = ctx.output_layout
+        if layout != "NC":
+            if options.token_feedback == "first":
+                raise RuleError(f"token_feedback = 'first' sends a sample's one error to its class token, but "
+                                f"output_layout = {layout!r} gives every position its own error, which reaches the "
+                                "unit at that position: leave token_feedback at 'all'")
+            for index in range(self.top):  # each position's error goes to the same position of h_l
+                positions.check_positions(self.name, self.unit_names[index], self.probe_shapes[index],
+                                          self.probe_shapes[self.top], layout)
         self.unit_parameters = self._owned_parameters() if options.align_every else []
-        self.first_token = [options.token_feedback == "first" and len(shape) == 2 for shape in self.output_shapes]
+        self.first_token = [layout == "NC" and options.token_feedback == "first" and len(shape) == 2
+                            for shape in self.output_shapes]
         self.feedback = nn.ModuleList(
             FixedProjection(ctx.num_classes, shape[-1] if first else math.prod(shape), init=options.feedback_init,
                             storage=options.feedback_storage, seed=ctx.seed, stream=s[-1],
@@ -133,7 +158,7 @@ class DFA(UnitRule):
         its whole block as a submodule but uses only its conv and BN). One dry training-mode pass
         of the uncompiled units on two zero images, statistics restored."""
         owned = []
-        state: State = torch.zeros((2, *self.ctx.input_shape), device=self.ctx.device)
+        state: State = self.ctx.example_batch()
         with preserved_buffers(self.model), torch.enable_grad():
             for _, unit in self.model_units:
                 state = unit.forward(state)  # the plain module, not its compiled wrapper
@@ -144,8 +169,10 @@ class DFA(UnitRule):
     @torch.no_grad()
     def signals(self, batch: UnitBatch) -> list[torch.Tensor]:
         """``scale/√C · u·B_l`` reshaped to unit l's output, in its dtype, with u the projected
-        error (``e`` for DFA); ``e`` itself for the top."""
-        projected = self.projected_error(batch)
+        error (``e`` for DFA); ``e`` itself for the top. With per-position logits each position's
+        row of u is projected onto the same position of h_l, by the same B_l."""
+        layout = self.ctx.output_layout
+        projected = positions.rows(self.projected_error(batch), layout)
         signals = []
         for index in batch.indices():
             if index == self.top:
@@ -155,8 +182,19 @@ class DFA(UnitRule):
             g = self.feedback[index].project(projected, out_dtype=h.dtype)
             if self.first_token[index]:  # the class token alone
                 g = torch.cat([g[:, None], g.new_zeros(h.shape[0], h.shape[1] - 1, h.shape[2])], dim=1)
-            signals.append(g.view(h.shape))
+            signals.append(positions.unrows(g, h, layout))
         return signals
+
+    def describe_unit(self, index: int) -> list[str]:
+        """Its segment (with BP units) and its feedback matrix B_l: shape, kind and bytes."""
+        segment = [self.model_units[i][0] for i in self.segments[index]]
+        lines = [f"segment {', '.join(map(repr, segment))} (backprop inside)"] if len(segment) > 1 else []
+        if index < self.top:
+            b = self.feedback[index]
+            per = "sample" if self.ctx.output_layout == "NC" else "position"
+            lines.append(f"feedback B {b.num_classes} x {b.dim} ({b.init}, {b.storage}; D = {b.dim} a {per}"
+                         f"{', the first token' if self.first_token[index] else ''}), {byte_text(b.nbytes)}")
+        return lines
 
     def projected_error(self, batch: UnitBatch) -> torch.Tensor:
         """What the feedback matrices project: the output error e."""
@@ -206,4 +244,7 @@ class SignDFA(DFA):
     Options = DFAOptions
 
     def projected_error(self, batch: UnitBatch) -> torch.Tensor:
-        return torch.sign(batch.error) / batch.samples
+        """sign(e)/N, N the samples, or for per-position logits the positions the loss averages."""
+        layout = self.ctx.output_layout
+        count = batch.samples if layout == "NC" else positions.labelled_positions(batch.error, layout)
+        return torch.sign(batch.error) / count

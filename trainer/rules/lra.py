@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from kernels import local_signal, local_weight_update, lra_error_units, norm_ball_factor
-from trainer.rules.base import ParamOptions, RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule
+from trainer.rules.base import (
+    ParamOptions, RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule, byte_text,
+)
 from trainer.rules.error_maps import DenseErrorMap, build_error_map, error_map_layout
 from trainer.units import AlignedUnit, State, aligned_unit
 
@@ -115,6 +117,9 @@ class LocalRepresentationAlignment(UnitRule):
 
     name = "lra"
     Options = LRAOptions
+    per_position = ("its error maps E_l carry one output error vector per sample onto each unit's whole output (its "
+                    "fused kernels and targets are per sample); per-position errors would need maps per position, "
+                    "which it does not have")
     units: list[AlignedUnit]
 
     def __init__(self, model: nn.Module, options: LRAOptions, ctx: RuleContext):
@@ -239,6 +244,15 @@ class LocalRepresentationAlignment(UnitRule):
 
     def unit_rule_parameters(self, index: int) -> list[nn.Parameter]:
         return list(self.error_maps[index].parameters()) if index < self.top else []
+
+    def describe_unit(self, index: int) -> list[str]:
+        """Its error map E_l (kind, shape, bytes) and the unit whose error units it reads."""
+        if index == self.top:
+            return []
+        emap = self.error_maps[index]
+        weight = emap.weight
+        return [f"error map E {type(emap).__name__} {' x '.join(map(str, weight.shape))} from unit "
+                f"{self.unit_names[self.sources[index]]!r}, {byte_text(weight.numel() * weight.element_size())}"]
 
     def prepare_pipeline(self, stage_of_unit: list[int], micro_batches: int) -> None:
         """The transpose E update reads ΔW of the unit above, which another stage may hold; the

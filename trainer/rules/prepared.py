@@ -32,7 +32,7 @@ from torch import nn
 
 from trainer.rules.base import Rule, UnitBatch, UnitRule, _restore, _saved_statistics
 from trainer.rules.checks import check_batch
-from trainer.units import State, primary
+from trainer.units import State, batch_length, primary
 
 
 def _after_engine(fn: Callable[[], None]) -> None:
@@ -69,7 +69,7 @@ def after_backward_of(logits: torch.Tensor, fn: Callable[[], None],
 class _Step:
     """One prepared training forward of a local rule, waiting for its backward."""
 
-    def __init__(self, rule: UnitRule, x: torch.Tensor, y: torch.Tensor | None, outputs: list[State],
+    def __init__(self, rule: UnitRule, x: State, y: torch.Tensor | None, outputs: list[State],
                  points: list[torch.Tensor], params: list[nn.Parameter]):
         self.rule, self.x, self.y, self.outputs, self.points, self.params = rule, x, y, outputs, points, params
 
@@ -77,7 +77,7 @@ class _Step:
         """The signal points' gradients (the rule's signals), then the parameters' (what the rule
         wrote into ``.grad`` while forming the signals). Non-finite ones raise before any reaches
         a parameter (``Rule._check_backward``)."""
-        batch = UnitBatch(self.x, self.y, self.outputs, error.float(), samples=len(self.x))
+        batch = UnitBatch(self.x, self.y, self.outputs, error.float(), samples=batch_length(self.x))
         kept = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
@@ -107,10 +107,9 @@ class _Inject(torch.autograd.Function):
         return (None, None, *ctx.step.backward(error))
 
 
-def inject_signals(rule: UnitRule, x: torch.Tensor, y: torch.Tensor | None, outputs: list[State]) -> torch.Tensor:
+def inject_signals(rule: UnitRule, x: State, y: torch.Tensor | None, outputs: list[State]) -> torch.Tensor:
     """The top unit's logits, through which a backward from any loss trains every unit by ``rule``."""
-    params = [p for p in (*rule.model.parameters(), *rule.parameters()) if p.requires_grad]
-    params = list({id(p): p for p in params}.values())
+    params = rule.trainable_parameters()
     points = [rule.signal_point(i, out) for i, out in enumerate(outputs)]
     return _Inject.apply(_Step(rule, x, y, outputs, points, params), primary(outputs[-1]), *points, *params)
 
@@ -118,7 +117,8 @@ def inject_signals(rule: UnitRule, x: torch.Tensor, y: torch.Tensor | None, outp
 class PreparedRule(nn.Module):
     """``rule.prepare()``: the model trained by ``rule`` through the user's own backward.
 
-    ``forward(x, y=None)`` gives the logits; ``y`` is needed only by what reads the labels after
+    ``forward(x, y=None)`` gives the logits (``x``: a batch, or the tuple of a forward's several
+    inputs, as ``train_step`` takes it); ``y`` is needed only by what reads the labels after
     the backward (``align_every`` of DFA and the weight-transport rules). Its parameters and
     state_dict are the model's (``model.*``) and the rule's own (``rule.*``: feedback matrices,
     LRA's error maps, which the optimizer must hold when they learn).
@@ -128,7 +128,7 @@ class PreparedRule(nn.Module):
         super().__init__()
         self.model, self.rule = rule.model, rule
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: State, y: torch.Tensor | None = None) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return self.rule(x)
         check_batch(self.rule, x, y, labels=False)  # as train_step checks its batch

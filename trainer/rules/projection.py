@@ -3,9 +3,14 @@
 Entries have unit variance whatever the init (gaussian N(0, 1), uniform U(-√3, √3), binary ±1)
 and the projection is multiplied by ``scale / sqrt(C)``. A projected signal ``g_d = Σ_c e_c B_cd``
 then has variance ``scale² · ‖e‖² / C``: independent of D_l (the unit size), and of C for an
-error of fixed norm. Binary matrices can be stored dense (float32), packed (1 bit an entry) or
-seeded (regenerated inside the kernel from a hash; no memory). The packed form is the seeded
-signs packed, so packed and seeded give bit-identical signals for the same seed.
+error of fixed norm. ``scale = "auto"`` multiplies by ``1 / sqrt(3·D)`` instead: each entry has
+variance ``‖e‖² / (3·D)``, that of backprop's gradient through a linear layer of fan-in D in
+PyTorch's default initialisation (weights U(-1/√D, 1/√D)) and of TinyDFA's U[-1, 1)/√D feedback, so
+the signal of a sample has norm ≈ ‖e‖/√3 whatever D (DFA's default: docs/rules.md §5).
+
+Binary matrices can be stored dense (float32), packed (1 bit an entry) or seeded (regenerated
+inside the kernel from a hash; no memory). The packed form is the seeded signs packed, so packed
+and seeded give bit-identical signals for the same seed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from kernels import PackedSigns, SeededSigns, binary_feedback_project, pack_sign
 
 Init = Literal["gaussian", "uniform", "binary"]
 Storage = Literal["dense", "packed", "seeded"]
+Scale = float | Literal["auto"]  # s in s/√C, or "auto": 1/√(3·D)
 
 
 def check_projection_options(init: str, storage: str, prefix: str = "feedback") -> None:
@@ -34,11 +40,11 @@ class FixedProjection(nn.Module):
     """One fixed random C x D matrix and its two uses: ``project(e)`` and ``project_labels(y)``."""
 
     def __init__(self, num_classes: int, dim: int, *, init: Init = "gaussian", storage: Storage = "dense",
-                 seed: int = 0, stream: int = 0, scale: float = 1.0, device: torch.device | None = None):
+                 seed: int = 0, stream: int = 0, scale: Scale = 1.0, device: torch.device | None = None):
         super().__init__()
         check_projection_options(init, storage)
         self.num_classes, self.dim, self.init, self.storage = num_classes, dim, init, storage
-        self.scale = scale / math.sqrt(num_classes)
+        self.scale = 1 / math.sqrt(3 * dim) if scale == "auto" else scale / math.sqrt(num_classes)  # the factor applied
         signs = SeededSigns(seed % 2**32, num_classes, dim, stream)
         self._seeded = signs if storage == "seeded" else None
         if storage == "packed":
@@ -74,7 +80,8 @@ class FixedProjection(nn.Module):
 
     def project(self, error: torch.Tensor, grad_mask: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``scale/√C · (error @ B) [⊙ grad_mask]``: N x C errors to N x D signals."""
+        """``self.scale · (error @ B) [⊙ grad_mask]`` (scale/√C, or 1/√(3·D) for "auto"): N x C errors
+        to N x D signals."""
         if self.storage == "dense":
             out = (error.float() * self.scale) @ self.matrix  # scale the N x C side: one pass over N x D
             if grad_mask is not None:
@@ -84,7 +91,7 @@ class FixedProjection(nn.Module):
                                        None if grad_mask is None else grad_mask.contiguous(), out_dtype)
 
     def project_labels(self, labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``scale/√C · onehot(labels) @ B``: a scaled row gather, the fast path for one-hot targets."""
+        """``self.scale · onehot(labels) @ B``: a scaled row gather, the fast path for one-hot targets."""
         if self.storage == "dense":
             return (self.matrix[labels] * self.scale).to(dtype)
         return project_labels(labels.contiguous(), self.signs, self.scale, dtype)

@@ -31,3 +31,6 @@ class Shallow(UnitRule):
 
     def signals(self, batch: UnitBatch) -> list[torch.Tensor | None]:
         return [batch.error if index == self.top else None for index in batch.indices()]
+
+    def describe_unit(self, index: int) -> list[str]:
+        return [] if index == self.top else ["no signal: stays at its initialisation"]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.models import RecurrentLayer
-from trainer.rules.base import RuleContext, UnitOptions, UnitRule
+from trainer.rules.base import RuleContext, UnitOptions, UnitRule, byte_text
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
 
 SequenceTarget = Literal["every_step", "last_step"]
@@ -97,6 +97,8 @@ class TargetProjection(UnitRule):
     Options = DRTPOptions
     preparable = ("its units learn from projected labels, each stepping right after its own forward, "
                   "which no single backward of a loss expresses")
+    per_position = ("each unit's target t_l = P_l·y* is projected from one label per sample onto the unit's whole "
+                    "output, and labels per position give a sample no one target")
 
     def __init__(self, model: nn.Module, options: DRTPOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
@@ -109,6 +111,13 @@ class TargetProjection(UnitRule):
             for index, (shape, sequence) in enumerate(zip(self.output_shapes[:-1], self.is_sequence))
         )
         self.local_losses: list[torch.Tensor | None] = [None] * (len(self.units) - 1)
+
+    def describe_unit(self, index: int) -> list[str]:
+        """Its target matrix P_l: shape, kind and bytes."""
+        if index == self.top:
+            return []
+        p = self.targets[index]
+        return [f"target P {p.num_classes} x {p.dim} ({p.init}, {p.storage}), {byte_text(p.nbytes)}"]
 
     def local_loss(self, index: int, z: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``J_l`` of unit ``index`` from its outputs z (N, S, D) and targets (N, 1, D), S = time steps."""

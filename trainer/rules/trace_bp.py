@@ -216,6 +216,9 @@ class TraceBackprop(Backprop):
         self._checked_batch = 0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
+        if isinstance(x, tuple):
+            raise RuleError("trace_bp sizes its memory check by a sample of x, one tensor: pass the batch as one tensor "
+                            "(a forward of several inputs is not supported by trace_bp), or use rule 'bp'")
         if len(x) != self._checked_batch:  # RuleContext has no batch size: checked before the first step's forward
             self.convs = self.convs or conv_shapes(self.model, x[:1])
             self._step_bytes = self._step_bytes or step_bytes(self.model, x[:1])

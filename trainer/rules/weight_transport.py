@@ -34,9 +34,10 @@ from torch import nn
 
 from kernels import convert_to_feedback, feedback_layers
 from trainer.rules.alignment import angle_degrees, bp_alignment, needs_labels
-from trainer.rules.base import ParamOptions, RuleContext, RuleError, StepResult
+from trainer.rules.base import ParamOptions, RuleContext, RuleError, StepResult, byte_text
 from trainer.rules.bp import Backprop
 from trainer.rules.checks import held_parameters
+from trainer.units import call_model
 
 FeedbackInit = Literal["match", "default", "xavier", "xavier_uniform"]
 
@@ -90,7 +91,7 @@ def check_optimizer_holds(optimizer: torch.optim.Optimizer, feedback: list[nn.Pa
     if missing:
         raise RuleError(f"rule {rule!r}: the optimizer does not hold the feedback weights B of {missing} of "
                         f"{len(feedback)} layers, so B would never learn (plain FA): build the optimizer after the "
-                        "rule, from rule.model.parameters() (or rule.prepare().parameters())")
+                        "rule, from rule.trainable_parameters() (or rule.prepare().parameters())")
 
 
 class WeightTransport(Backprop):
@@ -121,6 +122,13 @@ class WeightTransport(Backprop):
         """The feedback weights (or magnitudes) the layers keep: 0 for seeded, usf and brsf."""
         return sum(layer.feedback_nbytes for _, layer in self.layers)
 
+    def describe_lines(self) -> list[str]:
+        """Backprop end to end, and each layer whose input gradient goes back through B."""
+        return [(f"end to end: backprop, with each of these {len(self.layers)} layers sending its input gradient "
+                 "back through a feedback weight B of W's shape"),
+                *(f"{name} ({type(layer).__name__}): B {' x '.join(map(str, layer.weight.shape))}, "
+                  f"{byte_text(layer.feedback_nbytes)} kept" for name, layer in self.layers)]
+
     def after_backward(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         self.steps += 1
         if self.options.align_every and self.steps % self.options.align_every == 0:
@@ -135,7 +143,7 @@ class WeightTransport(Backprop):
             layer.exact = True
         try:
             with self.autocast():
-                return self.model(x)
+                return call_model(self.model, x)
         finally:
             for _, layer in self.layers:
                 layer.exact = False
