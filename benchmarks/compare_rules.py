@@ -87,7 +87,8 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ("frsf", "cifar10_resnet20_frsf", []),
         ("kp", "cifar10_resnet20_kp", []),
         ("sdfa", "cifar10_resnet20_dfa", ["rule.name=sdfa"]),
-        ("shallow", "cifar10_resnet20_dfa", ["rule.name=shallow", "rule.granularity=block"]),
+        # the DFA recipe's data and AdamW, which the bp recipe gets from ADAMW (DFA's [rule] keys are not shallow's)
+        ("shallow", "cifar10_resnet20_bp", [*ADAMW, "rule.name=shallow", "rule.granularity=block"]),
     ],
     # the weight-transport rules here and in biotorch 0.0.16, on the same split, augmentation, AdamW 1e-3
     # and schedule: biotorch's own ResNet-20 (benchmarks/biotorch_models.py; PYTHONPATH must hold

@@ -151,12 +151,12 @@ class TinyDFANet(nn.Module):
 
 
 def evaluate(net: nn.Module, data: Data) -> tuple[float, float]:
-    """(held-out mean cross-entropy, accuracy)."""
+    """(held-out mean cross-entropy, accuracy in %)."""
     net.eval()
     with torch.no_grad():
         logits = net(data.x_test)
     net.train()
-    return F.cross_entropy(logits, data.y_test).item(), (logits.argmax(1) == data.y_test).float().mean().item()
+    return F.cross_entropy(logits, data.y_test).item(), 100 * (logits.argmax(1) == data.y_test).float().mean().item()
 
 
 def train(side: str, net: nn.Module, data: Data, seed: int, epochs: int) -> Run:
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary = []
     for side, timing in timings.items():
         finished = [run.epochs[-1] for run in runs if run.side == side and len(run.epochs) == args.epochs]
-        accuracy, accuracy_sd = mean_sd([100 * row["test_accuracy"] for row in finished])
+        accuracy, accuracy_sd = mean_sd([row["test_accuracy"] for row in finished])
         loss, loss_sd = mean_sd([row["test_loss"] for row in finished])
         summary.append({"side": side, "seeds": len(finished), "test_accuracy": accuracy,
                         "test_accuracy_sd": accuracy_sd, "test_loss": loss, "test_loss_sd": loss_sd,

@@ -41,8 +41,9 @@ class DFAOptions(UnitOptions):
     feedback_init: entries of B_l, all of unit variance: gaussian N(0, 1), uniform U(-√3, √3) or
     binary ±1. (Han & Yoo's init from the statistics of the fixed matrices could not be read from
     the paper and is not offered.)
-    feedback_scale: "auto" (default) multiplies the projection by ``1/√(3·D_l)``, D_l the unit's
-    output size: each signal entry has variance ``‖e‖²/(3·D_l)``, the size of backprop's gradient
+    feedback_scale: "auto" (default) multiplies the projection by ``1/√(3·D_l)``, D_l the width B_l
+    projects onto (the unit's output per sample, or per position or token where B_l is sized so):
+    each signal entry has variance ``‖e‖²/(3·D_l)``, the size of backprop's gradient
     through a linear layer of fan-in D_l in PyTorch's default initialisation and TinyDFA's
     U[-1, 1)/√D_l feedback, so a sample's signal has norm ≈ ‖e‖/√3 whatever the unit's width. A
     number s multiplies by ``s/√C`` instead (entry variance ``s²·‖e‖²/C`` whatever D_l: the
@@ -50,10 +51,11 @@ class DFAOptions(UnitOptions):
     gives a unit of width D a signal √(3·D/C) times BP's (8.8x for 256 units and 10 classes,
     ~140x for a 64x32x32 ResNet map), which Adam's normalised steps absorb but plain SGD does not:
     TinyDFA's MNIST MLP (784-256-256-10, SGD 0.01 momentum 0.9, batch 128) diverged at s = 1
-    (held-out loss 8,720 ± 3,977 after 10 epochs on mnist5k, 3 seeds) and at 0.5 and 0.3; "auto"
-    gave 0.312 ± 0.024 (90.8 % ± 1.0), and stays best or level with the best constant at hidden
-    widths 64 and 1024 and on a two-conv CNN, where a constant tuned for one width is slow or
-    unstable at another (BENCHMARKS.md, "DFA's default feedback scale in a user's own loop").
+    (held-out loss 8,720 ± 3,977 after 10 epochs on mnist5k, 3 seeds, unchecked) and at 0.5 and
+    0.3; "auto" gave 0.311 ± 0.023 (90.7 ± 1.0 %), and is best or level with the best constant at
+    hidden widths 64 and 1,024 and on a two-conv CNN, where a constant tuned for one width is slow
+    or unstable at another (BENCHMARKS.md, "DFA's default feedback scale in a user's own loop").
+    No scale makes sdfa learn with plain SGD: sign(e) does not shrink as the error does.
     feedback_storage: dense float32; binary feedback also packed (1 bit an entry) or seeded (none).
     align_every: measure the DFA-vs-BP angle every k steps (0: never).
     token_feedback: for units whose output is a token sequence (N, T, D), e.g. transformer blocks,
