@@ -52,7 +52,7 @@ from trainer.config import ConfigError, DataConfig
 from trainer.data import NormStats, load_images
 from trainer.devices import resolve_device
 from trainer.errors import TrainingDiverged
-from trainer.rules import RuleContext, build_rule, rule_options_class
+from trainer.rules import RuleContext, build_rule
 
 RESULTS = Path("benchmarks/results/tinydfa")
 CLASSES, SHAPE = 10, (1, 28, 28)

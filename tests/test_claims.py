@@ -5,7 +5,6 @@ real images); their verdicts mean nothing, so they check the table, the files an
 one of the three."""
 
 import csv
-import dataclasses
 import json
 import os
 import subprocess

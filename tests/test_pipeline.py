@@ -156,7 +156,7 @@ def test_a_killed_stage_ends_the_job_and_the_run_resumes(tmp_path, tiny_npz):
     killed = time.time()
     _, stderr = job.communicate(timeout=60)
     assert job.returncode != 0 and time.time() - killed < 30
-    assert f"the checkpoint of epoch" in stderr and "continue with --resume" in stderr, stderr[-3000:]  # the survivor
+    assert "the checkpoint of epoch" in stderr and "continue with --resume" in stderr, stderr[-3000:]  # the survivor
     epoch = torch.load(out / "checkpoint.pt")["epoch"]
     assert 1 <= epoch < 60
     parts = sorted(p.name for p in (out / "stages").iterdir())

@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
-from torch import nn
 
 from kernels._modules import check_module
 from trainer.config import MAX_CLASSES, SEED_LIMIT, SEED_RANGE, build_section, check_section
