@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +149,8 @@ def summarize(row: Row, results: Path) -> dict[str, Any] | None:
         final = read_json(folder / "results.json")
         if final is None:
             continue
-        recipe = (folder / "recipe.toml").read_text()
-        runs.append({**final, "seed": seed, "amp": "amp = true" in recipe})
+        recipe = tomllib.loads((folder / "recipe.toml").read_text())
+        runs.append({**final, "seed": seed, "amp": recipe["train"].get("amp") is True})
     if not runs:
         return None
     accuracy = [100 * r["accuracy"] for r in runs]
