@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.cli import main
 
@@ -207,6 +208,19 @@ def test_a_test_path_of_other_images_says_nothing(tmp_path, tiny_npz, capsys):
     assert code == 0, err
     assert "training images" not in stdout
     assert "note" not in json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+# --- slow: bf16 autocast asked for on a CPU that emulates bf16 ------------------------------------
+
+
+@pytest.mark.parametrize("capability, noted", [("AVX2", True), ("AVX512", False), ("DEFAULT", True)])
+def test_bf16_on_a_cpu_without_native_bf16_is_noted(tmp_path, tiny_npz, capsys, monkeypatch, capability, noted):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    recipe = write_recipe(tmp_path / "r.toml", tiny_npz, train={"epochs": 1, "amp": True})
+    code, stdout, err = cli(capsys, "run", str(recipe), "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert (f"CPU without native bf16 ({capability})" in stdout) is noted, stdout
+    assert ("set train.amp = false" in stdout) is noted
 
 
 # --- misleading: divergence from input noise that drowns the images ---------------------------------

@@ -25,7 +25,7 @@ from torch import nn
 
 from trainer.config import ConfigError, OptimConfig, Recipe
 from trainer.data import DataBundle, build_data, default_augmentation, source_facts
-from trainer.devices import device_name, on_cuda_by_default, resolve_device
+from trainer.devices import cpu_bf16_note, device_name, on_cuda_by_default, resolve_device
 from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
 from trainer.layout import Layout, Stepper
 from trainer.models import build_model, check_training_batch
@@ -222,7 +222,7 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
     total = cfg.epochs * len(data.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
     files = data_fingerprints(recipe)
-    notes = [layout_note, compile_note, *filter(None, [same_data_note(files)])]
+    notes = [layout_note, compile_note, *filter(None, [same_data_note(files), cpu_bf16_note(rule.ctx.amp, device.type)])]
     return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, layout, files, notes,
                    channels_last)
 
