@@ -15,7 +15,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most two threads (CI's machine has two cores), fewer where OMP_NUM_THREADS says so: on a machine
+# whose cores another job is using, two threads a process wait on each other and run many times slower
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS") or 2))))
 
 
 @pytest.fixture(autouse=True)
