@@ -10,11 +10,16 @@
 * ``sync``, ``environment`` (device, versions, date, command), ``write_results`` (.json or .csv),
   ``table`` (a rich table with text left and numbers right), and ``cifar_data``: real CIFAR-10 when
   the user has it, else synthetic images of the same shape, saying which.
+* What trains is what gets measured: ``session_steps`` steps a ``trainer.session.Session`` by the
+  loop's own step, ``recipe_rule`` and ``cifar_rule`` build through ``trainer.session.build_trainee``
+  (as ``build_session`` does), and ``cycle`` feeds epochs without end; a run's metrics.jsonl is read
+  by ``trainer.runs`` (``intact_records``), never parsed here.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -26,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -152,11 +157,14 @@ class PeakMemory:
             self.bytes = self.total_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def device_name(device: torch.device | str) -> str:
+def hardware_name(device: torch.device | str) -> str:
+    """The hardware a result was measured on, in words (not ``trainer.devices.device_name``, which
+    resolves a recipe's ``[train] device``): the GPU's name, or the CPU's architecture, cores and
+    the vector instructions PyTorch uses on it (AVX2, AVX512: bf16 is native only with the latter)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
@@ -167,7 +175,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    return {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+    return {"device": str(device), "device_name": hardware_name(device), "torch": torch.__version__,
             "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(), "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -286,17 +294,42 @@ def cifar_data(npz: Path | None, root: Path | None, synthetic_path: Path, synthe
                      f"--cifar-root); speed and memory hold, accuracy means nothing")
 
 
+# ---- the trainer's own training steps ----------------------------------------------------------------
+
+
+def cycle(make_epoch: Callable[[int], Iterable[Any]]) -> Iterator[Any]:
+    """The batches of ``make_epoch(0)``, then of ``make_epoch(1)``, and so on without end: a benchmark
+    takes as many steps as it times, whatever the epoch's length."""
+    for epoch in itertools.count():
+        yield from make_epoch(epoch)
+
+
+def session_steps(session: Any) -> Iterator[tuple[int, Any, str | None]]:
+    """The training steps of a ``trainer.session.Session`` without end, each taken by the loop's own
+    ``trainer.loop.training_step`` (the update, the layout's after-step, the schedule's step) on the
+    next batch of the session's loader, epoch after epoch; each ``next`` takes one step and gives
+    (its images, its ``StepResult``, the layout's note or None)."""
+    from trainer.loop import training_step
+
+    per_epoch = len(session.data.train)
+    for taken, (x, y) in enumerate(cycle(session.data.train.batches)):
+        out, note = training_step(session, x, y, taken, taken // per_epoch, (taken + 1) % per_epoch == 0)
+        yield len(y), out, note
+
+
 # ---- rules on CIFAR models for the step benchmarks --------------------------------------------------
 
 CIFAR_SHAPE, CIFAR_CLASSES = (3, 32, 32), 10
 RESNET18_CIFAR = {"name": "resnet18", "cifar_stem": True}
 
 
-def add_step_arguments(parser: Any, batch: int) -> None:
-    """The flags of the training-step benchmarks: batch, steps, warm-up, device, compile, amp, out."""
+def add_step_arguments(parser: Any, batch: int | None) -> None:
+    """The flags of the training-step benchmarks: batch (None: the benchmark chooses it after parsing,
+    e.g. by the suite asked for), steps, warm-up, device, compile, amp, out."""
     import argparse
 
-    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--batch", type=int, default=batch,
+                        help="images a step" + (" (default: the suite's)" if batch is None else ""))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per rule")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per rule (compilation, allocator)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -333,17 +366,15 @@ def cifar_rule(rule: str, options: Mapping[str, Any], device: torch.device, *, c
 def recipe_rule(recipe: Any, input_shape: tuple[int, ...], num_classes: int,
                 device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
     """(rule, optimizer) of a validated recipe's ``[model]``, ``[rule]`` and ``[optim]``, on a fresh
-    model seeded by ``train.seed``, as ``trainer run`` builds them (the data is not loaded)."""
-    from trainer.models import build_model
-    from trainer.rules import build_rule
-    from trainer.session import build_optimizer, rule_context
+    model seeded by ``train.seed``, built by ``trainer.session.build_trainee`` as ``trainer run``
+    builds them (its memory layout, its compile choice for a run of unknown length, divergence left
+    to the loop); the data is not loaded."""
+    from trainer.session import build_trainee
 
     torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe.model, tuple(input_shape), num_classes).to(device)
-    ctx = rule_context(recipe, device, num_classes, tuple(input_shape))
-    built = build_rule(recipe.rule.name, recipe.rule.options, model, ctx)
-    built.train()
-    return built, build_optimizer(recipe.optim, model, built)
+    trainee = build_trainee(recipe, device, tuple(input_shape), num_classes, images=0)
+    trainee.rule.train()
+    return trainee.rule, trainee.optimizer
 
 
 def cifar_batch(size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

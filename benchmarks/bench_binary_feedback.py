@@ -29,7 +29,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-from benchmarks._harness import device_name, environment, make_console, relative_error, table, time_ops, write_results
+if not __package__:  # run as a file (python benchmarks/bench_binary_feedback.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._harness import environment, hardware_name, make_console, relative_error, table, time_ops, write_results
 from kernels._dispatch import triton_interpreting
 from kernels.binary_feedback import PackedSigns, SeededSigns, binary_feedback_project, pack_signs
 
@@ -102,12 +105,12 @@ def run_kernel_table(args, device: torch.device, d_units: dict[int, list[str]], 
                 error = max(relative_error(binary_feedback_project(e, feedback, 0.5, mask),
                                            dense_matmul(e.float(), signs_of.float(), 0.5, mask32))
                             for feedback, signs_of in ((packed, dense), (seeded, seeded.materialize(device))))
-                times = time_ops({
-                    "packed": lambda: binary_feedback_project(e, packed, 0.5, mask),
-                    "seeded": lambda: binary_feedback_project(e, seeded, 0.5, mask),
-                    "dense": lambda: dense_matmul(e, dense, 0.5, mask),
-                    "unpack_mm": lambda: unpack_then_matmul(e, packed, 0.5, mask),
-                }, device, quick=args.quick, cpu_repeats=3)
+                ops = {"packed": lambda e=e, m=mask, b=packed: binary_feedback_project(e, b, 0.5, m),
+                       "seeded": lambda e=e, m=mask: binary_feedback_project(e, seeded, 0.5, m),
+                       "dense": lambda e=e, m=mask, b=dense: dense_matmul(e, b, 0.5, m),
+                       "unpack_mm": lambda e=e, m=mask, b=packed: unpack_then_matmul(e, b, 0.5, m)}
+                times = time_ops(ops, device, quick=args.quick, cpu_repeats=3)
+                del ops  # the lambdas hold e and mask: freed with them below
                 row = {"D": d, "units": ", ".join(d_units[d]), "N": n, "C": c,
                        "dtype": args.dtype, "mask": args.mask, "rel_err": error}
                 for name, timing in times.items():
@@ -175,7 +178,7 @@ def main() -> None:
         d_units = {d: d_units[d] for d in sorted(d_units)[:2]}
 
     hbm = copy_bandwidth(device, args.quick)
-    name = device_name(device)
+    name = hardware_name(device)
     console.print(f"device: {name}; measured copy bandwidth {hbm:.0f} GB/s; dtype {args.dtype}; "
                   f"mask {'on' if args.mask else 'off'}")
 

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # the PyTorch (CPU) path, before triton is imported
 
 import torch  # noqa: E402
+
+if not __package__:  # run as a file (python benchmarks/bench_binary_feedback_cpu.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import environment, make_console, relative_error, table, time_interleaved, write_results  # noqa: E402
 from kernels import SeededSigns, binary_feedback_project, pack_signs  # noqa: E402

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks._harness import cifar_data, environment, make_console, table, time_interleaved, write_results
+if not __package__:  # run as a file (python benchmarks/bench_bp_throughput.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._harness import (cifar_data, cycle, environment, make_console, session_steps, table, time_interleaved,
+                                 write_results)
 from trainer.data import NormStats, load_images
 from trainer.devices import resolve_device
 from trainer.models import build_model
@@ -31,13 +36,6 @@ from trainer.recipes import load_recipe
 from trainer.session import build_session
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "cifar10_resnet18_bp.toml"
-
-
-def cycle(make_epoch):
-    epoch = 0
-    while True:
-        yield from make_epoch(epoch)
-        epoch += 1
 
 
 def plain_loop(recipe, args, device: torch.device, amp: bool):
@@ -75,16 +73,12 @@ def plain_loop(recipe, args, device: torch.device, amp: bool):
 
 
 def trainer_loop(recipe):
-    """The trainer's own session (data loader, rule, optimizer, schedule) from the BP recipe."""
+    """The trainer's own session (data loader, rule, optimizer, schedule) from the BP recipe, stepped
+    by the loop's own step."""
     session = build_session(recipe)
     session.model.train()
-    batches = cycle(session.data.train.batches)
-
-    def step():
-        session.rule.train_step(*next(batches), session.optimizer)
-        session.scheduler.step()
-
-    return step
+    steps = session_steps(session)
+    return lambda: next(steps)
 
 
 def main() -> None:

@@ -10,11 +10,12 @@ PyTorch loop of the same model (BP, eager: the reference). The loops' steps alte
 first steps and first evaluation batch are timed on their own and, less the steady times, give its
 compile time (training and evaluation graphs). The table: images/s of each, the ratios to the plain
 loop, the compile times, and which loop ``auto`` would choose from the row for 10 epochs of the
-recipe's data, with its speed, compile time counted. ``trainer.speed_choice.CPU_MEASURED`` is this
-table: what ``train.compile`` and ``train.channels_last`` left unset choose on the CPU. Time it with a
-fresh inductor cache (``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)``), or the compile times read as none.
+recipe's data, with its speed, compile time counted. ``--write-defaults`` writes the rows into
+``trainer/cpu_speed.json`` (``trainer.speed_choice.MEASURED_FILE``), with this machine and the date:
+what ``train.compile`` and ``train.channels_last`` left unset choose on the CPU. Time it with a fresh
+inductor cache (``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)``), or the compile times read as none.
 
-    python -m benchmarks.bench_cpu --npz cifar10-mini-train.npz --out benchmarks/results/cpu.json
+    python -m benchmarks.bench_cpu --npz cifar10-mini-train.npz --out benchmarks/results/cpu.json --write-defaults
     python -m benchmarks.bench_cpu --models cnn resnet20 --rules bp dfa drtp tpsgd --quick
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +33,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from benchmarks._harness import cifar_data, environment, make_console, sync, table, time_interleaved, write_results
+if not __package__:  # run as a file (python benchmarks/bench_cpu.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._harness import (cifar_data, cycle, environment, make_console, session_steps, sync, table,
+                                 time_interleaved, write_results)
 from trainer.data import NormStats, load_images
 from trainer.models import build_model
 from trainer.recipes import load_recipe
 from trainer.session import build_session, planned_images
-from trainer.speed_choice import Measured, choose_channels_last, choose_compile
+from trainer.speed_choice import MEASURED_FILE, Measured, choose_channels_last, choose_compile
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 MODELS = {  # model -> (recipe, its batch, whether it reads CIFAR images)
@@ -49,13 +55,6 @@ RULES = ["bp", "dfa", "bdfa", "drtp", "tpsgd", "rec_lra", "trace_bp"]
 LOOP_NAMES = {"eager": "eager", "nhwc": "channels_last", "compiled": "compiled", "nhwc_compiled": "both"}
 AUTO_EPOCHS = 10  # the run length the "auto" column is priced at (compile time included)
 RULE_SETTINGS = {"drtp": ["rule.granularity=\"block\""], "tpsgd": ["rule.granularity=\"block\""]}
-
-
-def cycle(make_epoch: Callable[[int], Any]):
-    epoch = 0
-    while True:
-        yield from make_epoch(epoch)
-        epoch += 1
 
 
 def plain_loop(recipe: Any, batch: int) -> Callable[[], None]:
@@ -95,12 +94,11 @@ def trainer_loop(recipe: Any) -> tuple[Callable[[], None], Callable[[], None]]:
     optimizer and schedule), and one evaluation batch (a compiled model compiles again for it)."""
     session = build_session(recipe)
     session.rule.train()
-    batches = cycle(session.data.train.batches)
+    steps = session_steps(session)
     x_eval = next(iter(session.data.train.batches(0)))[0]
 
     def step() -> None:
-        session.stepper.train_step(*next(batches), session.optimizer)
-        session.scheduler.step()
+        next(steps)
 
     def evaluate() -> None:
         session.rule.eval()
@@ -144,6 +142,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="2 timed steps, batch 16: a smoke run")
     parser.add_argument("--out", type=Path, help="write the results here (.json, or .csv)")
+    parser.add_argument("--write-defaults", action="store_true",
+                        help="write the rows into trainer/cpu_speed.json, what unset compile and channels_last choose from")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = 2 if args.quick else args.steps
@@ -219,6 +219,22 @@ def main() -> None:
     console.print(result)
     meta = {**environment("cpu"), "data": data.description, "threads": args.threads, "steps": steps}
     write_results(args.out, meta, {"loops": rows}, {}, console)
+    if args.write_defaults:
+        write_measured(rows, meta, args)
+        console.print(f"wrote {MEASURED_FILE}")
+
+
+def write_measured(rows: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Namespace) -> None:
+    """The rows as ``trainer.speed_choice``'s measurements: images/s eager and compiled in each
+    layout and the compile time (the larger layout's), with where, when and how they were taken."""
+    measured = [{"model": r["model"], "rule": r["rule"], "eager": round(r["images_per_s_eager"]),
+                 "channels_last": round(r["images_per_s_nhwc"]), "compiled": round(r["images_per_s_compiled"]),
+                 "compiled_channels_last": round(r["images_per_s_nhwc_compiled"]),
+                 "compile_s": round(max(r["compile_s"], r["nhwc_compile_s"]), 1)} for r in rows if "error" not in r]
+    about = json.loads(MEASURED_FILE.read_text())["about"]
+    MEASURED_FILE.write_text(json.dumps({"about": about, "measured": {
+        "date": meta["date"][:10], "machine": f"{meta['device_name']}, {args.threads} threads, torch {meta['torch']}",
+        "command": meta["command"], "batch": "per model: bench_cpu's MODELS"}, "rows": measured}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,15 @@ the kernels.
 
 import argparse
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+if not __package__:  # run as a file (python benchmarks/bench_local_alignment.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import environment, make_console, relative_error, table, time_ops, write_results
 from kernels._dispatch import use_triton

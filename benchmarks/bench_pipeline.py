@@ -79,9 +79,12 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rich.markup import escape
+
+if not __package__:  # run as a file (python benchmarks/bench_pipeline.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import cifar_data, environment, make_console, table, write_results
 
@@ -157,13 +160,6 @@ def build_recipe(model: str, rule: str, overrides: list[str]) -> Any:
 # --- the worker: one process of a run ------------------------------------------------------------
 
 
-def cycle(make_epoch) -> Iterator:
-    epoch = 0
-    while True:
-        yield from make_epoch(epoch)
-        epoch += 1
-
-
 def worker(args: argparse.Namespace) -> None:
     """One process of a run; an exception is reported (traceback in the report) before it ends the process."""
     try:
@@ -180,7 +176,7 @@ def measure(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from benchmarks._harness import PeakMemory
+    from benchmarks._harness import PeakMemory, session_steps
     from trainer.distributed import finish
     from trainer.session import build_session, is_forward_only
 
@@ -198,13 +194,12 @@ def measure(args: argparse.Namespace) -> None:
     env = session.env
     session.model.train()
     session.rule.train()
-    stepper = session.stepper
     forward_only = is_forward_only(recipe)
     if forward_only != (name in FORWARD_ONLY):
         raise SystemExit(f"{recipe.source}: forward_only = {forward_only}, but the benchmark takes {name!r} "
                          f"{'for' if name in FORWARD_ONLY else 'not for'} a forward-only rule")
     per_batch = args.micro if forward_only else 1  # train_step calls per batch
-    batches = cycle(session.data.train.batches)
+    steps = session_steps(session)  # the loop's own step: a pipeline rebalances as in a training run
     last: dict[str, Any] = {}
 
     def barrier() -> None:
@@ -214,13 +209,10 @@ def measure(args: argparse.Namespace) -> None:
     def train_batch() -> int:
         images = 0
         for _ in range(per_batch):
-            x, y = next(batches)
-            out = stepper.train_step(x, y, session.optimizer)
-            session.scheduler.step()
-            note = session.layout.after_step(False)  # a pipeline rebalances once, as in a training run
+            step_images, out, note = next(steps)
             if note and env.is_main:
                 last["rebalance"] = note
-            images += len(y)
+            images += step_images
             last["loss"], last["logits"] = out.loss, len(out.logits)
         return images
 
@@ -236,7 +228,7 @@ def measure(args: argparse.Namespace) -> None:
     with PeakMemory("cpu", activations=True, exclude=exclude) as peak:
         train_batch()
     barrier()
-    courier = getattr(stepper, "courier", None)
+    courier = getattr(session.stepper, "courier", None)
     if courier is not None:
         courier.flush()
     record = {

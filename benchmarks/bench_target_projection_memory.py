@@ -25,10 +25,14 @@ batch, and at least a 2x larger batch within the budget where BP runs out.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+if not __package__:  # run as a file (python benchmarks/bench_target_projection_memory.py): the checkout first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import (
     PeakMemory,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,9 @@ import torch.nn.functional as F
 import torchvision
 from rich.console import Console
 from torch import nn
+
+if not __package__:  # run as a file (python benchmarks/bench_trace_conv.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import (
     PeakMemory,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+if not __package__:  # run as a file (python benchmarks/check_kernels.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._harness import environment, make_console, table, write_results
 from kernels import (

@@ -71,6 +71,7 @@ from benchmarks import full_cifar
 from benchmarks._harness import cifar_data, make_console, recipe_rule, table, time_interleaved, write_csv, write_json
 from benchmarks.compare_rules import RECIPES, run_one
 from trainer.config import ConfigError
+from trainer.runs import intact_records
 
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "not at this budget"
 
@@ -482,7 +483,7 @@ REC_LRA_MODELS = {"resnet20": ("cifar10_resnet20_bp", "cifar10_resnet20_rec_lra"
 def epoch_curve(folder: Path) -> list[tuple[int, float, float]]:
     """(epoch, held-out %, cumulative training seconds) from a finished run folder's metrics."""
     seconds, curve = 0.0, []
-    for record in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()):
+    for record in intact_records(folder):
         if record.get("split") == "train":
             continue
         seconds += record["train_seconds"]
@@ -767,8 +768,7 @@ WEIGHT_TRANSPORT = {"bp": "cifar10_resnet20_bp", "usf": "cifar10_resnet20_usf", 
 
 def final_angle(folder: Path) -> float | None:
     """The last logged B–W angle (``fb_angle``, mean over layers) of a run, if it logged one."""
-    angles = [r["fb_angle"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-              if "fb_angle" in r]
+    angles = [r["fb_angle"] for r in intact_records(folder) if "fb_angle" in r]
     return angles[-1] if angles else None
 
 

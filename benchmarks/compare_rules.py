@@ -38,8 +38,13 @@ from pathlib import Path
 
 from rich.markup import escape
 
+if not __package__:  # run as a file (python benchmarks/compare_rules.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks._harness import cifar_data, make_console, table, write_csv, write_json
+from trainer.config import ConfigError
 from trainer.recipes import load_recipe
+from trainer.runs import intact_records
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -158,7 +163,10 @@ def run_one(label: str, recipe: str, seed: int, overrides: list[str], out: Path,
         if done.returncode != 0:
             return {**row, "error": done.stderr.strip().splitlines()[-1:]}
         results = json.loads((out / "results.json").read_text())
-    curve = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] != "train"]
+    try:
+        curve = [r for r in intact_records(out) if r.get("split") != "train"]
+    except ConfigError as err:  # a damaged metrics.jsonl: this seed's row says so, the others go on
+        return {**row, "error": [str(err)]}
     row.setdefault("wall_s", sum(r["train_seconds"] for r in curve))
     return {**results, **row, "curve": [(r["epoch"], r.get("accuracy")) for r in curve]}
 

@@ -40,6 +40,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+if not __package__:  # run as a file (python benchmarks/compile_kernels.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import kernels.binary_feedback as binary_feedback  # noqa: E402
 import kernels.local_alignment as local_alignment  # noqa: E402
 import kernels.trace_conv as trace_conv  # noqa: E402

@@ -39,7 +39,11 @@ from typing import Any, Callable
 
 import torch
 
+if not __package__:  # run as a file (python benchmarks/gpu_check.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks._harness import environment, write_json, write_synthetic_cifar
+from trainer.runs import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,7 +284,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
                    "train_loss": results.get("train_loss"), "eval_loss": results.get("loss"),
                    "eval_accuracy": results.get("accuracy")}
     if (run_dir / "metrics.jsonl").exists():
-        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        lines = read_records(run_dir)[0]  # a run cut short: what it logged, its half-written last line left out
         windows = [r["images_per_s"] for r in lines if r.get("split") == "train" and "images_per_s" in r]
         summary["images_per_s_steady"] = statistics.median(windows[1:]) if len(windows) > 1 else None
         summary.setdefault("train_loss", next((r["loss"] for r in reversed(lines) if r.get("split") == "train"), None))

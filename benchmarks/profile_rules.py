@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks._harness import cifar_data, environment, make_console, table, write_results
-from benchmarks.bench_cpu import cycle
+if not __package__:  # run as a file (python benchmarks/profile_rules.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._harness import cifar_data, environment, make_console, session_steps, table, write_results
 from trainer.recipes import load_recipe
 from trainer.session import build_session
 
@@ -28,12 +31,12 @@ def profile_rule(rule: str, overrides: list[str], steps: int, warmup: int) -> tu
     and the host syncs a step makes."""
     session = build_session(load_recipe(RECIPE, [*overrides, f"rule.name={json.dumps(rule)}"]))
     session.rule.train()
-    batches = cycle(session.data.train.batches)
+    training = session_steps(session)
     for _ in range(warmup):
-        session.stepper.train_step(*next(batches), session.optimizer)
+        next(training)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            session.stepper.train_step(*next(batches), session.optimizer)
+            next(training)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1000 / steps
     syncs = sum(e.count for e in events if e.key in SYNCS) // steps

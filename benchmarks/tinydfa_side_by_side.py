@@ -47,6 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+if not __package__:  # run as a file (python benchmarks/tinydfa_side_by_side.py): the checkout's packages first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks._harness import environment, make_console, table, time_interleaved, write_results
 from trainer.config import ConfigError, DataConfig
 from trainer.data import NormStats, load_images

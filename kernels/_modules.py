@@ -1,5 +1,6 @@
 """What the converters (trace convs, MaskReLU, compact BatchNorm, feedback layers) share: swapping
-submodules in place, and which convolutions a drop-in replacement can stand in for."""
+submodules in place, which convolutions a drop-in replacement can stand in for, their padding as
+ints, and whether a module's qualified name lies under another's (the trainer uses it too)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,19 @@ def unsupported_conv2d(conv: nn.Module, replacement: type[nn.Conv2d]) -> str | N
     if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
         return "padding='same' with an even effective kernel pads asymmetrically; not supported"
     return None
+
+
+def int_padding(padding: str | tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """A conv's symmetric zero padding as ints: 'valid' -> 0, 'same' -> dilation·(k−1)/2 (what the
+    backward's conv2d_input/conv2d_weight take; ``unsupported_conv2d`` has refused an asymmetric one)."""
+    if padding == "valid":
+        return (0,) * len(kernel_size)
+    if padding == "same":
+        return tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel_size))
+    return tuple(padding)
+
+
+def name_under(name: str, prefix: str) -> bool:
+    """Whether the module named ``name`` is ``prefix`` or inside it ("layer1.0.conv1" is under
+    "layer1", "layer10" is not)."""
+    return name == prefix or name.startswith(prefix + ".")

@@ -47,17 +47,8 @@ from typing import Optional, Union
 import torch
 
 from kernels._dispatch import (
-    FLOAT_DTYPES,
-    check_number,
-    check_tensor,
-    compiled_on_cpu,
-    define_op,
-    dot_operands,
-    dot_precision,
-    tile,
-    tl,
-    triton,
-    use_triton,
+    FLOAT_DTYPES, check_number, check_tensor, compiled_on_cpu, define_op, dot_operands, dot_precision, tile, tl,
+    triton, use_triton,
 )
 from kernels._hash import hash2, hash2_torch, sign_from_hash_torch, stream_key
 

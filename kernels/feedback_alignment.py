@@ -78,7 +78,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from kernels._dispatch import define_op
 from kernels._hash import stream_key
-from kernels._modules import check_module, swap_modules, unsupported_conv2d
+from kernels._modules import check_module, int_padding, name_under, swap_modules, unsupported_conv2d
 
 __all__ = [
     "FEEDBACK_STATE_KEYS",
@@ -237,33 +237,13 @@ def _feedback(mode: FeedbackMode, weight: Tensor, stored: Tensor | None, scale: 
     return mode.feedback(weight, stored)
 
 
-def _int_padding(padding: str | tuple[int, int], weight: Tensor, dilation: tuple[int, int]) -> tuple[int, int]:
-    """The conv's zero padding as ints ('valid' -> 0; 'same' -> dilation*(k-1)/2, which
-    :func:`_unsupported` has checked is symmetric), for the backward's conv2d_input/conv2d_weight."""
-    if padding == "valid":
-        return (0, 0)
-    if padding == "same":
-        return tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight.shape[2:]))
-    return padding
-
-
 class _FeedbackFunction(torch.autograd.Function):
     """Exact linear/conv forward; backward with ``dx = B^T * dy``, exact dW and db, and dB = dW (kp)."""
 
     @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        stored: Tensor | None,
-        scale: Tensor | None,
-        step: Tensor | None,
-        mode: FeedbackMode,
-        seed: int,
-        dist: str,
-        conv: Conv | None,
-    ) -> Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None,
+                stored: Tensor | None, scale: Tensor | None, step: Tensor | None, mode: FeedbackMode, seed: int,
+                dist: str, conv: Conv | None) -> Tensor:
         if conv is None:
             y = F.linear(x, weight, bias)
         else:
@@ -284,7 +264,7 @@ class _FeedbackFunction(torch.autograd.Function):
         conv, dtype = ctx.conv, grad_output.dtype  # under autocast, dy is half precision and W fp32
         if conv is not None:
             stride, padding, dilation, groups = conv
-            padding = _int_padding(padding, weight, dilation)
+            padding = int_padding(padding, tuple(weight.shape[2:]), dilation)
         grad_x = grad_w = grad_b = None
         if needs[0]:
             fb = _feedback(ctx.rule[0], weight, stored, scale, step, *ctx.rule[1:]).to(dtype)
@@ -400,16 +380,23 @@ class _FeedbackLayer:
         stored = self._stored()
         return 0 if stored is None else stored.numel() * stored.element_size()
 
-    def _feedback_repr(self) -> str:
+    def extra_repr(self) -> str:
         exact = ", exact=True" if self.exact else ""
-        return (f"mode={self.mode!r}, init={self.init!r}, storage={self.storage!r}, "
+        return (f"{super().extra_repr()}, mode={self.mode!r}, init={self.init!r}, storage={self.storage!r}, "
                 f"feedback_bytes={self.feedback_nbytes}{exact}")
+
+    def _adopt(self, module: nn.Module, mode: str, init: str, storage: str, seed: int) -> _FeedbackLayer:
+        """This layer (built on the meta device) sharing ``module``'s weight and bias Parameters, its
+        feedback drawn from that W, in ``module``'s training mode: ``from_module``'s last steps."""
+        self.weight, self.bias = module.weight, module.bias
+        self._setup_feedback(mode, init, storage, seed)
+        return self.train(module.training)
 
     def _uses_feedback(self) -> bool:
         return self.training and torch.is_grad_enabled() and not self.exact
 
 
-class FeedbackLinear(nn.Linear, _FeedbackLayer):
+class FeedbackLinear(_FeedbackLayer, nn.Linear):
     """``nn.Linear`` (same Parameters and state_dict keys, plus the feedback state) whose input
     gradient is ``dy @ B`` instead of ``dy @ W``; dW and db are exact (module docstring).
 
@@ -435,12 +422,7 @@ class FeedbackLinear(nn.Linear, _FeedbackLayer):
         new = cls.__new__(cls)
         nn.Linear.__init__(new, module.in_features, module.out_features, module.bias is not None, device="meta",
                            dtype=module.weight.dtype)
-        new.weight, new.bias = module.weight, module.bias
-        new._setup_feedback(mode, init, storage, seed)
-        return new.train(module.training)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._feedback_repr()}"
+        return new._adopt(module, mode, init, storage, seed)
 
     def forward(self, input: Tensor) -> Tensor:
         if not self._uses_feedback():
@@ -448,7 +430,7 @@ class FeedbackLinear(nn.Linear, _FeedbackLayer):
         return self._feedback_forward(input, None)
 
 
-class FeedbackConv2d(nn.Conv2d, _FeedbackLayer):
+class FeedbackConv2d(_FeedbackLayer, nn.Conv2d):
     """``nn.Conv2d`` (same Parameters and state_dict keys, plus the feedback state) whose input
     gradient is ``conv2d_input(x.shape, B, dy, ...)`` instead of W's; dW and db are exact.
 
@@ -477,12 +459,7 @@ class FeedbackConv2d(nn.Conv2d, _FeedbackLayer):
             padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
             device="meta", dtype=module.weight.dtype,
         )  # fmt: skip
-        new.weight, new.bias = module.weight, module.bias
-        new._setup_feedback(mode, init, storage, seed)
-        return new.train(module.training)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._feedback_repr()}"
+        return new._adopt(module, mode, init, storage, seed)
 
     def forward(self, input: Tensor) -> Tensor:
         if not self._uses_feedback():
@@ -498,7 +475,7 @@ class FeedbackConv2d(nn.Conv2d, _FeedbackLayer):
 
 
 def _kept(name: str, keep_exact: tuple[str, ...]) -> bool:
-    return any(name == k or name.startswith(k + ".") for k in keep_exact)
+    return any(name_under(name, k) for k in keep_exact)
 
 
 def _check_reconversion(op: str, label: str, layer: _FeedbackLayer, mode: str, init: str, storage: str,

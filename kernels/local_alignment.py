@@ -50,16 +50,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from kernels._dispatch import (
-    FLOAT_DTYPES,
-    check_number,
-    check_tensor,
-    define_op,
-    dot_operands,
-    dot_precision,
-    tile,
-    tl,
-    triton,
-    use_triton,
+    FLOAT_DTYPES, check_number, check_tensor, define_op, dot_operands, dot_precision, tile, tl, triton, use_triton,
 )
 
 __all__ = [

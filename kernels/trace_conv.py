@@ -67,7 +67,7 @@ from kernels._dispatch import (
     triton,
     use_triton,
 )
-from kernels._modules import unsupported_conv2d
+from kernels._modules import int_padding, unsupported_conv2d
 from kernels.conv_geometry import ConvGeometry
 from kernels.probes import PROBE_CODE, check_probe_args, check_seed, probe_keys, probe_matrix, probe_tile
 
@@ -306,19 +306,9 @@ class _TraceConv2dFunction(torch.autograd.Function):
     """Exact conv forward; backward with exact dX and db and the trace-estimated dW."""
 
     @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        seed: Tensor,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
-        groups: int,
-        probes: int,
-        probe: str,
-    ) -> Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None,
+                seed: Tensor, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                groups: int, probes: int, probe: str) -> Tensor:
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         xbar = torch.ops.bpfree.trace_compress(x.contiguous(), seed, probes, probe)
         ctx.save_for_backward(xbar, weight, seed)
@@ -354,15 +344,6 @@ class _TraceConv2dFunction(torch.autograd.Function):
 def unsupported_conv(conv: nn.Module) -> str | None:
     """Why ``conv`` cannot become a TraceConv2d, or None when it can."""
     return unsupported_conv2d(conv, TraceConv2d)
-
-
-def _int_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    """The conv's symmetric zero padding as two ints ('valid' -> 0, 'same' -> dilation*(k-1)/2)."""
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":
-        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
-    return tuple(conv.padding)
 
 
 class TraceConv2d(nn.Conv2d):
@@ -418,7 +399,7 @@ class TraceConv2d(nn.Conv2d):
             return self.forward(input.unsqueeze(0)).squeeze(0)
         seed = torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device="cpu")
         return _TraceConv2dFunction.apply(
-            input, self.weight, self.bias, seed, self.stride, _int_padding(self), self.dilation,
+            input, self.weight, self.bias, seed, self.stride, int_padding(self.padding, self.kernel_size, self.dilation), self.dilation,
             self.groups, self.probes, self.probe,
         )  # fmt: skip
 

@@ -329,7 +329,7 @@ JUNK = st.one_of(st.none(), st.text(max_size=6), st.integers(-5, 5), st.floats(a
                  st.booleans(), st.lists(st.integers(-2, 2), max_size=3), st.just({"a": 1}))
 
 
-def mostly(draw, good: st.SearchStrategy, bad: st.SearchStrategy) -> object:  # noqa: ANN001
+def mostly(draw, good: st.SearchStrategy, bad: st.SearchStrategy) -> object:
     """A value of ``good``, or one in ten times of ``bad``: about a third of the calls get far enough
     to train, the rest mix one or more wrong arguments."""
     return draw(bad) if draw(st.integers(0, 9)) == 5 else draw(good)  # not 0: hypothesis favours the ends

@@ -258,8 +258,11 @@ def _publish(table: Path, rule: str, seed: int, accuracy: list[float], angle: fl
     folder.mkdir(parents=True)
     records = []
     for epoch, acc in enumerate(accuracy, 1):
-        records.append({"split": "train", "epoch": epoch, "loss": 1.0, **({} if angle is None else {"fb_angle": angle})})
-        records.append({"split": "held-out", "epoch": epoch, "train_seconds": 100.0, "accuracy": acc})
+        records.append({"step": 10 * epoch, "split": "train", "epoch": epoch, "loss": 1.0,
+                        **({} if angle is None else {"fb_angle": angle})})
+        records.append({"step": 10 * epoch, "split": "held-out", "epoch": epoch, "train_loss": 1.0,
+                        "train_accuracy": 0.5, "images_per_s": 100.0, "peak_memory_mb": 10.0, "train_seconds": 100.0,
+                        "accuracy": acc})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "results.json").write_text(json.dumps({"state": "finished", "epochs": len(accuracy),
                                                      "accuracy": accuracy[-1]}))

@@ -40,8 +40,10 @@ def fake_finished_run(out: Path, overrides: list[str], accuracy: float) -> None:
     recipe = load_recipe(compare_rules.RECIPES / "quickstart.toml", overrides)
     (out / "recipe.toml").write_text(dump_toml(recipe.to_dict()))
     (out / "results.json").write_text(json.dumps({"accuracy": accuracy, "images_per_s": 5.0}))
-    epochs = [{"split": "train", "epoch": 1}, *({"split": "test", "epoch": e, "accuracy": accuracy / 2 * e,
-                                                 "train_seconds": 20.0} for e in (1, 2))]
+    epochs = [{"step": 1, "split": "train", "epoch": 1, "loss": 2.0},
+              *({"step": e, "split": "test", "epoch": e, "accuracy": accuracy / 2 * e, "train_loss": 1.0,
+                 "train_accuracy": 0.5, "images_per_s": 5.0, "peak_memory_mb": 10.0, "train_seconds": 20.0}
+                for e in (1, 2))]
     (out / "metrics.jsonl").write_text("\n".join(map(json.dumps, epochs)))
 
 
@@ -51,6 +53,17 @@ def test_reuse_reads_a_finished_run_of_the_same_recipe(tmp_path, monkeypatch):
     row = compare_rules.run_one("bp", "quickstart", 3, ["train.epochs=2"], tmp_path / "run", {}, reuse=True)
     assert row["accuracy"] == 0.9 and row["seed"] == 3 and row["recipe"] == "quickstart"
     assert row["wall_s"] == 40.0 and row["curve"] == [(1, 0.45), (2, 0.9)]
+
+
+def test_a_damaged_metrics_line_is_that_seeds_error_not_a_shorter_curve(tmp_path, monkeypatch):
+    fake_finished_run(tmp_path / "run", ["train.epochs=2", "train.seed=3"], 0.9)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], '{"split": "test", "epoch": 1}', *lines[2:]]) + "\n")  # epoch 1: no step
+    monkeypatch.setattr(compare_rules.subprocess, "run", lambda *a, **k: pytest.fail("trained again"))
+    row = compare_rules.run_one("bp", "quickstart", 3, ["train.epochs=2"], tmp_path / "run", {}, reuse=True)
+    assert "curve" not in row and row["error"] == [f"{metrics} line 2: no 'step'; train the run again (or mend the "
+                                                   "line) before reading its curve"]
 
 
 def test_reuse_trains_again_when_any_recipe_value_differs(tmp_path):

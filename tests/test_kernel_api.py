@@ -115,14 +115,23 @@ def test_keep_exact_must_be_layer_names():
 def test_unbatched_and_one_sample_inputs_train_like_the_batched_ones():
     """nn.Conv2d takes (C, H, W) and nn.Linear a 1-d input: their drop-ins do too, in training."""
     torch.manual_seed(0)
-    x = torch.randn(2, 6, 6)
+    x, upstream = torch.randn(2, 6, 6), torch.randn(3, 6, 6)
     for conv in (TraceConv2d(2, 3, 3, padding=1, probes=4), FeedbackConv2d(2, 3, 3, padding=1)):
-        xs = x.clone().requires_grad_()
-        y = conv(xs)
-        assert torch.allclose(y, F.conv2d(x.unsqueeze(0), conv.weight, conv.bias, padding=1)[0], atol=1e-6)
-        y.sum().backward()
-        assert conv.bias.grad.shape == (3,) and conv.weight.grad.shape == conv.weight.shape
-        assert xs.grad.shape == x.shape
+        grads = []
+        for batched in (False, True):  # the same input as (C, H, W) and as a batch of one
+            conv.zero_grad()
+            xs = (x.unsqueeze(0) if batched else x).clone().requires_grad_()
+            y = conv(xs)
+            want = F.conv2d(x.unsqueeze(0), conv.weight, conv.bias, padding=1)
+            assert torch.allclose(y, want if batched else want[0], atol=1e-6)
+            y.backward(upstream.unsqueeze(0) if batched else upstream)
+            grads.append((xs.grad.reshape(x.shape), conv.bias.grad.clone(), conv.weight.grad.clone()))
+        (dx, db, dw), (dx_b, db_b, dw_b) = grads
+        torch.testing.assert_close(dx, dx_b)  # exact input gradient (trace conv) or B's (feedback conv)
+        torch.testing.assert_close(db, db_b)
+        assert not torch.equal(dx, torch.zeros_like(dx)) and dw.shape == conv.weight.shape
+        if isinstance(conv, FeedbackConv2d):  # exact dW; the trace conv's is an estimate from fresh probes
+            torch.testing.assert_close(dw, dw_b)
     layer = FeedbackLinear(2, 3)
     v = torch.randn(2, requires_grad=True)
     layer(v).backward(torch.ones(3))

@@ -115,7 +115,7 @@ def test_lra_mlp_matches_the_equations(weight_update, error_update, alpha, max_n
     outputs = rule.forward_units(x)
     batch = UnitBatch(x, y, outputs, rule.output_error(outputs[-1][0], y)[1])
     rule.align(batch)
-    got = batch.errors  # the error units, by unit index
+    got = batch.error_units  # the error units, by unit index
     for l in range(3):
         assert_rel_close(got[l], errors[l], 1e-4, f"error units e_{l}")
     if alpha == 1.0:  # e = z - y: the targets themselves

@@ -11,7 +11,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.models import build_model
-from trainer.units import GRANULARITIES, model_units, primary, run_units
+from trainer.units import GRANULARITIES, chain_units, model_units, primary
 
 CASES = [
     ("mlp", {}, (1, 28, 28)),
@@ -42,7 +42,7 @@ def test_units_compose_to_the_model(name, extra, shape):
         seen_params = None
         for granularity in GRANULARITIES:
             named = model_units(model, granularity)[0]
-            torch.testing.assert_close(run_units([u for _, u in named], x), expected, rtol=0, atol=0)
+            torch.testing.assert_close(chain_units([u for _, u in named], x), expected, rtol=0, atol=0)
             params = {id(p) for _, u in named for p in u.parameters()}
             assert params == {id(p) for p in model.parameters()}, "units must cover every parameter once"
             if seen_params is not None and granularity != "children":

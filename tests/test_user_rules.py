@@ -151,7 +151,8 @@ def test_mistakes_are_one_line_naming_the_key(tmp_path, tiny_npz, monkeypatch, c
 def test_option_mistakes_name_the_key(tmp_path, in_repo, capsys):
     for item, expected in [("rule.density=0", "density: must be in (0, 1], got 0"),
                            ("rule.density=true", "density: expected a number, got True"),
-                           ("rule.dense=0.5", "unknown key 'dense'; allowed keys: granularity, units, density")]:
+                           ("rule.dense=0.5", "unknown key 'dense'; allowed keys: granularity, units, bp_units, feedback_init, "
+                            "feedback_storage, feedback_scale, align_every, token_feedback, density")]:
         assert main(["show", "examples/rules/sparse_dfa.toml", "--set", item]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith(f"error: --set {item}: [rule] (rule '{SPARSE_DFA}')") \

@@ -65,7 +65,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from trainer.loop import RecipeOrigin, train
+    from trainer.loop import train
     from trainer.run_folder import auto_out
 
     path = find_recipe(args.recipe)
@@ -75,16 +75,14 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     else:
         out = Path(args.out) if args.out else Path("runs") / path.stem
     try:
-        train(recipe, out, resume=args.resume, console=console, origin=RecipeOrigin.read(path, args.set))
+        train(recipe, out, resume=args.resume, console=console)
     except (ConfigError, TrainingDiverged, StageFailed):
         raise
     except Exception as err:
         failure = _user_rule_failure(err, recipe.rule.name)
         if failure is None:
             raise
-        where = next((f"--set {item}" for item in args.set if item.partition("=")[0].strip() == "rule.name"),
-                     recipe.source)
-        raise ConfigError(f"{where}: [rule] name: {failure}") from None
+        raise ConfigError(f"{recipe.origins.where('rule.name')}: [rule] name: {failure}") from None
     return 0
 
 
@@ -156,7 +154,7 @@ def _recipe_toml_note(run: Path, saved: Recipe) -> str | None:
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     import torch
 
-    from trainer.checkpoint import MODEL_KEYS, NOTE_KEY, load_checkpoint
+    from trainer.checkpoint_file import MODEL_KEYS, NOTE_KEY, load_checkpoint
     from trainer.data import DeviceLoader, build_data, load_images
     from trainer.evaluation import evaluate, trained_model
 
@@ -200,8 +198,8 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     normalisation, class count and input shape, epoch and step) with a digest: the rule's feedback
     state, the optimizer, scheduler and RNG states stay behind, as only a resume needs them."""
     from kernels import strip_feedback
-    from trainer.checkpoint import (EXPORTED_KIND, MODEL_KEYS, NOTE_KEY, load_checkpoint, resolve_checkpoint,
-                                    save_checkpoint)
+    from trainer.checkpoint_file import (EXPORTED_KIND, MODEL_KEYS, NOTE_KEY, load_checkpoint, resolve_checkpoint,
+                                         save_checkpoint)
     from trainer.evaluation import trained_model
 
     out = Path(args.out)

@@ -31,7 +31,16 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 
 class ConfigError(ValueError):
-    """A recipe or override that cannot be used; the message says where and what is allowed."""
+    """A recipe or override that cannot be used; the message says where and what is allowed.
+
+    A message that is about one key begins with it, "[section] key: ..." (the convention of every
+    message in the trainer), and ``key`` reads it back as "section.key" (else ""): what
+    ``RecipeOrigins.blame`` needs to name the ``--set`` that set the key."""
+
+    @property
+    def key(self) -> str:
+        named = re.match(r"\[(\w+)\] (\w+)", str(self))
+        return f"{named[1]}.{named[2]}" if named else ""
 
 
 def import_module(module_name: str, key: str) -> types.ModuleType:
@@ -41,7 +50,7 @@ def import_module(module_name: str, key: str) -> types.ModuleType:
         sys.path.insert(0, os.getcwd())
     try:
         return importlib.import_module(module_name)
-    except Exception as err:  # ImportError, or whatever the module raises while importing
+    except Exception as err:  # noqa: BLE001 -- ImportError, or whatever the module raises while importing
         raise ConfigError(f"{key}: cannot import {module_name!r} from {os.getcwd()} "
                           f"({type(err).__name__}: {err})") from None
 
@@ -167,6 +176,7 @@ class RuleConfig:
 
     name: str = "bp"
     options: Any = None
+    rule_class: type | None = field(default=None, compare=False, repr=False)  # resolved once, by parse_recipe
 
 
 @dataclass
@@ -198,12 +208,39 @@ class TrainConfig:
     channels_last: bool | None = None  # conv weights (hence activations) NHWC; unset: where measured to pay
     log_every: int = 20  # steps between progress-line metrics
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    pipeline_stages: int = 1  # S: units split into S contiguous stages, one per process (trainer.pipeline)
+    pipeline_stages: int = 1  # S: units split into S contiguous stages, one per process (trainer.parallel)
     micro_batches: int = 1  # M: micro-batches a batch is split into as it flows through the stages
     stage_boundaries: list[str] = field(default_factory=list)  # the S-1 units that begin stages 2..S; empty: balanced by time
     rebalance: bool = True  # local rules, balanced cut: time the stages' first steps and move the cut once if one lags
     pipeline_schedule: Literal["gpipe", "1f1b"] = "1f1b"  # bp and trace_bp pipelines (torch.distributed.pipelining)
     stage_timeout: float = 300.0  # seconds a stage waits for a message before it ends the job
+
+
+@dataclass(frozen=True)
+class RecipeOrigins:
+    """Where a recipe's values came from, recorded once, when it is read: its file, the ``--set``
+    of each key an override set, and the rule and [optim] keys the file itself names (learning
+    rates are tuned per rule: a ``--set rule.name`` keeps the file's other rule's settings). Every
+    message that blames a key asks ``where``."""
+
+    source: str = "<recipe>"  # the recipe file (or "<recipe>" for one built from a dict)
+    sets: dict[str, str] = field(default_factory=dict)  # "section.key" -> the --set text that set it
+    file_rule: str = "bp"  # the rule the file names
+    file_optim_keys: tuple[str, ...] = ()  # the [optim] keys the file sets, in its order
+
+    @property
+    def name(self) -> str:
+        """The recipe's name: its file's stem."""
+        return Path(self.source).stem
+
+    def where(self, key: str) -> str:
+        """"--set TEXT" where an override set ``key`` ("section.key"), else the recipe file."""
+        text = self.sets.get(key)
+        return f"--set {text}" if text is not None else self.source
+
+    def blame(self, err: ConfigError, key: str | None = None) -> ConfigError:
+        """``err`` prefixed by where its key (``key``, else the one its message names) was set."""
+        return ConfigError(f"{self.where(key or err.key)}: {err}")
 
 
 @dataclass
@@ -216,6 +253,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     source: str = "<recipe>"  # the file it came from, for error messages
+    origins: RecipeOrigins = field(default_factory=RecipeOrigins, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (the rule's options flattened into ``[rule]``), ready for TOML."""
@@ -283,22 +321,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise fail
         return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
+    accepts = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+               int: lambda v: isinstance(v, int) and not isinstance(v, bool),  # TOML's true is no number
+               float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    if annotation in accepts:
+        if not accepts[annotation](value):
             raise fail
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise fail
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise fail
-        return value
+        return float(value) if annotation is float else value
     raise UnsupportedAnnotation(f"unsupported config annotation {annotation!r}")  # a schema bug, not a user error
 
 
@@ -446,21 +475,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-RuleOptions = Callable[[str], type]
-"""The rule-options registry: a rule's name to its options dataclass; KeyError (with the known
-names) for an unknown rule, ConfigError for a ``python:`` rule it cannot use.
-``trainer.rules.rule_options_class`` is the trainer's."""
+RuleRegistry = Callable[[str], type]
+"""The rule registry: a rule's name to its class, whose ``Options`` dataclass is the ``[rule]``
+schema; KeyError (with the known names) for an unknown rule, ConfigError for a ``python:`` rule it
+cannot use. ``trainer.rules.rule_class`` is the trainer's. The class is resolved here, once, and
+kept in ``RuleConfig.rule_class`` for the session that builds the rule."""
 
 
-def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = "<recipe>",
-                 overrides: dict[tuple[str, str], str] | None = None) -> Recipe:
-    """Validate a nested dict (as read from TOML) into a Recipe; ``[rule]`` by ``rule_options``.
-    ``overrides`` maps (section, key) to the ``--set`` text that set it: its errors name that."""
-    overrides = overrides or {}
+def _named_by_file(tree: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """The rule a recipe tree names and its [optim] keys (empty where a section is not a table)."""
+    rule, optim = tree.get("rule"), tree.get("optim")
+    return (str(rule.get("name", "bp")) if isinstance(rule, dict) else "bp",
+            tuple(optim) if isinstance(optim, dict) else ())
+
+
+def parse_recipe(tree: dict[str, Any], rules: RuleRegistry, source: str = "<recipe>",
+                 origins: RecipeOrigins | None = None) -> Recipe:
+    """Validate a nested dict (as read from TOML) into a Recipe; ``[rule]`` by the schema of the
+    rule class ``rules`` names.
+    ``origins`` (``read_recipe``'s) says which ``--set`` set which key: its errors name that."""
+    origins = origins or RecipeOrigins(source, {}, *_named_by_file(tree))
 
     def where(section: str, key: str) -> str:
-        text = overrides.get((section, key))
-        return f"--set {text}" if text is not None else source
+        return origins.where(f"{section}.{key}")
 
     unknown = sorted(set(tree) - {*SECTIONS, "rule"})
     if unknown:
@@ -472,8 +509,8 @@ def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = 
             raise ConfigError(f"{source}: {name} must be a table [{name}], got {value!r}")
 
     def section(cls: type, name: str, values: dict[str, Any], label: str) -> Any:
-        origins = {key: f"{where(name, key)}: {label}" for key in values if (name, key) in overrides}
-        return build_section(cls, values, f"{source}: {label}", origins)
+        blamed = {key: f"{where(name, key)}: {label}" for key in values if f"{name}.{key}" in origins.sets}
+        return build_section(cls, values, f"{source}: {label}", blamed)
 
     sections = {name: section(cls, name, tree.get(name, {}), f"[{name}]") for name, cls in SECTIONS.items()}
     rule_values = dict(tree.get("rule", {}))
@@ -481,16 +518,17 @@ def parse_recipe(tree: dict[str, Any], rule_options: RuleOptions, source: str = 
     if not isinstance(rule_name, str):
         raise ConfigError(f"{where('rule', 'name')}: [rule] name: expected a string, got {rule_name!r}")
     try:
-        options_cls = rule_options(rule_name)
+        rule_cls = rules(rule_name)
     except KeyError as err:
         raise ConfigError(f"{where('rule', 'name')}: [rule] name: {err.args[0]}") from None
     except ConfigError as err:  # a python: rule that does not import or is no rule
         raise ConfigError(f"{where('rule', 'name')}: {err}") from None
+    options_cls = rule_cls.Options
     if rule_values and not dataclasses.fields(options_cls):
         key = sorted(rule_values)[0]
         raise ConfigError(f"{where('rule', key)}: [rule] {key}: rule {rule_name!r} has no options; remove the key")
     options = section(options_cls, "rule", rule_values, f"[rule] (rule {rule_name!r})")
-    recipe = Recipe(rule=RuleConfig(name=rule_name, options=options), source=source, **sections)
+    recipe = Recipe(rule=RuleConfig(rule_name, options, rule_cls), source=source, origins=origins, **sections)
     _check_ranges(recipe, where)
     return recipe
 
@@ -501,35 +539,26 @@ def require_recipe_file(path: Path) -> None:
                  missing="does not exist (recipe file not found; see `trainer list` for the built-in recipes)")
 
 
-def read_recipe(path: str | Path, rule_options: RuleOptions, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def read_recipe(path: str | Path, rules: RuleRegistry, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a TOML recipe, apply ``section.key=value`` overrides, and validate the result."""
     path = Path(path)
     require_recipe_file(path)
     tree = read_toml(path)
-    origins: dict[tuple[str, str], str] = {}
+    named = _named_by_file(tree)
+    sets: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         section, name = _set_dotted(tree, key, value, f"--set {text}")
-        origins[(section, name)] = text
-    return parse_recipe(tree, rule_options, source=str(path), overrides=origins)
-
-
-RESUMABLE_KEYS = frozenset({"train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size",
-                            "train.compile", "train.channels_last", "train.device", "data.num_workers",
-                            "train.stage_timeout"})
-"""Recipe keys that ``--resume`` may change and applies truly (epochs re-stretch the schedule);
-any other change (seed, batch size, lr, model, rule, data, ...) is refused."""
+        sets[f"{section}.{name}"] = text
+    origins = RecipeOrigins(str(path), sets, *named)
+    return parse_recipe(tree, rules, source=str(path), origins=origins)
 
 
 def recipe_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The dotted keys whose values differ between two recipes in ``Recipe.to_dict`` form."""
-    changed = []
-    for section in sorted(set(saved) | set(new)):
-        old_values, new_values = saved.get(section, {}), new.get(section, {})
-        for key in sorted(set(old_values) | set(new_values)):
-            if old_values.get(key) != new_values.get(key):
-                changed.append(f"{section}.{key}")
-    return changed
+    return [f"{section}.{key}" for section in sorted(set(saved) | set(new))
+            for key in sorted(set(saved.get(section, {})) | set(new.get(section, {})))
+            if saved.get(section, {}).get(key) != new.get(section, {}).get(key)]
 
 
 def _toml_value(value: Any) -> str:

@@ -233,7 +233,7 @@ class UnreadableImage(ConfigError):
 
 def load_image(path: str) -> "PIL.Image.Image":
     """torchvision's default loader (PIL, RGB), naming the file when it is not a readable image."""
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 -- Pillow loads with the image-folder data only
 
     try:
         with open(path, "rb") as f:
@@ -326,7 +326,7 @@ def load_npz(path: str | Path, key: str = "[data] path") -> Images:
             x, y = arrays["x"], arrays["y"]
     except ConfigError:
         raise
-    except Exception as err:  # a damaged archive fails in zipfile, zlib or numpy's header parser
+    except Exception as err:  # noqa: BLE001 -- a damaged archive fails in zipfile, zlib or numpy's header parser
         raise ConfigError(f"{key}: {path} is not a readable .npz file ({type(err).__name__}: {err}); "
                           "write it again with numpy.savez(path, x=x, y=y)") from None
     if x.ndim not in (3, 4) or 0 in x.shape[1:]:
@@ -364,7 +364,7 @@ def load_npz(path: str | Path, key: str = "[data] path") -> Images:
 
 def _torchvision_split(name: str, root: str, train: bool, download: bool, can_download: bool = True) -> Images:
     """One split of a torchvision data set; ``can_download``: whether to suggest data.download."""
-    import torchvision
+    import torchvision  # noqa: PLC0415 -- torchvision's data sets load on first use
 
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10,
            "cifar100": torchvision.datasets.CIFAR100}[name]
@@ -372,7 +372,7 @@ def _torchvision_split(name: str, root: str, train: bool, download: bool, can_do
              "cifar10": f"{root}/cifar-10-batches-py/", "cifar100": f"{root}/cifar-100-python/"}[name]
     try:
         ds = cls(root, train=train, download=download)
-    except Exception as err:  # RuntimeError when missing; URLError, OSError, ... when a download fails
+    except Exception as err:  # noqa: BLE001 -- RuntimeError when missing; URLError, OSError, ... when a download fails
         reason = " ".join(str(err).split()) or type(err).__name__
         if download:
             raise ConfigError(f"[data] download: fetching {name} into {root!r} failed ({reason}); without a "
@@ -450,7 +450,7 @@ def source_facts(cfg: DataConfig) -> tuple[int | None, int | None]:
         with np.load(cfg.path, allow_pickle=False) as arrays:
             labels = arrays["y"]
         return (shape[3] if len(shape) == 4 else 1), cfg.num_classes or int(labels.max()) + 1
-    except Exception:  # not readable here: the run itself will say why
+    except Exception:  # noqa: BLE001 -- not readable here: the run itself will say why
         return None, cfg.num_classes or None
 
 
@@ -463,8 +463,8 @@ def default_augmentation(cfg: DataConfig, channels: int) -> tuple[int, bool]:
 
 def _imagefolder(cfg: DataConfig, device: torch.device, batch_size: int, eval_batch_size: int, seed: int,
                  rank: int, world_size: int) -> DataBundle:
-    import torchvision
-    from torchvision import transforms as T
+    import torchvision  # noqa: PLC0415 -- torchvision's transforms load on first use
+    from torchvision import transforms as T  # noqa: PLC0415
 
     root = Path(cfg.root)
     for split in ("train", "val"):

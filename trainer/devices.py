@@ -4,6 +4,9 @@ and the benchmarks all resolve it here, so they agree on what "auto" means."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from trainer.config import ConfigError
@@ -54,3 +57,25 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a step can still take: the GPU's free memory, or the host's available memory (free
+    pages and reclaimable caches) within the cgroup's limit, which the OOM killer enforces."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemAvailable:"):
+            free = int(line.split()[1]) * 1024
+    limit, used = _read("/sys/fs/cgroup/memory.max").strip(), _read("/sys/fs/cgroup/memory.current").strip()
+    if limit.isdigit() and used.isdigit():
+        free = min(free, int(limit) - int(used))
+    return free
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:  # not Linux, or no cgroup v2
+        return ""

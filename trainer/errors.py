@@ -11,6 +11,11 @@ EXPLODED_LOSS_FACTOR = 100.0  # a cross-entropy above 100·ln C: logits wrong by
 HUGE_INPUT = 100.0  # |x| beyond this names the data as a divergence's cause (normalized data stays within a few units)
 
 
+class RuleError(ValueError):
+    """A rule cannot train this model with these options (a unit it cannot use, a bad option
+    combination). The session adds the recipe's file and section to the message."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN, infinite or exploded (``divergence``); the last good checkpoint is kept
     (exit code 3). ``cause``: what the step's own inputs show went wrong (``input_cause``, or

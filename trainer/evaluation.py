@@ -16,8 +16,9 @@ from kernels import FEEDBACK_STATE_KEYS
 from trainer.config import ConfigError, Recipe
 from trainer.data import Loader, NormStats
 from trainer.devices import resolve_device
-from trainer.distributed import DistEnv, all_reduce_sum
 from trainer.models import build_model
+from trainer.parallel.data_parallel import all_reduce_sum
+from trainer.parallel.processes import DistEnv
 from trainer.recipes import recipe_from_dict
 
 

@@ -115,7 +115,7 @@ class _CutTracer(fx.Tracer):
             return True
         return qualified_name not in self.holders and super().is_leaf_module(module, qualified_name)
 
-    def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict):  # noqa: ANN001, ANN201 (fx's signature)
+    def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict):  # fx's signature
         traceable = TRACEABLE_FORWARDS.get(type(m))
         if traceable is not None and self.path_of_module(m) in self.holders:
             forward = functools.partial(traceable, m)
@@ -156,7 +156,7 @@ def trace(model: nn.Module, cuts: list[str], inputs: int = 1) -> fx.GraphModule:
                          f"(its children: {children}, ...; nested names look like 'features.3')")
     try:
         graph = _CutTracer(set(cuts), set(markers(model))).trace(model, concrete_args=_defaults(model, inputs))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- torch.fx raises anything a forward can: named with its line
         name, line = _failure_site(model, err)
         if name:
             where = f" in {name!r} ({type(modules[name]).__name__}, {line})"

@@ -1,5 +1,5 @@
 """The training loop: compact on purpose. The rule owns the step, the session owns what is trained
-(``trainer.session``) and its layout what differs under a pipeline (``trainer.layout``), the reporter
+(``trainer.session``) and its layout what differs under a pipeline (``trainer.parallel.layout``), the reporter
 owns what is shown (``trainer.report``); the loop owns the order."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,17 +20,18 @@ from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
-from trainer.checkpoint import (CHECKPOINT_NAME, NOTE_KEY, checkpoint_payload, gathered_rng_states, load_checkpoint,
-                                restore, save_checkpoint)
-from trainer.config import RESUMABLE_KEYS, ConfigError, Recipe, dump_toml, parse_override, read_toml, recipe_changes
-from trainer.distributed import all_reduce_sum, average_buffers, finish
+from trainer.checkpoint import checkpoint_payload, gathered_rng_states, restore
+from trainer.checkpoint_file import NOTE_KEY, load_checkpoint, save_checkpoint
+from trainer.config import ConfigError, Recipe, dump_toml, recipe_changes
 from trainer.errors import RunInterrupted, StageFailed, TrainingDiverged, divergence, input_cause
 from trainer.evaluation import evaluate
+from trainer.parallel.data_parallel import all_reduce_sum, average_buffers
+from trainer.parallel.processes import finish
 from trainer.recipes import recipe_from_dict
 from trainer.report import MetricsLog, Reporter
-from trainer.rules import Rule
+from trainer.rules import Rule, StepResult
 from trainer.rules.base import input_peak
-from trainer.run_folder import RunFolder
+from trainer.run_folder import CHECKPOINT_NAME, RunFolder
 from trainer.session import Session, build_session, same_data_note
 
 
@@ -40,11 +40,36 @@ def rule_state_mb(rule: Rule) -> float:
     return rule.state_nbytes() / 2**20
 
 
+RESUMABLE_KEYS = frozenset({"train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size",
+                            "train.compile", "train.channels_last", "train.device", "data.num_workers",
+                            "train.stage_timeout"})
+"""Recipe keys that ``--resume`` may change and applies truly (epochs re-stretch the schedule);
+any other change (seed, batch size, lr, model, rule, data, ...) is refused."""
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated CUDA memory, or the process's peak resident set size on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def training_step(s: Session, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int,
+                  epoch_ends: bool) -> tuple[StepResult, str | None]:
+    """Training step ``step + 1`` (in epoch ``epoch + 1``, its last when ``epoch_ends``) as a run takes
+    it: the stepper's update, the layout's after-step (a pipeline moves its cut there, once: the line
+    to note, else None) and the schedule's step. The benchmarks time this very step. An update that
+    overflows float32 is TrainingDiverged."""
+    try:
+        out = s.stepper.train_step(x, y, s.optimizer)
+    except RuntimeError as err:  # a Python scalar (lr, Adam's step size) beyond float32 in the update
+        if "without overflow" not in str(err):
+            raise
+        raise TrainingDiverged(f"the update of step {step + 1} (epoch {epoch + 1}) overflowed float32 "
+                               f"({err})") from None
+    moved = s.layout.after_step(epoch_ends)
+    s.scheduler.step()
+    return out, moved
 
 
 def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[int, dict[str, Any]]:
@@ -59,18 +84,10 @@ def train_epoch(s: Session, epoch: int, step: int, reporter: Reporter) -> tuple[
     largest, fewest = torch.zeros((), device=device), math.inf  # the batches' largest |x| and fewest samples
     epoch_start = window_start = time.perf_counter()
     for i, (x, y) in enumerate(s.data.train.batches(epoch)):
-        try:
-            out = s.stepper.train_step(x, y, s.optimizer)
-        except RuntimeError as err:  # a Python scalar (lr, Adam's step size) beyond float32 in the update
-            if "without overflow" not in str(err):
-                raise
-            raise TrainingDiverged(f"the update of step {step + 1} (epoch {epoch + 1}) overflowed float32 "
-                                   f"({err})") from None
+        out, moved = training_step(s, x, y, step, epoch, i + 1 == steps)
         largest, fewest = torch.maximum(largest, input_peak(x)), min(fewest, len(y))  # read if it diverges
-        moved = s.layout.after_step(i + 1 == steps)
         if moved:
             reporter.note(moved)
-        s.scheduler.step()
         step += 1
         n = len(out.logits)  # 0 on the pipeline stages below the last: they see no logits
         loss_sum += out.loss * n
@@ -150,60 +167,42 @@ def resume_notes(recipe: Recipe, payload: dict[str, Any], out_dir: Path) -> list
     return notes
 
 
-@dataclass(frozen=True)
-class RecipeOrigin:
-    """Where a run's values came from: its recipe file (written for ``rule``), ``--set``, or the
-    defaults. Errors found while building name the ``--set`` that set their key; learning rates are
-    tuned per rule, so a run whose ``--set rule.name`` replaced the file's rule says which optim
-    settings it inherited, and a diverged run says where its ``optim.lr`` came from."""
-
-    recipe: str  # the recipe's name
-    rule: str  # the rule its file names
-    file_optim_keys: tuple[str, ...]  # the [optim] keys the file sets, in its order
-    sets: dict[str, str]  # dotted key -> the --set that set it
-
-    @classmethod
-    def read(cls, path: Path, overrides: list[str]) -> "RecipeOrigin":
-        """From a recipe file that ``load_recipe`` has read (and validated) with ``overrides``."""
-        tree = read_toml(path)
-        return cls(path.stem, str(tree.get("rule", {}).get("name", "bp")), tuple(tree.get("optim", {})),
-                   {parse_override(text)[0]: text for text in overrides})
-
-    def inherited(self, recipe: Recipe) -> str | None:
-        """The note of a run whose rule is not the one its recipe was tuned for, or None."""
-        kept = [key for key in self.file_optim_keys if f"optim.{key}" not in self.sets]
-        if recipe.rule.name == self.rule or not kept:
-            return None
-        values = recipe.to_dict()["optim"]
-        listed = ", ".join(f"optim.{key}={values[key]!r}" for key in kept)
-        return (f"rule {recipe.rule.name} inherits {listed} from recipe {self.recipe}, tuned for rule {self.rule} "
-                "(change them with --set optim.KEY=VALUE)")
+def inherited_note(recipe: Recipe) -> str | None:
+    """The note of a run whose ``--set rule.name`` replaced the rule its recipe file was tuned for
+    while the file's [optim] settings stay: which ones it inherits; else None."""
+    origins = recipe.origins
+    kept = [key for key in origins.file_optim_keys if f"optim.{key}" not in origins.sets]
+    if recipe.rule.name == origins.file_rule or not kept:
+        return None
+    values = recipe.to_dict()["optim"]
+    listed = ", ".join(f"optim.{key}={values[key]!r}" for key in kept)
+    return (f"rule {recipe.rule.name} inherits {listed} from recipe {origins.name}, tuned for rule "
+            f"{origins.file_rule} (change them with --set optim.KEY=VALUE)")
 
 
-def lr_hint(recipe: Recipe, origin: RecipeOrigin | None) -> str:
+def lr_hint(recipe: Recipe) -> str:
     """The likely fix of a diverged run: a lower learning rate, saying where the current one came from."""
-    lr = recipe.optim.lr
-    if origin is None:
-        source = ""
-    elif "optim.lr" in origin.sets:
+    lr, origins = recipe.optim.lr, recipe.origins
+    if "optim.lr" in origins.sets:
         source = " came from --set"
-    elif "lr" in origin.file_optim_keys:
-        tuned = f", tuned for rule {origin.rule}" if origin.rule != recipe.rule.name else ""
-        source = f" came from recipe {origin.recipe}{tuned}"
+    elif origins.source == "<recipe>":  # built from a dict: no file to name
+        source = ""
+    elif "lr" in origins.file_optim_keys:
+        tuned = f", tuned for rule {origins.file_rule}" if origins.file_rule != recipe.rule.name else ""
+        source = f" came from recipe {origins.name}{tuned}"
     else:
         source = " is the default"
     return (f"optim.lr={lr:g} ({recipe.optim.name}){source}: lower it, e.g. --set optim.lr={lr / 10:g}, or check "
             "the data")
 
 
-def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None,
-          origin: RecipeOrigin | None = None) -> dict[str, Any]:
+def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Train a recipe into ``out_dir`` (checkpoint, metrics.jsonl, recipe.toml, results.json).
 
     The folder is checked and locked before anything is built. Under torchrun every rank trains
     its shard; rank 0 alone prints, logs and writes files. SIGINT and SIGTERM end the run with
     ``RunInterrupted`` saying what was kept; a loss that ``divergence`` calls diverged with
-    ``TrainingDiverged``, whose message says where ``optim.lr`` came from (``origin``).
+    ``TrainingDiverged``, whose message says where ``optim.lr`` came from (``recipe.origins``).
     """
     main = int(os.environ.get("RANK", "0")) == recipe.train.pipeline_stages - 1  # DistEnv.is_main, before the job
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -211,7 +210,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
         if main:
             folder.claim(resume)
         payload = load_checkpoint(ckpt_path) if resume else None
-        inherited = origin.inherited(recipe) if origin is not None else None
+        inherited = inherited_note(recipe)
         notes = [*([inherited] if inherited else []), *folder.notes]
         unverified = payload is not None and NOTE_KEY in payload  # written before digests: it may be damaged
         if unverified:
@@ -225,7 +224,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
         reporter = Reporter(console if main and console else Console(quiet=not main, emoji=False), None)
         saved = [payload["epoch"]] if payload is not None else []  # epochs of the checkpoints on disk
         try:
-            return _run(recipe, out_dir, payload, reporter, notes, saved, origin.sets if origin else {})
+            return _run(recipe, out_dir, payload, reporter, notes, saved)
         except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM through sigterm_interrupts
             name = stop.signal_name if isinstance(stop, RunInterrupted) else "SIGINT"
             raise RunInterrupted(name, f"stopped by {name}: {_kept(saved, ckpt_path, out_dir)}") from None
@@ -242,7 +241,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, console: Console 
             if main:
                 _write_results(out_dir, {"state": "diverged", "recipe": recipe.source, "rule": recipe.rule.name,
                                          "message": str(err)})
-            hint = "" if err.cause else f"; {lr_hint(recipe, origin)}"  # the data's fault: the rate is not
+            hint = "" if err.cause else f"; {lr_hint(recipe)}"  # the data's fault: the rate is not
             raise TrainingDiverged(f"{err}; {kept}{hint}", err.cause) from None
         except RuntimeError as err:  # a collective (log-step loss, epoch-end sync) lost a process
             if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not _lost_peer(err):
@@ -273,11 +272,11 @@ def _write_results(out_dir: Path, results: dict[str, Any]) -> None:
 
 
 def _run(recipe: Recipe, out_dir: Path, payload: dict[str, Any] | None, reporter: Reporter,
-         notes: list[str], saved: list[int], sets: dict[str, str]) -> dict[str, Any]:
+         notes: list[str], saved: list[int]) -> dict[str, Any]:
     """Build the session, restore the checkpoint, train the remaining epochs, write the results;
     ``saved`` gains the epoch of every checkpoint written."""
     ckpt_path = out_dir / CHECKPOINT_NAME
-    s = build_session(recipe, sets)
+    s = build_session(recipe)
     main = s.env.is_main
     epoch, step = restore(s, payload, out_dir) if payload is not None else (0, 0)
     if s.env.enabled:

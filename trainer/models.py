@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from trainer.config import ConfigError, ModelConfig, import_module
+from trainer.passes import uncounted_pass
 
 class LayeredNet(nn.Sequential):
     """A plain feed-forward net stored as stages of layers (no residual connections)."""
@@ -198,7 +199,7 @@ def _torchvision_model(builder: str, num_classes: int, kwargs: dict) -> nn.Modul
     try:
         defaults = {"aux_logits": False, "init_weights": True} if builder in AUX_HEADS else {}
         return torchvision.models.get_model(builder, weights=None, num_classes=num_classes, **{**defaults, **kwargs})
-    except Exception as err:  # TypeError, ValueError, AssertionError, or whatever a builder raises on a bad value
+    except Exception as err:  # noqa: BLE001 -- TypeError, ValueError, AssertionError, or whatever a builder raises on a bad value
         raise ConfigError(f"[model] kwargs: torchvision:{builder} refused {kwargs} ({type(err).__name__}: {err})"
                           ) from None
 
@@ -211,7 +212,7 @@ def _user_model(target: str, input_shape: tuple[int, ...], num_classes: int, kwa
         raise ConfigError(f"[model] name: {module_name} has no callable {factory_name!r}")
     try:
         model = factory(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- a user's model: named with its layer
         raise ConfigError(f"[model] name: python:{target}(num_classes={num_classes}, input_shape={tuple(input_shape)}, "
                           f"**{kwargs}) raised {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
@@ -250,21 +251,14 @@ def _dry_forward(model: nn.Module, input_shape: tuple[int, ...], training: bool,
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: entered.append(n))
              for n, m in model.named_modules() if n and not list(m.children())]
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [b.clone() for b in model.buffers()]
-    model.train(training)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with uncounted_pass(model, training):
             return model(torch.zeros((samples, *input_shape), device=device))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- a user's model: named with its layer
         raise _ForwardFailed(entered[-1] if entered else "its first layer", err) from None
     finally:
         for hook in hooks:
             hook.remove()
-        for module, mode in modes:
-            module.train(mode)
-        for buffer, saved in zip(model.buffers(), buffers):
-            buffer.copy_(saved)
 
 
 def _smallest_side(make: Callable[[tuple[int, int, int]], nn.Module], channels: int, training: bool) -> int | None:

@@ -1,7 +1,7 @@
 """Recipes by name or path, read with the rules' option schemas.
 
 ``trainer.config`` validates a recipe against the schemas it is given and imports nothing of the
-trainer; this module hands it the rule registry (``trainer.rules.rule_options_class``) and knows
+trainer; this module hands it the rule registry (``trainer.rules.rule_class``) and knows
 where the built-in recipes live. Read recipes through here: ``load_recipe(path, overrides)``.
 """
 
@@ -15,20 +15,20 @@ from trainer import config
 from trainer.config import ConfigError, Recipe
 
 
-def _rule_options(name: str) -> type:
-    from trainer.rules import rule_options_class  # imported on first use: `trainer list` needs no torch
+def _rule_class(name: str) -> type:
+    from trainer.rules import rule_class  # noqa: PLC0415 -- imported on first use: `trainer list` needs no torch
 
-    return rule_options_class(name)
+    return rule_class(name)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a TOML recipe, apply ``section.key=value`` overrides, and validate the result."""
-    return config.read_recipe(path, _rule_options, overrides)
+    return config.read_recipe(path, _rule_class, overrides)
 
 
 def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
     """Validate a nested dict (as read from TOML, or saved in a checkpoint) into a Recipe."""
-    return config.parse_recipe(tree, _rule_options, source)
+    return config.parse_recipe(tree, _rule_class, source)
 
 
 def recipe_dirs() -> list[Path]:

@@ -22,6 +22,19 @@ def read_records(run: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]
     return read_metrics(path)
 
 
+def intact_records(run: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, for readers that draw conclusions from its curve (the
+    benchmarks): a damaged line is a ConfigError naming it, since the curve would silently lack that
+    record; a last line that a killed run left half-written is no damage and is left out."""
+    records, broken = read_records(run)
+    damaged = [(number, problem) for number, problem in broken if problem != TORN]
+    if damaged:
+        number, problem = damaged[0]
+        raise ConfigError(f"{run / 'metrics.jsonl'} line {number}: {problem}; train the run again (or mend the "
+                          "line) before reading its curve")
+    return records
+
+
 @dataclass
 class RunSummary:
     """One row of ``trainer runs``."""
@@ -138,11 +151,11 @@ def plot_runs(runs: list[Path], metric: str, out: Path) -> list[str]:
     loss also at every logged step. Written as a PNG of 1000 x 500 pixels. Returns a warning for
     each run whose metrics.jsonl has damaged lines (they are skipped)."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 -- matplotlib is optional (the plot extra)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.backend_bases import FigureCanvasBase
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+        from matplotlib.backend_bases import FigureCanvasBase  # noqa: PLC0415
     except ImportError:
         raise ConfigError("trainer plot needs matplotlib: pip install 'bpfree-trainer[plot]'") from None
     formats = FigureCanvasBase.get_supported_filetypes()  # matplotlib takes the format from the name's ending

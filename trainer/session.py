@@ -1,7 +1,7 @@
 """A training session built from a recipe.
 
 ``build_session`` assembles device, data, model, rule, optimizer, schedule and the layout of the
-units over processes (``trainer.layout``) in one place; ``trainer run`` (the loop) and the
+units over processes (``trainer.parallel.layout``) in one place; ``trainer run`` (the loop) and the
 benchmarks build through this module, so what trains is what gets measured (the checkpoint round
 trip is in ``trainer.checkpoint``, evaluation in ``trainer.evaluation``). The optimizer belongs to
 the session: a rule only calls ``optimizer.step()`` on the gradients it wrote, and says through
@@ -14,10 +14,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +25,10 @@ from torch import nn
 from trainer.config import ConfigError, OptimConfig, Recipe
 from trainer.data import DataBundle, build_data, default_augmentation, source_facts
 from trainer.devices import cpu_bf16_note, device_name, on_cuda_by_default, resolve_device
-from trainer.distributed import DistEnv, average_gradients_before_step, broadcast_state, init_distributed
-from trainer.layout import Layout, Stepper
 from trainer.models import build_model, check_training_batch
-from trainer.pipeline import Pipeline
+from trainer.parallel.data_parallel import average_gradients_before_step, broadcast_state
+from trainer.parallel.layout import Layout, Pipeline, Stepper
+from trainer.parallel.processes import DistEnv, init_distributed
 from trainer.rules import ParamOptions, Rule, RuleContext, RuleError, build_rule, rule_class
 from trainer.speed_choice import choose_channels_last, choose_compile
 
@@ -101,7 +100,7 @@ class Session:
     @property
     def stepper(self) -> Stepper:
         """What turns a batch into updates: the rule, or this process's pipeline stage of it."""
-        return self.layout.stage
+        return self.layout.stepper
 
     @property
     def lr(self) -> float:
@@ -139,7 +138,7 @@ def planned_images(recipe: Recipe) -> int:
     return recipe.train.epochs * int(count * (1 - held_out))
 
 
-def layout_decision(recipe: Recipe, device_type: str) -> tuple[bool, str]:
+def memory_format_decision(recipe: Recipe, device_type: str) -> tuple[bool, str]:
     """Whether this run stores its model channels_last, and why (``trainer.speed_choice``)."""
     cfg = recipe.train
     return choose_channels_last(cfg.channels_last, device_type, recipe.model.name, recipe.rule.name,
@@ -148,9 +147,9 @@ def layout_decision(recipe: Recipe, device_type: str) -> tuple[bool, str]:
 
 def compile_decision(recipe: Recipe, device_type: str, images: int) -> tuple[bool, str]:
     """Whether this run compiles its forward passes, and why (``trainer.speed_choice``), in the layout
-    ``layout_decision`` chose."""
+    ``memory_format_decision`` chose."""
     return choose_compile(recipe.train.compile, device_type, recipe.model.name, recipe.rule.name, images,
-                          layout_decision(recipe, device_type)[0])
+                          memory_format_decision(recipe, device_type)[0])
 
 
 def effective_recipe(recipe: Recipe) -> dict[str, Any]:
@@ -161,7 +160,7 @@ def effective_recipe(recipe: Recipe) -> dict[str, Any]:
     train["device"] = device_name(train["device"])
     device_type = torch.device(train["device"]).type
     train["compile"] = compile_decision(recipe, device_type, planned_images(recipe))[0]
-    train["channels_last"] = layout_decision(recipe, device_type)[0]
+    train["channels_last"] = memory_format_decision(recipe, device_type)[0]
     train["amp"] = on_cuda_by_default(recipe.train.amp, device_type)
     channels, classes = source_facts(recipe.data)
     if channels is not None and recipe.data.name != "imagefolder":
@@ -173,14 +172,55 @@ def effective_recipe(recipe: Recipe) -> dict[str, Any]:
     return tree
 
 
-def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Session:
+@dataclass
+class Trainee:
+    """What a run trains, built from a recipe: the model, the rule over it and the optimizer."""
+
+    model: nn.Module
+    rule: Rule
+    optimizer: torch.optim.Optimizer
+    channels_last: bool  # the model's 4-D weights are NHWC, as ``memory_format_decision`` chose
+    notes: list[str]  # why that layout, and why the rule compiles or not
+
+
+def build_trainee(recipe: Recipe, device: torch.device, input_shape: tuple[int, ...], num_classes: int,
+                  images: int, batch_size: int | None = None) -> Trainee:
+    """The recipe's model, rule and optimizer as ``trainer run`` trains them: ``build_session`` and
+    the benchmarks build through here, so what is measured is what trains.
+
+    The model is fresh (the caller seeds it) and, where ``memory_format_decision`` says so, stored
+    channels_last; the rule compiles as ``compile_decision`` decides for ``images`` training images
+    (0: a run of unknown length) and leaves divergence to the loop (``check_divergence`` off: one
+    host sync a logged step, not one a step, and every rank decides alike). ``batch_size``: a
+    ``python:`` model's forward is checked on a training batch of that size (None: not checked).
+    Errors are ConfigError naming the recipe file, or the ``--set`` that set the key they name.
+    """
+    try:
+        model = build_model(recipe.model, input_shape, num_classes).to(device)
+        if batch_size is not None:
+            check_training_batch(model, recipe.model, input_shape, num_classes, batch_size)
+        channels_last, memory_format_note = memory_format_decision(recipe, device.type)
+        if channels_last:  # 4-D weights NHWC: convolutions then write NHWC activations (mkldnn's fast path)
+            model = model.to(memory_format=torch.channels_last)
+    except ConfigError as err:
+        raise recipe.origins.blame(err) from None
+    compiled, compile_note = compile_decision(recipe, device.type, images)
+    try:
+        rule = build_rule(recipe.rule.rule_class or recipe.rule.name, recipe.rule.options, model,
+                          rule_context(recipe, device, num_classes, input_shape, compiled))
+    except RuleError as err:
+        raise recipe.origins.blame(ConfigError(f"[rule] (rule {recipe.rule.name!r}): {err}"), "rule.name") from None
+    rule.check_divergence = False  # the loop decides, alike on every rank (after an all-reduce)
+    return Trainee(model, rule, build_optimizer(recipe.optim, model, rule), channels_last, [memory_format_note, compile_note])
+
+
+def build_session(recipe: Recipe) -> Session:
     """Build everything from a recipe; under torchrun, join the job and shard the data.
 
     Errors about the data or about what the rule can do with the model come back as ConfigError
-    naming the recipe file and its section, or the ``--set`` that set the key they name (``sets``:
-    dotted key -> the override's text).
+    naming the recipe file and its section, or the ``--set`` that set the key they name
+    (``recipe.origins``).
     """
-    sets = sets or {}
     cfg = recipe.train
     kind: type[Layout] = Pipeline if cfg.pipeline_stages > 1 else Layout  # sizes the loader before it is built
     env = init_distributed(torch.device(device_name(cfg.device)).type, cfg.pipeline_stages,
@@ -191,24 +231,10 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
     try:
         data = build_data(recipe.data, device, batch_size, cfg.eval_batch_size, cfg.seed, env.replica, env.replicas)
     except ConfigError as err:
-        raise blamed(err, recipe, sets) from None
-    try:
-        model = build_model(recipe.model, data.input_shape, data.num_classes).to(device)
-        check_training_batch(model, recipe.model, data.input_shape, data.num_classes, batch_size)
-        channels_last, layout_note = layout_decision(recipe, device.type)
-        if channels_last:  # 4-D weights NHWC: convolutions then write NHWC activations (mkldnn's fast path)
-            model = model.to(memory_format=torch.channels_last)
-    except ConfigError as err:
-        raise blamed(err, recipe, sets) from None
+        raise recipe.origins.blame(err) from None
     images = cfg.epochs * len(data.train) * batch_size  # what this process trains on in the whole run
-    compiled, compile_note = compile_decision(recipe, device.type, images)
-    try:
-        rule = build_rule(recipe.rule.name, recipe.rule.options, model,
-                          rule_context(recipe, device, data.num_classes, data.input_shape, compiled))
-    except RuleError as err:
-        raise blamed(ConfigError(f"[rule] (rule {recipe.rule.name!r}): {err}"), recipe, sets, "rule.name") from None
-    rule.check_divergence = False  # the loop decides, alike on every rank (after an all-reduce)
-    optimizer = build_optimizer(recipe.optim, model, rule)
+    trainee = build_trainee(recipe, device, data.input_shape, data.num_classes, images, batch_size)
+    model, rule, optimizer = trainee.model, trainee.rule, trainee.optimizer
     if env.enabled:
         broadcast_state([model, rule])
     if env.replicas > 1:
@@ -222,9 +248,9 @@ def build_session(recipe: Recipe, sets: Mapping[str, str] | None = None) -> Sess
     total = cfg.epochs * len(data.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.optim, step, total))
     files = data_fingerprints(recipe)
-    notes = [layout_note, compile_note, *filter(None, [same_data_note(files), cpu_bf16_note(rule.ctx.amp, device.type)])]
+    notes = [*trainee.notes, *filter(None, [same_data_note(files), cpu_bf16_note(rule.ctx.amp, device.type)])]
     return Session(recipe, device, data, model, rule, optimizer, scheduler, total, env, layout, files, notes,
-                   channels_last)
+                   trainee.channels_last)
 
 
 def data_fingerprints(recipe: Recipe) -> dict[str, dict[str, Any]]:
@@ -256,16 +282,9 @@ def same_data_note(files: dict[str, dict[str, Any]]) -> str | None:
             "held-out images as test_path, or leave it unset to hold out val_fraction of data.path")
 
 
-def blamed(err: ConfigError, recipe: Recipe, sets: Mapping[str, str], key: str | None = None) -> ConfigError:
-    """``err`` prefixed by where its key (``key``, or the "[section] key" it begins with) was set: the
-    ``--set`` that set it, or else the recipe file."""
-    named = re.match(r"\[(\w+)\] (\w+)", str(err))
-    key = key or (f"{named[1]}.{named[2]}" if named else "")
-    return ConfigError(f"{f'--set {sets[key]}' if key in sets else recipe.source}: {err}")
-
-
 def is_forward_only(recipe: Recipe) -> bool:
     """Whether the recipe's rule updates each unit right after its own forward (drtp, tpsgd): its
     ``forward_only`` option where it has one, else its class's declaration (a python: rule's)."""
     declared = getattr(recipe.rule.options, "forward_only", None)
-    return bool(declared if declared is not None else getattr(rule_class(recipe.rule.name), "forward_only", False))
+    cls = recipe.rule.rule_class or rule_class(recipe.rule.name)
+    return bool(declared if declared is not None else getattr(cls, "forward_only", False))

@@ -1,9 +1,11 @@
 """What an unset ``train.channels_last`` and an unset ``train.compile`` ("auto") choose: each where it
 was measured to pay on this kind of device.
 
+The measurements are data, not code: ``trainer/cpu_speed.json`` (which ``benchmarks/bench_cpu.py
+--write-defaults`` writes on the machine it runs on, and which says where and when it was measured).
 channels_last (NHWC weights, hence NHWC activations from mkldnn's convolutions) costs nothing to
-switch on, so on the CPU ``auto`` takes it for a (model, rule) that ``benchmarks/bench_cpu.py``
-measured at least ``MIN_SPEEDUP`` faster eager. ``torch.compile`` costs tens of seconds on the CPU
+switch on, so on the CPU ``auto`` takes it for a (model, rule) measured at least ``MIN_SPEEDUP``
+faster eager. ``torch.compile`` costs tens of seconds on the CPU
 (training and evaluation graphs), and inductor's C++ code is faster for some models and slower for
 others; so ``auto`` compiles a measured (model, rule) only when it gains in the layout chosen and the
 run is long enough to win the compile time back with a margin::
@@ -19,10 +21,13 @@ assume it). ``true`` / ``false`` override either choice.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 MIN_SPEEDUP = 1.10  # below this the measurement's noise (spreads of 3-35 %) could be the whole gain
 PAYBACK = 1.5  # the saving must beat the compile time by half again: a short run is never slower
+MEASURED_FILE = Path(__file__).with_name("cpu_speed.json")
 
 
 @dataclass(frozen=True)
@@ -37,29 +42,15 @@ class Measured:
     compile_s: float
 
 
-# (model name, rule name) -> images/s at bench_cpu's batch (128; the ViT 256) on 2 cores, 2026-12-02,
-# `TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m benchmarks.bench_cpu --npz cifar10-mini-train.npz`
-# (BENCHMARKS.md, "Compiled training and channels_last on the CPU"; benchmarks/results/cpu.json). A rule
-# measured after another on the same model reused the other's compiled units, so its compile time went
-# unseen: it takes the model's largest ("cached").
-CPU_MEASURED: dict[tuple[str, str], Measured] = {
-    ("cnn", "bp"): Measured(2800, 3706, 3326, 3503, 18.8),
-    ("cnn", "dfa"): Measured(3005, 3258, 3228, 2938, 14.4),
-    ("cnn", "bdfa"): Measured(2942, 3316, 3232, 3088, 18.8),  # cached
-    ("cnn", "drtp"): Measured(2831, 3134, 3307, 2863, 18.8),  # cached
-    ("cnn", "tpsgd"): Measured(2860, 3101, 3138, 2901, 18.8),  # cached
-    ("cnn", "rec_lra"): Measured(2667, 3187, 2554, 2395, 12.3),
-    ("cnn", "trace_bp"): Measured(1681, 1700, 1659, 1714, 18.8),  # cached
-    ("resnet20", "bp"): Measured(527, 663, 707, 703, 26.5),
-    ("resnet20", "dfa"): Measured(538, 573, 448, 465, 46.5),
-    ("resnet20", "bdfa"): Measured(526, 584, 441, 471, 61.4),  # cached
-    ("resnet20", "drtp"): Measured(551, 594, 472, 459, 61.4),  # cached
-    ("resnet20", "tpsgd"): Measured(581, 594, 442, 430, 61.4),  # cached
-    ("resnet20", "rec_lra"): Measured(456, 424, 353, 372, 61.4),
-    ("resnet20", "trace_bp"): Measured(304, 281, 447, 455, 33.3),
-    ("resnet18", "bp"): Measured(54, 68, 69, 70, 26.7),
-    ("vit", "bp"): Measured(3892, 3860, 4573, 4601, 21.5),
-}
+def load_measured(path: Path = MEASURED_FILE) -> dict[tuple[str, str], Measured]:
+    """The (model, rule) rows of a measurements file (``trainer/cpu_speed.json``: images/s, where and
+    how it was measured), which ``benchmarks/bench_cpu.py --write-defaults`` writes."""
+    rows = json.loads(path.read_text())["rows"]
+    return {(row["model"], row["rule"]): Measured(row["eager"], row["channels_last"], row["compiled"],
+                                                  row["compiled_channels_last"], row["compile_s"]) for row in rows}
+
+
+CPU_MEASURED: dict[tuple[str, str], Measured] = load_measured()
 
 
 def _row(model: str, rule: str, table: dict[tuple[str, str], Measured] | None) -> Measured | None:

@@ -15,7 +15,7 @@ are computed up to their final ReLU, and a unit without a trailing activation ha
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
 import torchvision
@@ -25,6 +25,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from kernels.local_alignment import phi
 from trainer.graph_units import children_cuts, cut_units, markers
 from trainer.models import CifarResNet, LayeredNet
+from trainer.passes import evaluation_mode  # noqa: F401 (re-exported: its home until 0.2.0)
 
 Granularity = Literal["layer", "block", "stage", "children"]
 GRANULARITIES: tuple[str, ...] = ("layer", "block", "stage", "children")
@@ -186,19 +187,6 @@ def cut_landing(name: str, unit: nn.Module) -> str:
     return getattr(unit, "cut_after", None) or f"module {name!r} ({type(unit).__name__})"
 
 
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode (BatchNorm statistics untouched, no dropout), then every module's
-    own training flag back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.train(mode)
-
-
 @torch.no_grad()
 def dry_outputs(model: nn.Module, units: Sequence[nn.Module], x: torch.Tensor,
                 autocast: Callable[[], Any] = contextlib.nullcontext) -> list[State]:
@@ -222,12 +210,15 @@ def used_parameters(unit: nn.Module, output: torch.Tensor) -> list[nn.Parameter]
     return [p for p, g in zip(candidates, used) if g is not None]
 
 
-def run_units(units: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Run units in order; equals the model's forward."""
+def chain_units(units: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Run units in order; equals the model's forward. (Not the step engine, ``UnitRule.run_units``.)"""
     state: State = x
     for unit in units:
         state = unit(state)
     return primary(state)
+
+
+run_units = chain_units  # its name until 0.2.0, which the step engine's shares; kept for one release
 
 
 # --- units as (z, a): the pre-activation adapters ----------------------------------------------

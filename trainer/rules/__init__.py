@@ -9,7 +9,8 @@ import dataclasses
 from torch import nn
 
 from trainer.config import ConfigError, import_module
-from trainer.rules.base import ParamOptions, Rule, RuleContext, RuleError, StepResult, UnitBatch, UnitOptions, UnitRule
+from trainer.rules.base import ParamOptions, Rule, RuleContext, RuleError, StepResult, UnitBatch
+from trainer.rules.unit_rule import UnitOptions, UnitRule
 from trainer.rules.bp import Backprop
 from trainer.rules.dfa import DFA, BinaryDFA, SignDFA
 from trainer.rules.lra import LocalRepresentationAlignment, RecursiveLRA
@@ -86,10 +87,11 @@ def rule_options_class(name: str) -> type:
     return rule_class(name).Options
 
 
-def build_rule(name: str, options: object, model: nn.Module, ctx: RuleContext) -> Rule:
-    """Rule ``name`` with its validated options (its ``Options`` dataclass, or a dict of its keys),
-    training ``model``; the rule's constructor checks the arguments (``trainer.rules.checks``)."""
-    return rule_class(name)(model, options, ctx).to(ctx.device)
+def build_rule(name: str | type[Rule], options: object, model: nn.Module, ctx: RuleContext) -> Rule:
+    """Rule ``name`` (or a rule class, e.g. a recipe's resolved ``rule.rule_class``) with its
+    validated options (its ``Options`` dataclass, or a dict of its keys), training ``model``; the
+    rule's constructor checks the arguments (``trainer.rules.checks``)."""
+    return (rule_class(name) if isinstance(name, str) else name)(model, options, ctx).to(ctx.device)
 
 
 __all__ = ["RULES", "ParamOptions", "Rule", "RuleContext", "RuleError", "StepResult", "UnitBatch", "UnitOptions",

@@ -8,26 +8,14 @@ updates into an angle.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from trainer.passes import uncounted_pass
 from trainer.rules.base import RuleError
-
-
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Run an extra training-mode pass without it counting: BatchNorm statistics are restored."""
-    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
 
 
 def flat_gradient(params: list[nn.Parameter], grads: list[torch.Tensor | None]) -> torch.Tensor:
@@ -55,7 +43,7 @@ def bp_alignment(
     nothing: BatchNorm statistics are restored and ``.grad`` is left as it is. A group with no
     ``.grad`` or no BP gradient at all (unused) has no angle."""
     params = [p for group in groups.values() for p in group]
-    with preserved_buffers(model), torch.enable_grad():
+    with uncounted_pass(model), torch.enable_grad():
         bp = iter(torch.autograd.grad(criterion(forward(x).float(), y), params, allow_unused=True))
     angles: dict[str, float] = {}
     for name, group in groups.items():

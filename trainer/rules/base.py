@@ -16,10 +16,10 @@ model's units, what signal each unit gets, and what happens after the local back
 from __future__ import annotations
 
 import abc
-import collections
 import contextlib
 import functools
 import math
+import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
@@ -28,27 +28,13 @@ from torch import nn
 
 from trainer.errors import TrainingDiverged, divergence, input_cause, logit_divergence
 from trainer.rules import positions
-from trainer.rules.checks import (
-    RuleError, check_batch, check_context, check_logits, check_optimizer, dry_run, rule_arguments,
+from trainer.rules.batch import (  # noqa: F401 (StepResult, UnitBatch and Transport re-exported: their home until 0.2.0)
+    StepResult, Transport, UnitBatch, restore_statistics, saved_statistics,
 )
+from trainer.rules.checks import RuleError, check_batch, check_context, check_optimizer, rule_arguments
 from trainer.rules.positions import OutputLayout
-from trainer.units import (
-    Granularity, State, batch_length, call_model, cut_landing, detach_state, dry_outputs, model_units, primary,
-    sample_shape,
-)
-
-@dataclass
-class StepResult:
-    """What one training step reports: the batch loss and the logits (both detached)."""
-
-    loss: torch.Tensor
-    logits: torch.Tensor
-
-    @classmethod
-    def unseen(cls, num_classes: int, device: torch.device, dtype: torch.dtype = torch.float32) -> StepResult:
-        """What a pipeline stage below the last reports: a zero loss and no logits (it sees none)."""
-        return cls(torch.zeros((), device=device), torch.empty((0, num_classes), device=device, dtype=dtype))
-
+from trainer.rules.prepared import PreparedRule, after_backward_of
+from trainer.units import State, batch_length, call_model, primary
 
 @dataclass(frozen=True)
 class ParamOptions:
@@ -96,10 +82,10 @@ class RuleContext:
         """The dry forwards' input, as messages name it."""
         if self.example_input is None:
             return f"inputs of RuleContext.input_shape = {self.input_shape}"
-        return f"RuleContext.example_input ({_describe(self.example_input)})"
+        return f"RuleContext.example_input ({describe_value(self.example_input)})"
 
 
-def _checks_divergence(train_step):  # noqa: ANN001, ANN202 (a decorator of every rule's train_step)
+def _checks_divergence(train_step):  # a decorator of every rule's train_step
     """``train_step`` that raises ``TrainingDiverged`` when the step's loss has diverged (NaN,
     infinite or exploded, ``trainer.errors.divergence``) unless ``rule.check_divergence`` is off,
     before any update lands: the rule's ``step`` calls wait until the loss is known (``Rule.step``)
@@ -115,14 +101,14 @@ def _checks_divergence(train_step):  # noqa: ANN001, ANN202 (a decorator of ever
         check_batch(self, x, y)
         check_optimizer(self, optimizer)
         guarded = self.check_divergence
-        statistics = _saved_statistics(self.model) if guarded else []
+        statistics = saved_statistics(self.model) if guarded else []
         self._in_step, self._held = True, [] if guarded else None
         try:
             result = train_step(self, x, y, optimizer)
             _check_step_result(self, result, y)
             why = divergence(float(result.loss), self.ctx.num_classes) if guarded else None
             if why:
-                _restore(statistics)
+                restore_statistics(statistics)
                 raise self._divergence_error(why, x, self.steps_taken + 1)
             held = self._held or []
         except BaseException:
@@ -160,20 +146,7 @@ def input_peak(x: State) -> torch.Tensor:
     return peaks[0] if len(peaks) == 1 else torch.stack(peaks).amax()
 
 
-def _saved_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of the buffers a training forward moves (BatchNorm's running statistics and batch
-    count), for ``_restore`` after a diverged step."""
-    return [(buffer, buffer.clone()) for name, buffer in model.named_buffers()
-            if name.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")]
-
-
-def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for buffer, value in saved:
-            buffer.copy_(value)
-
-
-def _describe(value: object) -> str:
+def describe_value(value: object) -> str:
     """A value as a contract error names it: None, a (shape) dtype tensor, or its type."""
     if value is None:
         return "None"
@@ -199,20 +172,20 @@ def _check_step_result(rule: Rule, result: object, y: torch.Tensor) -> None:
     if isinstance(result, StepResult):
         loss, logits = result.loss, result.logits
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-            got = f"a StepResult whose loss is {_describe(loss)}"
+            got = f"a StepResult whose loss is {describe_value(loss)}"
         elif not (isinstance(logits, torch.Tensor) and logits.dim() == len(layout)
                   and positions.label_shape(logits.shape, layout) == tuple(y.shape)):
-            got = f"a StepResult whose logits are {_describe(logits)}"
+            got = f"a StepResult whose logits are {describe_value(logits)}"
         else:
             return
     else:
-        got = _describe(result)
+        got = describe_value(result)
     want = f"({len(y)}, C) logits" if layout == "NC" else f"{layout} logits with the labels' positions {tuple(y.shape)}"
     raise RuleError(f"{type(rule).__name__}.train_step() returned {got}; expected StepResult(loss, logits) "
                     f"(trainer.rules.StepResult): the batch's mean loss as a 0-d tensor and its {want}, both detached")
 
 
-def _checks_arguments(init):  # noqa: ANN001, ANN202 (a decorator of every rule's __init__)
+def _checks_arguments(init):  # a decorator of every rule's __init__
     """``__init__`` that checks ``model``, ``options`` and ``ctx`` (``trainer.rules.checks``) before
     the rule's own code reads them (a subclass may read its options before calling its parent's),
     handing it the options as its ``Options`` dataclass (a dict of keys is built into one). A
@@ -221,7 +194,7 @@ def _checks_arguments(init):  # noqa: ANN001, ANN202 (a decorator of every rule'
     def checked(self: Rule, model: nn.Module, options: object, ctx: RuleContext, *args: object,
                 **kwargs: object) -> None:
         if "_arguments_checked" not in self.__dict__:
-            options = rule_arguments(type(self), model, options, ctx)
+            options = rule_arguments(type(self), model, options, ctx, RuleContext)
             self.__dict__["_arguments_checked"] = True
         init(self, model, options, ctx, *args, **kwargs)
 
@@ -261,7 +234,17 @@ class Rule(nn.Module, abc.ABC):
     sized_by_input: ClassVar[bool] = False  # its state is sized by ctx.input_shape: every batch must have it
 
     def __init_subclass__(cls, **kwargs: object) -> None:
+        """Wrap a subclass's ``train_step`` and ``__init__`` in the checks; refuse the hooks renamed
+        into ``after_backward(batch)`` (one hook, one signature, for ``train_step`` and ``prepare()``),
+        so that a rule written for the old names fails loudly instead of silently losing that work."""
         super().__init_subclass__(**kwargs)
+        fix = ("is now after_backward(self, batch): one hook for train_step and prepare(), reading batch.x and "
+               "batch.y; rename it")
+        if "prepared_after_backward" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}.prepared_after_backward(x, y) {fix}")
+        hook = cls.__dict__.get("after_backward")
+        if callable(hook) and len(inspect.signature(hook).parameters) != 2:
+            raise TypeError(f"{cls.__name__}.after_backward{inspect.signature(hook)} {fix}")
         step = cls.__dict__.get("train_step")
         if step is not None and not getattr(step, "__isabstractmethod__", False) \
                 and not getattr(step, "checks_divergence", False):
@@ -328,8 +311,6 @@ class Rule(nn.Module, abc.ABC):
         """The rule as a module for your own loop: ``loss = criterion(net(x), y); loss.backward();
         optimizer.step()`` performs exactly ``train_step``'s update (``trainer.rules.prepared``).
         Its parameters are the model's and the rule's own (LRA's E maps, Kolen–Pollack's B)."""
-        from trainer.rules.prepared import PreparedRule  # noqa: PLC0415 (prepared imports this module)
-
         if self.preparable is not True:
             raise RuleError(f"rule {self.name!r} cannot be prepared for loss.backward(): {self.preparable}; "
                             "call rule.train_step(x, y, optimizer) in your loop instead")
@@ -338,15 +319,17 @@ class Rule(nn.Module, abc.ABC):
     def prepared_forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The training forward of ``prepare()``'d end-to-end rules: the model's logits, with
         ``after_backward`` queued to run when their backward ends (if their gradient is finite)."""
-        from trainer.rules.prepared import after_backward_of  # noqa: PLC0415
-
         with self.autocast():
             logits = call_model(self.model, x)
-        return after_backward_of(logits, lambda: self.prepared_after_backward(x, y),
+        return after_backward_of(logits, lambda: self.after_backward(UnitBatch(x, y, [logits.detach()], None, samples=len(logits))),
                                  lambda error: self._check_backward(x, [error], self.steps_taken))
 
-    def prepared_after_backward(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        """What ``prepare()``'d training runs when a backward ends (``train_step``'s after-backward)."""
+    def after_backward(self, batch: UnitBatch) -> None:
+        """Runs once a batch's backward has ended, before the optimizer step (``.grad`` holds the
+        update), in ``train_step`` and in ``prepare()``'d training alike: norm-ball projections,
+        alignment angles. Local rules: after the local backwards (on a pipeline stage once a batch,
+        with its last micro-batch). End-to-end rules get ``batch.outputs = [logits]`` and no
+        ``error``. Default: nothing."""
 
     def param_options(self) -> dict[nn.Parameter, ParamOptions]:
         """Optimizer settings of parameters that differ from the recipe's ``[optim]`` (e.g. LRA's γ
@@ -431,389 +414,14 @@ class Rule(nn.Module, abc.ABC):
                                          "non-finite", x, step)
 
 
-@dataclass
-class UnitOptions:
-    """Options every local rule has.
-
-    granularity: what a unit is (layer, block or stage of the models the trainer knows; children:
-    each block of any model's main block stack; see ``trainer.units.model_units``): backprop runs
-    inside a unit, the rule's signal between units.
-    units: the submodules (qualified names) after which to cut any model, in execution order;
-    UnitEnd markers in a model's forward cut it too (``trainer.graph_units``).
-    """
-
-    granularity: Granularity = "layer"
-    units: list[str] = field(default_factory=list)
+_MOVED = {"UnitOptions", "UnitRule", "Unit"}  # to trainer.rules.unit_rule (0.2.0's home: here)
 
 
-Unit = tuple[str, nn.Module]
+def __getattr__(name: str) -> object:
+    """``UnitRule``, ``UnitOptions`` and ``Unit`` from their old home, for one release: they moved to
+    ``trainer.rules.unit_rule``, which imports this module (so this import waits for first use)."""
+    if name in _MOVED:
+        from trainer.rules import unit_rule  # noqa: PLC0415 (unit_rule imports this module)
 
-
-@dataclass
-class UnitBatch:
-    """One batch through the units, as a rule's hooks see it.
-
-    On one process it holds every unit. A pipeline stage (``trainer.pipeline``) holds a slice of
-    the units (``first`` is the index of ``outputs[0]``) and one micro-batch of ``samples``: then
-    ``error`` is the micro-batch's part of the whole batch's mean loss gradient, so that the
-    local backwards of the micro-batches add up to the update of the whole batch.
-    """
-
-    x: State  # the input of unit ``first``: the batch (a tuple for a forward's several inputs), or h of the unit below
-    y: torch.Tensor | None  # None: a prepare()'d forward given no labels
-    outputs: list[State]  # each unit's output, with its graph
-    error: torch.Tensor  # e = ∂loss/∂logits of the top unit (a mean: softmax − one-hot over N, or the positions)
-    first: int = 0  # the unit index of outputs[0]
-    samples: int = 0  # N, the samples the update averages over (0: len(y); the whole batch for a micro-batch)
-    errors: dict[int, torch.Tensor] = field(default_factory=dict)  # error units by unit index (LRA): from above, then own
-
-    def __post_init__(self) -> None:
-        self.samples = self.samples or len(self.y)
-
-    def indices(self) -> range:
-        """The unit indices of ``outputs``."""
-        return range(self.first, self.first + len(self.outputs))
-
-    def output_of(self, index: int) -> State:
-        return self.outputs[index - self.first]
-
-    def input_of(self, index: int) -> torch.Tensor:
-        """What unit ``index`` read: the batch, or the (detached) output of the unit below."""
-        return self.x if index == self.first else primary(self.outputs[index - self.first - 1]).detach()
-
-
-class Transport:
-    """What a slice of units exchanges with the stages that hold the others, during ``run_units``.
-
-    This default is one process holding every unit: one micro-batch, nothing to send or receive.
-    A pipeline stage (``trainer.pipeline``) sends and receives these between processes.
-    """
-
-    micro_batches: int = 1  # the batch goes through as this many micro-batches (error rules)
-    window: int = 0  # micro-batches whose local backward may wait for their error (a stage: S − 1 − s)
-
-    def receive_input(self, samples: int) -> State:
-        """The input state of the slice's first unit (the output of the stage below)."""
-        raise RuntimeError("one process holds the first unit: its input is the batch")
-
-    def send_output(self, state: State) -> None:
-        """The slice's top output, for the stage above."""
-
-    def publish_error(self, error: torch.Tensor) -> None:
-        """``e`` of the micro-batch just run, from the stage holding the top unit to the others."""
-
-    def receive_error(self, samples: int) -> torch.Tensor:
-        """``e`` of the oldest micro-batch still waiting, from the stage holding the top unit."""
-        raise RuntimeError("one process holds the top unit: it forms e itself")
-
-    def receive_error_units(self, batch: UnitBatch) -> None:
-        """Into ``batch.errors``: the error units of units above the slice that its signals need."""
-
-    def send_error_units(self, batch: UnitBatch) -> None:
-        """The slice's error units that stages below need (after ``signals`` formed them)."""
-
-
-class UnitRule(Rule):
-    """Base of the local rules: units with detached inputs, each trained by its own signal.
-
-    One step (``train_step``): every unit runs on the detached output of the one below
-    (``forward_units``); the top unit's output error ``e = ∂loss/∂logits`` is formed; ``signals``
-    gives one gradient per unit; all local backwards run in one autograd call; ``after_backward``
-    may read or change the ``.grad`` they wrote; the optimizer steps once. A rule whose signals
-    need only the labels may set ``forward_only``: then each unit runs forward, gets
-    ``unit_signal``, runs its backward and steps before the next unit runs, and its graph is
-    freed at once (the top unit gets ``e``; there is no ``after_backward``).
-
-    Hooks a rule overrides: ``group_units`` (what the trained units are, from the model's units
-    at ``options.granularity``), ``signals`` (or ``unit_signal`` for forward-only rules),
-    ``signal_point`` (where in a unit's output the signal enters) and ``after_backward``.
-    ``model_units`` are the model's own units, ``units`` / ``unit_names`` the grouped ones (each
-    compiled once when the context asks), ``output_shapes`` the per-sample shape of each grouped
-    unit's output.
-    """
-
-    Options: ClassVar[type[UnitOptions]]
-    pipelining = "local"
-    sized_by_input = True
-    forward_only: bool = False
-    last_loss: torch.Tensor | None = None  # the task loss of the last step
-
-    def __init__(self, model: nn.Module, options: UnitOptions, ctx: RuleContext):
-        super().__init__(model, options, ctx)
-        if not ctx.input_shape and ctx.example_input is None:
-            raise ValueError(f"rule {self.name!r} needs RuleContext.input_shape (one sample's shape, e.g. (1, 28, 28)) "
-                             "or RuleContext.example_input (a batch the model takes, e.g. int64 token ids)")
-        example = ctx.example_batch()
-        try:
-            self.model_units, note = model_units(model, options.granularity, options.units,
-                                                 inputs=len(example) if isinstance(example, tuple) else 1)
-        except ValueError as err:
-            raise RuleError(str(err)) from None
-        fix = ("Cut it into units: name submodules to cut after (units = [...]), use granularity = \"children\", put "
-               "UnitEnd markers in its forward, or use rule 'bp'")
-        if len(self.model_units) < 2:
-            raise RuleError(
-                f"rule {self.name!r} found a single unit in {type(model).__name__} ({note or 'granularity ' + repr(options.granularity)}): "
-                f"a local rule would train it as plain backprop. {fix}")
-        self.notes = (note,) if note else ()
-        grouped = self.group_units(self.model_units)
-        self.unit_names = [name for name, _ in grouped]
-        self.units = [unit for _, unit in grouped]  # a plain list: the model owns the parameters
-        self._refuse_one_segment(model, fix)
-        self.probe_shapes = self._probe_shapes(example)  # before compiling: no extra eval-mode compile
-        # each unit's output at one position (per sample for output_layout "NC")
-        self.output_shapes = [positions.feature_shape(shape, ctx.output_layout) for shape in self.probe_shapes]
-        self.checked_input_shape = sample_shape(example)
-        if ctx.compile:
-            # Compiled modules share one code object, so dynamo counts every unit, in train and in
-            # eval mode, as a recompile of it: lift the limit, or units past the 8th run eagerly.
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(self.units))
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * len(self.units))
-            for unit in self.units:
-                unit.compile()
-
-    # --- hooks -------------------------------------------------------------------------------
-
-    def group_units(self, units: list[Unit]) -> list[Unit]:
-        """The units this rule trains, from the model's units (default: each as it is)."""
-        return units
-
-    def signals(self, batch: UnitBatch) -> Sequence[torch.Tensor | None]:
-        """One signal per unit of the batch, the gradient its local backward starts from (None:
-        no backward for that unit). The default: ``unit_signal`` below the top, ``e`` for the top."""
-        return [batch.error if index == self.top else self.unit_signal(index, primary(batch.output_of(index)), batch.y)
-                for index in batch.indices()]
-
-    def unit_signal(self, index: int, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The signal of unit ``index`` (below the top) from its output and the labels alone."""
-        raise NotImplementedError(f"rule {self.name!r} defines neither signals() nor unit_signal()")
-
-    def signal_point(self, index: int, output: State) -> torch.Tensor:
-        """The tensor of unit ``index``'s output that its signal is the gradient of (default h_l)."""
-        return primary(output)
-
-    def after_backward(self, batch: UnitBatch) -> None:
-        """Runs after the local backwards, before the optimizer step (``.grad`` holds the updates;
-        on a pipeline stage, once per batch after the micro-batches' backwards, with the last one)."""
-
-    def error_sources(self, index: int) -> tuple[int, ...]:
-        """The units whose error units the signal of unit ``index`` needs besides ``e`` (LRA: the
-        unit its error map reads); a pipeline sends those down from the stages above."""
-        return ()
-
-    def unit_rule_parameters(self, index: int) -> list[nn.Parameter]:
-        """The rule's own learned parameters that unit ``index``'s updates train (LRA's E_l)."""
-        return []
-
-    def prepare_pipeline(self, stage_of_unit: list[int], micro_batches: int) -> None:
-        """Called before a pipeline trains this rule (``stage_of_unit[l]``: the stage of unit l);
-        raises RuleError for what cannot be pipelined exactly."""
-
-    def describe_unit(self, index: int) -> list[str]:
-        """What ``describe`` adds about unit ``index``: its matrices (shape, bytes), its signal."""
-        return []
-
-    @property
-    def top(self) -> int:
-        """The index of the top (output) unit."""
-        return len(self.units) - 1
-
-    def describe_lines(self) -> list[str]:
-        """One line per unit: its name, its output's shape for the example batch, where its cut
-        landed (the module or operation after which its signal enters) and ``describe_unit``."""
-        landed = {name: cut_landing(name, unit) for name, unit in self.model_units}
-        lines = [f"{len(self.units)} units; output shapes for the example batch ({self.ctx.describe_input()})"]
-        for index, name in enumerate(self.unit_names):
-            where = ("ends at the model's output, the logits: gets e = ∂loss/∂logits" if index == self.top
-                     else f"signal enters after {landed[name]}")
-            extra = "".join(f"; {text}" for text in self.describe_unit(index))
-            lines.append(f"unit {index} {name!r}: output {self.probe_shapes[index]}, {where}{extra}")
-        return lines
-
-    # --- the step ----------------------------------------------------------------------------
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepResult:
-        return self.run_units(x, y, optimizer)
-
-    def run_units(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-                  transport: Transport | None = None, indices: range | None = None) -> StepResult:
-        """The step engine: one batch through the units ``indices`` (all: one process; a pipeline
-        stage's slice), with ``transport`` supplying what other stages compute (the slice's input,
-        ``e``, error units from above) and taking what they need. Returns the loss and logits where
-        the slice holds the top unit, else ``StepResult.unseen``.
-
-        Error rules: the batch goes through as ``transport.micro_batches`` micro-batches; each one's
-        local backwards run once its error is known (at most ``transport.window`` wait), and their
-        updates add up to the whole batch's: one ``after_backward`` and one optimizer step.
-        Forward-only rules: each unit runs, updates and steps before the next (``forward_only_unit``)."""
-        transport = transport or Transport()
-        indices = indices if indices is not None else range(len(self.units))
-        holds_top = self.top in indices
-        if self.forward_only:
-            state = x if indices.start == 0 else transport.receive_input(len(y))
-            for index in indices:
-                state = self.forward_only_unit(index, state, y, optimizer)
-            if not holds_top:
-                transport.send_output(state)
-                return StepResult.unseen(self.ctx.num_classes, y.device)
-            return StepResult(self.last_loss, primary(state))
-        micro = transport.micro_batches  # a pipeline's (a batch of one tensor); else the batch whole, any inputs
-        xs, ys = ([x], [y]) if micro == 1 else (x.chunk(micro), y.chunk(micro))
-        in_flight: collections.deque[tuple[State, list[State], torch.Tensor, torch.Tensor | None]] = collections.deque()
-        losses, logits = [], []
-        batch: UnitBatch | None = None
-        for m, y_m in enumerate(ys):
-            inputs = xs[m] if indices.start == 0 else transport.receive_input(len(y_m))
-            outputs = self.forward_units(inputs, indices)
-            error = None
-            if holds_top:
-                loss, error = self.output_error(primary(outputs[-1]), y_m)
-                if len(ys) > 1:
-                    error = error * (len(y_m) / len(y))  # the micro-batch's part of the batch mean
-                transport.publish_error(error)
-                losses.append(loss * len(y_m) if len(ys) > 1 else loss)
-                logits.append(primary(outputs[-1]).detach())
-            else:
-                transport.send_output(outputs[-1])
-            in_flight.append((inputs, outputs, y_m, error))
-            while len(in_flight) > transport.window:
-                batch = self._local_step(*in_flight.popleft(), indices.start, len(y), transport)
-        while in_flight:
-            batch = self._local_step(*in_flight.popleft(), indices.start, len(y), transport)
-        self.after_backward(batch)
-        self.step(optimizer)
-        if not holds_top:
-            return StepResult.unseen(self.ctx.num_classes, y.device)
-        self.last_loss = losses[0] if len(ys) == 1 else torch.stack(losses).sum() / len(y)
-        return StepResult(self.last_loss, logits[0] if len(ys) == 1 else torch.cat(logits))
-
-    def _local_step(self, inputs: State, outputs: list[State], y: torch.Tensor, error: torch.Tensor | None,
-                    first: int, samples: int, transport: Transport) -> UnitBatch:
-        """One micro-batch's signals and local backwards, once its error (and any error units from
-        above) is here."""
-        if error is None:
-            error = transport.receive_error(len(y))
-        batch = UnitBatch(inputs if first == 0 else primary(inputs), y, outputs, error, first=first, samples=samples)
-        transport.receive_error_units(batch)
-        points = [self.signal_point(i, out) for i, out in zip(batch.indices(), outputs)]
-        signals = self.checked_signals(self.signals(batch), batch.indices(), points)
-        transport.send_error_units(batch)
-        self.local_backward(points, signals)
-        return batch
-
-    def forward_only_unit(self, index: int, state: State, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> State:
-        """One unit of a forward-only step: forward, signal, backward, step; the unit's graph goes
-        with ``out``, and its detached output is returned (the top unit sets ``last_loss``)."""
-        with self.autocast():
-            out = self.units[index](detach_state(state))
-        loss = self.forward_only_backward(index, out, y)
-        if loss is not None:
-            self.last_loss = loss
-        self.step(optimizer)
-        return detach_state(out)
-
-    def forward_only_backward(self, index: int, out: State, y: torch.Tensor) -> torch.Tensor | None:
-        """Unit ``index``'s local backward in a forward-only step, from its output: ``unit_signal``
-        below the top, ``e`` at the top (whose loss is returned; None below)."""
-        loss = None
-        if index < self.top:
-            signal = self.unit_signal(index, primary(out), y)
-        else:
-            loss, signal = self.output_error(primary(out), y)
-        points = [self.signal_point(index, out)]
-        self.local_backward(points, self.checked_signals([signal], range(index, index + 1), points))
-        return loss
-
-    def checked_signals(self, signals: object, indices: Sequence[int],
-                        points: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The rule's signals for the units ``indices``, checked where they are consumed against
-        their signal points: a list with one tensor of the point's shape (or None) per unit. A
-        user's rule that returns None, another count or another shape gets a ``RuleError`` naming
-        its class and hook (``signals``, or ``unit_signal`` when it only defines that), not an
-        autograd error."""
-        hook = "signals" if type(self).signals is not UnitRule.signals else "unit_signal"
-        where = f"{type(self).__name__}.{hook}()"
-        names = [self.unit_names[i] for i in indices]
-        if not isinstance(signals, (list, tuple)) or len(signals) != len(points):
-            raise RuleError(f"{where} returned {_describe(signals)}; expected a list of {len(points)}, one tensor (or "
-                            f"None: no backward) per unit of the batch, for units {names}")
-        for name, index, point, signal in zip(names, indices, points, signals):
-            if signal is not None and not (isinstance(signal, torch.Tensor) and signal.shape == point.shape):
-                raise RuleError(f"{where} returned {_describe(signal)} for unit {name!r} (index {index}); expected a "
-                                f"{tuple(point.shape)} tensor (or None), the shape of its signal point "
-                                f"(signal_point({index}, output))")
-        return list(signals)
-
-    def prepared_forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """``prepare()``'s training forward: the units as in ``train_step``, their signals injected
-        by the backward of the logits (``trainer.rules.prepared``)."""
-        from trainer.rules.prepared import inject_signals  # noqa: PLC0415
-
-        return inject_signals(self, x, y, self.forward_units(x))
-
-    def forward(self, x: State) -> torch.Tensor:
-        state: State = x
-        with self.autocast():
-            for unit in self.units:
-                state = unit(state)
-        return primary(state)
-
-    def forward_units(self, x: State, indices: range | None = None) -> list[State]:
-        """Run the units (all, or ``indices``) each on the detached output of the one below; keep
-        each unit's graph."""
-        outputs: list[State] = []
-        state: State = x
-        with self.autocast():
-            for index in indices if indices is not None else range(len(self.units)):
-                state = self.units[index](detach_state(state))
-                outputs.append(state)
-        return outputs
-
-    @staticmethod
-    def local_backward(tensors: Sequence[torch.Tensor], signals: Sequence[torch.Tensor | None]) -> None:
-        """All local backwards in one autograd call: ``tensors[l]`` gets ``signals[l]``.
-
-        The unit graphs are disjoint (inputs are detached), so nothing flows between units and
-        no gradient is computed for unit inputs.
-        """
-        pairs = [(t, g) for t, g in zip(tensors, signals, strict=True) if g is not None and t.requires_grad]
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
-
-    def output_error(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss and ``e = ∂loss/∂logits`` (softmax − one-hot, over N or over the labelled
-        positions, with label smoothing; zero at a position labelled ``IGNORE_INDEX``)."""
-        leaf = logits.detach().float().requires_grad_()
-        loss = self.criterion(leaf, y)
-        (error,) = torch.autograd.grad(loss, leaf)
-        return loss.detach(), error
-
-    def _refuse_one_segment(self, model: nn.Module, fix: str) -> None:
-        """However the units came about (bp_units merging every unit below the top into its segment,
-        a cut after the model's last module, units without parameters), fewer than two of them
-        that hold parameters would be plain backprop of one segment under the rule's name."""
-        holding = [name for name, unit in zip(self.unit_names, self.units) if next(unit.parameters(), None) is not None]
-        if len(holding) >= 2:
-            return
-        if len(self.units) == 1:
-            why = f"bp_units puts all {len(self.model_units)} of its units into the top's segment"
-            fix = "Leave at least one unit below the top out of bp_units (it gets the feedback), or use rule 'bp'"
-        else:
-            named = ", ".join(map(repr, holding)) or "none"
-            why = (f"of its units {', '.join(map(repr, self.unit_names))}, only {named} holds parameters; a unit "
-                   "without any (after a cut at the model's last module, a lone Flatten) learns nothing")
-        raise RuleError(f"rule {self.name!r} would train {type(model).__name__} as a single segment ({why}): a local "
-                        f"rule would train it as plain backprop. {fix}")
-
-    def _probe_shapes(self, example: State) -> list[tuple[int, ...]]:
-        """The shape of each unit's output ``h_l`` for the example batch (``RuleContext.example_batch``),
-        from one dry forward in eval mode (so BatchNorm running statistics are not touched); the
-        logits' must be of the context's class count and layout."""
-        what = self.ctx.describe_input()
-        fix = ("set input_shape to the shape of one sample of your data, without the batch"
-               if self.ctx.example_input is None else "give an example_input the model takes (a batch, or the tuple of "
-               "its forward's several inputs)")
-        outputs = dry_run(self.name, lambda: dry_outputs(self.model, self.units, example), what, fix)
-        check_logits(self.name, primary(outputs[-1]), self.ctx.num_classes, what, self.ctx.output_layout)
-        return [tuple(primary(out).shape) for out in outputs]
+        return getattr(unit_rule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

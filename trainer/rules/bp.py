@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.rules.base import Rule, RuleContext, StepResult
+from trainer.rules.base import Rule, RuleContext, StepResult, UnitBatch
 from trainer.units import call_model
 
 
@@ -21,7 +21,7 @@ class Backprop(Rule):
 
     name = "bp"
     Options = BackpropOptions
-    pipelining = "torch"  # GPipe or 1F1B through torch.distributed.pipelining (trainer.pipeline_bp)
+    pipelining = "torch"  # GPipe or 1F1B through torch.distributed.pipelining (trainer.parallel.backprop)
 
     def __init__(self, model: nn.Module, options: BackpropOptions, ctx: RuleContext):
         super().__init__(model, options, ctx)
@@ -33,9 +33,6 @@ class Backprop(Rule):
             logits = call_model(self.model, x)
         loss = self.criterion(logits.float(), y)
         loss.backward()
-        self.after_backward(x, y)
+        self.after_backward(UnitBatch(x, y, [logits.detach()], None))
         self.step(optimizer)
         return StepResult(loss.detach(), logits.detach())
-
-    def after_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Runs after the backward, before the optimizer step (``.grad`` holds the gradients)."""

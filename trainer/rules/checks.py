@@ -25,6 +25,7 @@ import torch
 
 from kernels._modules import check_module
 from trainer.config import MAX_CLASSES, SEED_LIMIT, SEED_RANGE, build_section, check_section
+from trainer.errors import RuleError  # noqa: F401 (re-exported: its home until 0.2.0)
 from trainer.rules.positions import IGNORE_INDEX, LAYOUTS, class_dim, label_text, layout_text
 from trainer.units import batch_length, call_model, evaluation_mode, sample_shape
 
@@ -34,9 +35,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class RuleError(ValueError):
-    """A rule cannot train this model with these options (a unit it cannot use, a bad option
-    combination). The session adds the recipe's file and section to the message."""
 
 
 def check_context(ctx: RuleContext) -> None:
@@ -130,14 +128,14 @@ def _same_device(tensor_device: torch.device, device: torch.device) -> bool:
     return tensor_device.type == device.type and (device.index is None or tensor_device.index == device.index)
 
 
-def rule_arguments(rule: type[Rule], model: object, options: object, ctx: object) -> object:
-    """The options ``rule`` is built with, once ``model``, ``options`` and ``ctx`` are checked: a dict
-    of option keys becomes the rule's ``Options`` dataclass, checked as a recipe's ``[rule]`` is."""
-    from trainer.rules.base import RuleContext  # noqa: PLC0415 (base imports this module)
-
+def rule_arguments(rule: type[Rule], model: object, options: object, ctx: object,
+                   context_type: type[RuleContext]) -> object:
+    """The options ``rule`` is built with, once ``model``, ``options`` and ``ctx`` (a ``context_type``:
+    ``RuleContext``, which base hands in, importing this module) are checked: a dict of option keys
+    becomes the rule's ``Options`` dataclass, checked as a recipe's ``[rule]`` is."""
     label = f"rule {_name(rule)!r}"
     check_module(label, "model", model)
-    if not isinstance(ctx, RuleContext):
+    if not isinstance(ctx, context_type):
         raise TypeError(f"{label}: ctx must be a trainer.rules.RuleContext, got {type(ctx).__name__}; make one "
                         "with RuleContext(num_classes=..., input_shape=(C, H, W))")
     away = sorted({str(p.device) for p in model.parameters() if not _same_device(p.device, ctx.device)})

@@ -25,9 +25,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from trainer.rules.alignment import bp_alignment, needs_labels, preserved_buffers
+from trainer.passes import uncounted_pass
+from trainer.rules.alignment import bp_alignment, needs_labels
 from trainer.rules import positions
-from trainer.rules.base import RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule, byte_text
+from trainer.rules.base import RuleContext, RuleError, UnitBatch, byte_text
+from trainer.rules.unit_rule import Unit, UnitOptions, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Scale, Storage, check_projection_options
 from trainer.units import Granularity, State, detach_state, primary, used_parameters
 
@@ -132,13 +134,20 @@ class DFA(UnitRule):
         self.first_token = [layout == "NC" and options.token_feedback == "first" and len(shape) == 2
                             for shape in self.output_shapes]
         self.feedback = nn.ModuleList(
-            FixedProjection(ctx.num_classes, shape[-1] if first else math.prod(shape), init=options.feedback_init,
-                            storage=options.feedback_storage, seed=ctx.seed, stream=s[-1],
-                            scale=options.feedback_scale, device=ctx.device)
-            for s, shape, first in zip(self.segments[:-1], self.output_shapes[:-1], self.first_token)
-        )
+            self.feedback_matrix(index, shape[-1] if first else math.prod(shape))
+            for index, (shape, first) in enumerate(zip(self.output_shapes[:-1], self.first_token)))
         self.steps = 0
         self.angles: dict[str, float] = {}
+
+    def feedback_matrix(self, index: int, dim: int) -> FixedProjection:
+        """Unit ``index``'s fixed C x D feedback B_l (D: ``dim``, the unit's width where B_l
+        projects), drawn as the options say; each unit its own stream of ``ctx.seed``. A DFA variant
+        overrides this alone, returning ``FixedProjection(C, D, matrix=its own B, scale=...)``
+        (examples/rules/sparse_dfa.py)."""
+        options = self.options
+        return FixedProjection(self.ctx.num_classes, dim, init=options.feedback_init,
+                               storage=options.feedback_storage, seed=self.ctx.seed,
+                               stream=self.segments[index][-1], scale=options.feedback_scale, device=self.ctx.device)
 
     def group_units(self, units: list[Unit]) -> list[Unit]:
         """One unit per segment: a non-BP unit with the BP units below it (``bp_units``), named
@@ -161,7 +170,7 @@ class DFA(UnitRule):
         of the uncompiled units on two zero images, statistics restored."""
         owned = []
         state: State = self.ctx.example_batch()
-        with preserved_buffers(self.model), torch.enable_grad():
+        with uncounted_pass(self.model), torch.enable_grad():
             for _, unit in self.model_units:
                 state = unit.forward(state)  # the plain module, not its compiled wrapper
                 owned.append(used_parameters(unit, primary(state)))

@@ -36,9 +36,8 @@ import torch
 from torch import nn
 
 from kernels import local_signal, local_weight_update, lra_error_units, norm_ball_factor
-from trainer.rules.base import (
-    ParamOptions, RuleContext, RuleError, Unit, UnitBatch, UnitOptions, UnitRule, byte_text,
-)
+from trainer.rules.base import ParamOptions, RuleContext, RuleError, UnitBatch, byte_text
+from trainer.rules.unit_rule import Unit, UnitOptions, UnitRule
 from trainer.rules.error_maps import DenseErrorMap, build_error_map, error_map_layout
 from trainer.units import AlignedUnit, State, aligned_unit
 
@@ -222,11 +221,16 @@ class LocalRepresentationAlignment(UnitRule):
         return a if self.options.weight_update == "hebbian" else z
 
     def signals(self, batch: UnitBatch) -> list[torch.Tensor | None]:
-        """``e_l / N`` for every unit's local backward (None for the fused dense layers, whose ΔW the
-        kernel writes here), and the product-form E updates. ``batch.errors`` gains the error units."""
-        n = batch.samples
-        actions = self.align(batch)
-        errors = batch.errors
+        """``e_l / N`` for every unit's local backward (None for the fused dense layers, whose ΔW
+        ``local_updates`` writes). ``batch.error_units`` gains the error units, ``batch.actions`` E's actions."""
+        batch.actions = self.align(batch)
+        return [None if l < self.top and self.fused[l] else batch.error_units[l] / batch.samples
+                for l in batch.indices()]
+
+    def local_updates(self, batch: UnitBatch) -> None:
+        """The fused dense layers' ΔW (the kernel's) and the product-form E updates, from the error
+        units ``signals`` formed; and the error units' RMS for ``diagnostics``."""
+        errors = batch.error_units
         hidden = [l for l in batch.indices() if l < self.top]
         with torch.no_grad():
             self._error_rms = {self.unit_names[l]: errors[l].float().pow(2).mean().sqrt() for l in hidden}
@@ -234,8 +238,7 @@ class LocalRepresentationAlignment(UnitRule):
                 if self.fused[l]:
                     self.fused_weight_update(l, batch)
         if self.options.error_update == "product" and self.learns_errors:
-            self.product_error_updates(errors, actions, n)
-        return [None if l < self.top and self.fused[l] else errors[l] / n for l in batch.indices()]
+            self.product_error_updates(errors, batch.actions, batch.samples)
 
     def error_sources(self, index: int) -> tuple[int, ...]:
         if index == self.top:
@@ -284,11 +287,11 @@ class LocalRepresentationAlignment(UnitRule):
     # --- the equations -------------------------------------------------------------------------
 
     def align(self, batch: UnitBatch) -> dict[int, torch.Tensor | None]:
-        """Top-down pass over the batch's units: ``batch.errors`` gains the error units of every
+        """Top-down pass over the batch's units: ``batch.error_units`` gains the error units of every
         unit (the top's are ``N·e``, per sample; those of units above the batch's come in it), and
         each E's action ``d_l`` is returned where the product-form E update needs it (dense maps:
         from the kernel; other maps: with E's graph)."""
-        errors = batch.errors
+        errors = batch.error_units
         errors[self.top] = batch.error * batch.samples
         actions: dict[int, torch.Tensor | None] = {}
         product = self.options.error_update == "product" and self.learns_errors
@@ -315,13 +318,13 @@ class LocalRepresentationAlignment(UnitRule):
         linear, a, n = self.units[l].linear, batch.output_of(l)[1], batch.samples
         rows = len(a)
         update = local_weight_update(
-            "lra", batch.errors[self.sources[l]].reshape(rows, -1).contiguous(), self.error_maps[l].weight,
+            "lra", batch.error_units[self.sources[l]].reshape(rows, -1).contiguous(), self.error_maps[l].weight,
             a.reshape(rows, -1).contiguous(), None, (batch.input_of(l).reshape(rows, -1) / n).contiguous(),
             beta=self.options.beta, alpha=self.alpha_of(l), activation=self.units[l].activation,
             max_norm=self.options.max_norm or None)
         accumulate_grad(linear.weight, update.dw)
         if linear.bias is not None:
-            accumulate_grad(linear.bias, batch.errors[l].reshape(rows, -1).float().sum(0) / n)
+            accumulate_grad(linear.bias, batch.error_units[l].reshape(rows, -1).float().sum(0) / n)
 
     def product_error_updates(self, errors: dict[int, torch.Tensor], actions: dict[int, torch.Tensor | None],
                               n: int) -> None:

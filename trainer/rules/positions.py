@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from trainer.errors import RuleError
+
 OutputLayout = Literal["NC", "NTC", "TNC", "NCHW"]
 LAYOUTS: tuple[str, ...] = ("NC", "NTC", "TNC", "NCHW")
 IGNORE_INDEX = -100  # nn.CrossEntropyLoss's: a position labelled so has no loss and a zero error
@@ -68,8 +70,6 @@ def unrows(values: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tenso
 
 def check_positions(rule: str, unit: str, shape: tuple[int, ...], logits: tuple[int, ...], layout: str) -> None:
     """A unit whose output gets each position's error must have the logits' positions."""
-    from trainer.rules.checks import RuleError  # noqa: PLC0415 (checks imports this module)
-
     want = label_shape(logits, layout)
     if len(shape) < len(layout) - 1 or label_shape(shape, layout) != want:
         raise RuleError(
@@ -108,8 +108,6 @@ class PositionCrossEntropy(nn.CrossEntropyLoss):
         self.layout = layout
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from trainer.rules.checks import RuleError  # noqa: PLC0415 (checks imports this module)
-
         positions = label_shape(logits.shape, self.layout)
         if logits.dim() != len(self.layout) or tuple(y.shape) != positions:
             raise RuleError(

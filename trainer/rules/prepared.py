@@ -25,14 +25,18 @@ In evaluation mode, or under ``torch.no_grad()``, the prepared forward is the pl
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from trainer.rules.base import Rule, UnitBatch, UnitRule, _restore, _saved_statistics
+from trainer.rules.batch import UnitBatch, restore_statistics, saved_statistics
 from trainer.rules.checks import check_batch
 from trainer.units import State, batch_length, primary
+
+if TYPE_CHECKING:  # the rules import this module
+    from trainer.rules.base import Rule
+    from trainer.rules.unit_rule import UnitRule
 
 
 def _after_engine(fn: Callable[[], None]) -> None:
@@ -47,13 +51,13 @@ class _AfterBackward(torch.autograd.Function):
     any reaches a parameter), then queues ``fn`` for the end of the backward."""
 
     @staticmethod
-    def forward(ctx, fn: Callable[[], None], check: Callable[[torch.Tensor], None],  # noqa: ANN001
+    def forward(ctx, fn: Callable[[], None], check: Callable[[torch.Tensor], None],
                 logits: torch.Tensor) -> torch.Tensor:
         ctx.fn, ctx.check = fn, check
         return logits.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
         ctx.check(grad)
         _after_engine(ctx.fn)
         return None, None, grad
@@ -83,6 +87,7 @@ class _Step:
             p.grad = None
         try:
             signals = self.rule.checked_signals(self.rule.signals(batch), range(len(self.points)), self.points)
+            self.rule.local_updates(batch)
             written = [p.grad for p in self.params]
         finally:
             for p, g in zip(self.params, kept):
@@ -98,12 +103,12 @@ class _Inject(torch.autograd.Function):
     """The identity on the logits; its backward turns their gradient e into every unit's signal."""
 
     @staticmethod
-    def forward(ctx, step: _Step, logits: torch.Tensor, *points_and_params: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, step: _Step, logits: torch.Tensor, *points_and_params: torch.Tensor) -> torch.Tensor:
         ctx.step = step
         return logits.clone()
 
     @staticmethod
-    def backward(ctx, error: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+    def backward(ctx, error: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return (None, None, *ctx.step.backward(error))
 
 
@@ -134,11 +139,11 @@ class PreparedRule(nn.Module):
         check_batch(self.rule, x, y, labels=False)  # as train_step checks its batch
         if not self.rule.check_divergence:
             return self.rule.prepared_forward(x, y)
-        statistics = _saved_statistics(self.model)
+        statistics = saved_statistics(self.model)
         logits = self.rule.prepared_forward(x, y)
         why = self.rule._logits_divergence(logits, y)
         if why:  # before the user's loss and backward: no update, and the running statistics put back
-            _restore(statistics)
+            restore_statistics(statistics)
             raise self.rule._divergence_error(why, x, self.rule.steps_taken + 1)
         self.rule.steps_taken += 1
         return logits

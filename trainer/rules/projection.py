@@ -40,11 +40,21 @@ class FixedProjection(nn.Module):
     """One fixed random C x D matrix and its two uses: ``project(e)`` and ``project_labels(y)``."""
 
     def __init__(self, num_classes: int, dim: int, *, init: Init = "gaussian", storage: Storage = "dense",
-                 seed: int = 0, stream: int = 0, scale: Scale = 1.0, device: torch.device | None = None):
+                 seed: int = 0, stream: int = 0, scale: Scale = 1.0, device: torch.device | None = None,
+                 matrix: torch.Tensor | None = None):
+        """``matrix``: a C x D matrix of one's own instead of a drawn one (dense; ``init`` is then
+        "custom"), e.g. a DFA variant's feedback (``DFA.feedback_matrix``)."""
         super().__init__()
-        check_projection_options(init, storage)
-        self.num_classes, self.dim, self.init, self.storage = num_classes, dim, init, storage
         self.scale = 1 / math.sqrt(3 * dim) if scale == "auto" else scale / math.sqrt(num_classes)  # the factor applied
+        self.num_classes, self.dim = num_classes, dim
+        if matrix is not None:
+            if tuple(matrix.shape) != (num_classes, dim):
+                raise ValueError(f"matrix: expected a {num_classes} x {dim} (C x D) matrix, got {tuple(matrix.shape)}")
+            self.init, self.storage, self._seeded = "custom", "dense", None
+            self.register_buffer("matrix", matrix.float().to(device))
+            return
+        check_projection_options(init, storage)
+        self.init, self.storage = init, storage
         signs = SeededSigns(seed % 2**32, num_classes, dim, stream)
         self._seeded = signs if storage == "seeded" else None
         if storage == "packed":

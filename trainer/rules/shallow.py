@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.rules.base import UnitBatch, UnitOptions, UnitRule
+from trainer.rules.batch import UnitBatch
+from trainer.rules.unit_rule import UnitOptions, UnitRule
 from trainer.units import Granularity
 
 

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.models import RecurrentLayer
-from trainer.rules.base import RuleContext, UnitOptions, UnitRule, byte_text
+from trainer.rules.base import RuleContext, byte_text
+from trainer.rules.unit_rule import UnitOptions, UnitRule
 from trainer.rules.projection import FixedProjection, Init, Storage, check_projection_options
 
 SequenceTarget = Literal["every_step", "last_step"]

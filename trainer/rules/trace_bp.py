@@ -14,9 +14,7 @@ seeds every rank alike gets identical probes on all ranks (correlated, not avera
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -25,8 +23,9 @@ from torch import nn
 from kernels import TraceConv2d, convert_to_trace_conv
 from kernels._dispatch import use_triton
 from trainer.config import ConfigError
+from trainer.devices import free_bytes
 from trainer.memory import SavedActivationMeter
-from trainer.rules.alignment import preserved_buffers
+from trainer.passes import evaluation_mode, uncounted_pass
 from trainer.rules.base import RuleContext, RuleError, StepResult
 from trainer.rules.bp import Backprop
 
@@ -105,7 +104,7 @@ def step_bytes(model: nn.Module, sample: torch.Tensor) -> tuple[int, int]:
     X·Z, C_in floats a sample); nothing of it stays (running statistics, RNG, modes and probe counts
     put back, the graph dropped). Parameters are not counted: they are in memory already."""
     convs = [m for m in model.modules() if isinstance(m, TraceConv2d)]
-    probes, modes = [conv.probes for conv in convs], [(m, m.training) for m in model.modules()]
+    probes = [conv.probes for conv in convs]
     pair = sample[:1].detach().repeat(2, *[1] * (sample.dim() - 1))
     meter = SavedActivationMeter(exclude=[*model.parameters(), *model.buffers()])
     largest = [0]
@@ -118,42 +117,16 @@ def step_bytes(model: nn.Module, sample: torch.Tensor) -> tuple[int, int]:
     try:
         for conv in convs:
             conv.probes = 1
-        model.train()
-        with preserved_buffers(model), torch.random.fork_rng(devices=[sample.device] if sample.is_cuda else []), \
-                torch.enable_grad(), meter:
+        with uncounted_pass(model, training=True), torch.enable_grad(), meter:
             model.forward(pair)  # not a compiled model(...): no extra compile for one measurement
     finally:
         for hook in hooks:
             hook.remove()
         for conv, count in zip(convs, probes):
             conv.probes = count
-        for module, mode in modes:
-            module.train(mode)
     saved = max(meter.peak - 4 * 2 * sum(conv.in_channels for conv in convs), 0)
     gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return (saved + 2 * largest[0]) // 2, gradients
-
-
-def free_bytes(device: torch.device) -> int:
-    """Memory a step can still take: the GPU's free memory, or the host's available memory (free
-    pages and reclaimable caches) within the cgroup's limit, which the OOM killer enforces."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for line in _read("/proc/meminfo").splitlines():
-        if line.startswith("MemAvailable:"):
-            free = int(line.split()[1]) * 1024
-    limit, used = _read("/sys/fs/cgroup/memory.max").strip(), _read("/sys/fs/cgroup/memory.current").strip()
-    if limit.isdigit() and used.isdigit():
-        free = min(free, int(limit) - int(used))
-    return free
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:  # not Linux, or no cgroup v2
-        return ""
 
 
 def check_probe_memory(convs: Sequence[ConvShape], batch: int, probes: int, device: torch.device, *,
@@ -180,16 +153,12 @@ def conv_shapes(model: nn.Module, sample: torch.Tensor) -> list[ConvShape]:
                                 args[0].shape[2] * args[0].shape[3], out.shape[2] * out.shape[3]))
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, TraceConv2d)]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluation_mode(model), torch.no_grad():
             model.forward(sample)
     finally:
         for hook in hooks:
             hook.remove()
-        for module, mode in modes:
-            module.train(mode)
     return shapes
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from kernels import convert_to_feedback, feedback_layers
 from trainer.rules.alignment import angle_degrees, bp_alignment, needs_labels
-from trainer.rules.base import ParamOptions, RuleContext, RuleError, StepResult, byte_text
+from trainer.rules.base import ParamOptions, RuleContext, RuleError, StepResult, UnitBatch, byte_text
 from trainer.rules.bp import Backprop
 from trainer.rules.checks import held_parameters
 from trainer.units import call_model
@@ -129,12 +129,11 @@ class WeightTransport(Backprop):
                 *(f"{name} ({type(layer).__name__}): B {' x '.join(map(str, layer.weight.shape))}, "
                   f"{byte_text(layer.feedback_nbytes)} kept" for name, layer in self.layers)]
 
-    def after_backward(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+    def after_backward(self, batch: UnitBatch) -> None:
+        """Every ``align_every`` steps, the angles between each layer's update and BP's."""
         self.steps += 1
         if self.options.align_every and self.steps % self.options.align_every == 0:
-            self.angles = self.measure_alignment(x, needs_labels(y, self.name))
-
-    prepared_after_backward = after_backward
+            self.angles = self.measure_alignment(batch.x, needs_labels(batch.y, self.name))
 
     def exact_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward under the rule's autocast with every feedback layer exact, so that
