@@ -140,8 +140,8 @@ def mean_sd(values: list[float]) -> str:
 def make_table(args: argparse.Namespace) -> None:
     timing_file = args.out / "step_time.json"
     timed = {row["rule"]: row for row in json.loads(timing_file.read_text())["rows"]} if timing_file.exists() else {}
-    runs = {rule: [json.loads(p.read_text()) for p in sorted((args.out / rule).glob("seed*.json"))]
-            for rule in RULES if (args.out / rule).is_dir()}
+    runs = {rule: [json.loads(p.read_text()) for p in sorted((args.out / rule).glob("seed*.json"))] for rule in RULES}
+    runs = {rule: results for rule, results in runs.items() if results}  # a rule still training has none yet
     bp_valid = statistics.mean(r["valid_ppl"] for r in runs["bp"]) if runs.get("bp") else None
     rows = []
     for rule, results in runs.items():

@@ -108,7 +108,9 @@ def test_the_table_reads_the_runs_against_bp(tmp_path, capsys):
             (tmp_path / rule).mkdir(exist_ok=True)
             (tmp_path / rule / f"seed{seed}.json").write_text(json.dumps(
                 {"valid_ppl": ppl, "test_ppl": ppl - 5, "epochs": 3, "step_ms": 50.0 + seed}))
+    (tmp_path / "hybrid").mkdir()  # a rule whose first run is still training
     bench.main(["table", "--out", str(tmp_path), "--markdown"])
     rows = {row["rule"]: row for row in json.loads((tmp_path / "table.json").read_text())}
+    assert set(rows) == {"bp", "dfa"}
     assert rows["bp"]["valid_ppl"] == "105.0 ± 7.1" and rows["dfa"]["valid_vs_bp"] == round(190 / 105, 2)
     assert "| dfa | 2 | 3 | 190.0 ± 14.1 | 185.0 ± 14.1 | 1.81 | 50 |" in capsys.readouterr().out

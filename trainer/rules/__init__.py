@@ -91,7 +91,8 @@ def build_rule(name: str | type[Rule], options: object, model: nn.Module, ctx: R
     """Rule ``name`` (or a rule class, e.g. a recipe's resolved ``rule.rule_class``) with its
     validated options (its ``Options`` dataclass, or a dict of its keys), training ``model``; the
     rule's constructor checks the arguments (``trainer.rules.checks``)."""
-    return (rule_class(name) if isinstance(name, str) else name)(model, options, ctx).to(ctx.device)
+    cls = name if isinstance(name, type) and issubclass(name, Rule) else rule_class(name)
+    return cls(model, options, ctx).to(ctx.device)
 
 
 __all__ = ["RULES", "ParamOptions", "Rule", "RuleContext", "RuleError", "StepResult", "UnitBatch", "UnitOptions",
